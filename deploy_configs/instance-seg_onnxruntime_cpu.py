@@ -1,0 +1,32 @@
+"""Swin Mask R-CNN / Cascade Mask R-CNN (QDQ) on onnxruntime, CPU, any padded image size.
+
+Read as data by repq_export.deploy_config (never executed). At graph_optimization_level
+'all' onnxruntime fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat: exact for the
+exporter's <= 7-bit weight codes; use 'basic' for a graph with full-range int8 weights (they
+saturate in that kernel on AVX2 CPUs without VNNI).
+"""
+onnx_config = dict(
+    type='onnx',
+    opset_version=17,
+    save_file='end2end.onnx',
+    input_names=['img', 'img_hw'],
+    output_names=['boxes', 'scores', 'labels', 'masks'],
+    input_shape=None,
+    dynamic_axes=dict(
+        img={2: 'height', 3: 'width'},
+        boxes={0: 'num_dets'},
+        scores={0: 'num_dets'},
+        labels={0: 'num_dets'},
+        masks={0: 'num_dets'},
+    ),
+)
+codebase_config = dict(
+    type='mmdet',
+    task='InstanceSegmentation',
+    post_processing=dict(score_threshold=0.05, iou_threshold=0.5, keep_top_k=100, mask_thr_binary=0.5),
+)
+backend_config = dict(
+    type='onnxruntime',
+    providers=['CPUExecutionProvider'],
+    graph_optimization_level='all',
+)

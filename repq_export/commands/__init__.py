@@ -1,0 +1,1 @@
+"""Command-line entry points: repq-export and the tools/ scripts."""

@@ -1,0 +1,59 @@
+"""Argument types and the error wrapper shared by every command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UserError
+
+
+def bits(text: str) -> int:
+    """A bit width: an integer from 2 to 8."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer bit width (2..8)") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{value} bits is outside 2..8")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def default_device() -> str:
+    """cuda where a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device(text: str) -> str:
+    """cpu or cuda; cuda only where a GPU is visible."""
+    if text not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device (cpu or cuda)")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda asked for but torch sees no CUDA GPU")
+    return text
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command body; bad input ends as one line on stderr and exit code 2."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

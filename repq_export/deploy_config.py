@@ -1,0 +1,433 @@
+"""Deploy configs: mmdeploy-style Python files, read as data and validated.
+
+A deploy config holds three literal dicts, in the vocabulary mmdeploy users know::
+
+    onnx_config = dict(opset_version=17, input_names=['img', 'img_hw'], ...)
+    backend_config = dict(type='tensorrt', common_config=dict(...), model_inputs=[...])
+    codebase_config = dict(type='mmdet', task='InstanceSegmentation', post_processing=dict(...))
+
+The file is never executed: it is parsed with ``ast`` and only literals are accepted
+(``dict(...)`` calls with keyword arguments, ``{...}``, lists, tuples, numbers, strings,
+``True``/``False``/``None``, unary minus and integer ``<<`` / ``*`` such as ``1 << 32``).
+Every problem is one ``UserError`` line naming the file and the key, e.g.
+``deploy_configs/x.py: backend_config.common_config.fp16_mode: expected a bool, got 1``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from repq_export.errors import UserError
+
+#: The network boundary (contract): the exporter and every runner use these names.
+INPUT_NAMES = ("img", "img_hw")
+OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
+MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)
+SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32
+
+ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+# mmdeploy keys that this project deliberately does not take, with the reason.
+_NOT_TAKEN = {
+    "int8_mode": "INT8 comes from the Q/DQ nodes of the exported graph (explicit quantization); remove it",
+    "calib_config": "there is no TensorRT calibration: scales come from the quantized model; remove it",
+    "_base_": "config inheritance is not supported; write the config out in full",
+}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """A TensorRT optimization-profile entry for one input: min <= opt <= max per dim."""
+
+    min_shape: tuple[int, ...]
+    opt_shape: tuple[int, ...]
+    max_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    """How the detector is exported to ONNX (passed to ``torch.onnx.export``)."""
+
+    opset_version: int = MIN_OPSET
+    save_file: str = "end2end.onnx"
+    input_names: tuple[str, ...] = INPUT_NAMES
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+    #: static export size as mmdeploy writes it, (width, height); None = dynamic
+    input_shape: tuple[int, int] | None = None
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeConfig:
+    """onnxruntime session settings."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    #: at 'extended'/'all' onnxruntime fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat,
+    #: exact for the exporter's <= 7-bit weight codes but saturating full-range int8 weights on
+    #: AVX2 CPUs (REFERENCE.md section 4): 'basic' avoids the fusion for such graphs.
+    graph_optimization_level: str = "all"
+    type: str = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class TensorRTConfig:
+    """TensorRT builder settings: precision of the float parts, workspace, shape profiles."""
+
+    fp16_mode: bool = False
+    max_workspace_size: int = 1 << 30
+    input_shapes: dict[str, ShapeProfile] = field(default_factory=dict)
+    type: str = "tensorrt"
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """R-CNN test settings the graph is exported with (mmdet 2.11 test_cfg names in brackets)."""
+
+    score_threshold: float = 0.05  # score_thr
+    iou_threshold: float = 0.5  # nms.iou_threshold
+    keep_top_k: int = 100  # max_per_img
+    mask_thr_binary: float = 0.5  # host-side mask threshold
+
+
+@dataclass(frozen=True)
+class CodebaseConfig:
+    """Which task the exported network solves; only mmdet instance segmentation here."""
+
+    type: str = "mmdet"
+    task: str = "InstanceSegmentation"
+    post_processing: PostProcessing = field(default_factory=PostProcessing)
+
+
+BackendConfig = Union[OnnxRuntimeConfig, TensorRTConfig]
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """A validated deploy config file."""
+
+    path: Path
+    onnx: OnnxConfig
+    backend: BackendConfig
+    codebase: CodebaseConfig
+
+    @property
+    def backend_type(self) -> str:
+        """'onnxruntime' or 'tensorrt'."""
+        return self.backend.type
+
+
+def load_deploy_config(path: str | Path) -> DeployConfig:
+    """Read, parse (never execute) and validate a deploy config file."""
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the deploy config ({error.strerror or error})") from None
+    try:
+        sections = _parse_sections(path, source)
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: nested too deeply to read as a config") from None
+    reader = _Reader(path)
+    onnx_cfg = reader.onnx_config(sections.get("onnx_config", {}))
+    if "backend_config" not in sections:
+        raise UserError(f"{path}: backend_config: missing (type='onnxruntime' or 'tensorrt')")
+    backend = reader.backend_config(sections["backend_config"])
+    codebase = reader.codebase_config(sections.get("codebase_config", {}))
+    _check_static_shape(path, onnx_cfg, backend)
+    return DeployConfig(path=path, onnx=onnx_cfg, backend=backend, codebase=codebase)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _parse_sections(path: Path, source: str) -> dict[str, Any]:
+    """The file's top-level ``name = <literal>`` assignments, as Python values."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as error:
+        raise UserError(f"{path}:{error.lineno}: not valid Python: {error.msg}") from None
+    sections: dict[str, Any] = {}
+    for index, stmt in enumerate(tree.body):
+        if index == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
+                and isinstance(stmt.value.value, str):
+            continue  # module docstring
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)):
+            raise UserError(f"{path}:{stmt.lineno}: only `name = <literal>` assignments are allowed "
+                            "(the file is read as data, never executed)")
+        name = stmt.targets[0].id
+        if name in _NOT_TAKEN:
+            raise UserError(f"{path}: {name}: {_NOT_TAKEN[name]}")
+        if name not in ("onnx_config", "backend_config", "codebase_config"):
+            raise UserError(f"{path}: {name}: unknown key (expected onnx_config, backend_config, "
+                            "codebase_config)")
+        if name in sections:
+            raise UserError(f"{path}: {name}: assigned twice")
+        sections[name] = _literal(path, name, stmt.value)
+    return sections
+
+
+def _literal(path: Path, key: str, node: ast.expr) -> Any:
+    """Evaluate a literal expression; anything else (names, calls, attributes) is refused."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(path, f"{key}[{i}]", item) for i, item in enumerate(node.elts)]
+    if isinstance(node, ast.Dict):
+        result = {}
+        for k, v in zip(node.keys, node.values):
+            if k is None:
+                raise UserError(f"{path}:{node.lineno}: {key}: `**` unpacking is not allowed")
+            name = _literal(path, key, k)
+            if not isinstance(name, (str, int)) or isinstance(name, bool):
+                raise UserError(f"{path}:{node.lineno}: {key}: dict keys must be strings or integers")
+            result[name] = _literal(path, f"{key}.{name}", v)
+        return result
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" \
+            and not node.args and all(kw.arg is not None for kw in node.keywords):
+        return {kw.arg: _literal(path, f"{key}.{kw.arg}", kw.value) for kw in node.keywords}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _literal(path, key, node.operand)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.LShift, ast.Mult)):
+        left, right = _literal(path, key, node.left), _literal(path, key, node.right)
+        if _is_int(left) and _is_int(right) and 0 <= right <= 64 and abs(left) < 2 ** 64:
+            return left << right if isinstance(node.op, ast.LShift) else left * right
+    raise UserError(f"{path}:{node.lineno}: {key}: only literals are allowed here "
+                    f"(got `{ast.unparse(node)}`)")
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a dict", list: "a list", str: "a string", bool: "a bool", int: "an int",
+            float: "a float", type(None): "None"}.get(type(value), type(value).__name__)
+
+
+class _Reader:
+    """Turns the parsed dicts into dataclasses; each method checks one section."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> UserError:
+        return UserError(f"{self.path}: {key}: {problem}")
+
+    def expect(self, key: str, value: Any, kind: str) -> Any:
+        ok = {"int": _is_int(value), "bool": isinstance(value, bool),
+              "str": isinstance(value, str), "dict": isinstance(value, dict),
+              "list": isinstance(value, list),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+        if not ok:
+            wanted = {"int": "an int", "str": "a string"}.get(kind, f"a {kind}")
+            raise self.fail(key, f"expected {wanted}, got {_type_name(value)} {value!r}")
+        return value
+
+    def keys(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict:
+        self.expect(key, value, "dict")
+        for name in value:
+            if name in _NOT_TAKEN:
+                raise self.fail(f"{key}.{name}", _NOT_TAKEN[name])
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}", f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def string_list(self, key: str, value: Any) -> tuple[str, ...]:
+        self.expect(key, value, "list")
+        for i, item in enumerate(value):
+            self.expect(f"{key}[{i}]", item, "str")
+        return tuple(value)
+
+    def fraction(self, key: str, value: Any) -> float:
+        self.expect(key, value, "number")
+        if not 0.0 <= value <= 1.0:
+            raise self.fail(key, f"must lie in [0, 1], got {value}")
+        return float(value)
+
+    def positive_int(self, key: str, value: Any) -> int:
+        self.expect(key, value, "int")
+        if value <= 0:
+            raise self.fail(key, f"must be positive, got {value}")
+        return value
+
+    # -- onnx_config
+
+    def onnx_config(self, raw: Any) -> OnnxConfig:
+        key = "onnx_config"
+        raw = self.keys(key, raw, ("type", "opset_version", "save_file", "input_names",
+                                   "output_names", "input_shape", "dynamic_axes"))
+        if raw.get("type", "onnx") != "onnx":
+            raise self.fail(f"{key}.type", f"must be 'onnx', got {raw['type']!r}")
+        opset = self.expect(f"{key}.opset_version", raw.get("opset_version", MIN_OPSET), "int")
+        if opset < MIN_OPSET:
+            raise self.fail(f"{key}.opset_version", f"{opset} < {MIN_OPSET}: LayerNorm must export as one "
+                            "LayerNormalization op (opset 17), or FP16 engines overflow")
+        save_file = self.expect(f"{key}.save_file", raw.get("save_file", "end2end.onnx"), "str")
+        names = {}
+        for name_key, expected in (("input_names", INPUT_NAMES), ("output_names", OUTPUT_NAMES)):
+            got = self.string_list(f"{key}.{name_key}", raw.get(name_key, list(expected)))
+            if got != expected:
+                raise self.fail(f"{key}.{name_key}", f"must be {list(expected)} (the network boundary "
+                                f"every runner uses), got {list(got)}")
+            names[name_key] = got
+        input_shape = raw.get("input_shape")
+        if input_shape is not None:
+            input_shape = self.image_size(f"{key}.input_shape", input_shape)
+        axes = self.dynamic_axes(f"{key}.dynamic_axes", raw.get("dynamic_axes", {}))
+        if input_shape is not None and axes.get("img"):
+            raise self.fail(f"{key}.dynamic_axes.img", "must be empty when input_shape gives a static size")
+        return OnnxConfig(opset_version=opset, save_file=save_file, input_shape=input_shape,
+                          dynamic_axes=axes, **names)
+
+    def image_size(self, key: str, value: Any) -> tuple[int, int]:
+        self.expect(key, value, "list")
+        if len(value) != 2:
+            raise self.fail(key, f"expected [width, height], got {value}")
+        for i, side in enumerate(value):
+            self.positive_int(f"{key}[{i}]", side)
+            if side % SIZE_DIVISOR:
+                raise self.fail(f"{key}[{i}]", f"{side} is not a multiple of {SIZE_DIVISOR}")
+        return (value[0], value[1])
+
+    def dynamic_axes(self, key: str, value: Any) -> dict[str, dict[int, str]]:
+        """torch.onnx's dynamic_axes: img may vary in H, W (axes 2, 3); outputs in N (axis 0)."""
+        allowed_axes = {"img": (2, 3), "img_hw": ()} | {name: (0,) for name in OUTPUT_NAMES}
+        self.keys(key, value, tuple(allowed_axes))
+        result = {}
+        for name, axes in value.items():
+            if isinstance(axes, list):  # torch also takes a list of axis indices
+                for i, axis in enumerate(axes):
+                    self.expect(f"{key}.{name}[{i}]", axis, "int")
+                axes = {axis: f"{name}_{axis}" for axis in axes}
+            self.expect(f"{key}.{name}", axes, "dict")
+            for axis, label in axes.items():
+                if axis not in allowed_axes[name]:
+                    raise self.fail(f"{key}.{name}", f"axis {axis!r} cannot be dynamic "
+                                    f"(allowed: {list(allowed_axes[name])})")
+                self.expect(f"{key}.{name}.{axis}", label, "str")
+            result[name] = dict(axes)
+        return result
+
+    # -- backend_config
+
+    def backend_config(self, raw: Any) -> BackendConfig:
+        key = "backend_config"
+        self.expect(key, raw, "dict")
+        kind = raw.get("type")
+        if kind == "onnxruntime":
+            return self.onnxruntime(key, raw)
+        if kind == "tensorrt":
+            return self.tensorrt(key, raw)
+        raise self.fail(f"{key}.type", f"must be 'onnxruntime' or 'tensorrt', got {kind!r}")
+
+    def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
+        self.keys(key, raw, ("type", "providers", "graph_optimization_level"))
+        providers = self.string_list(f"{key}.providers", raw.get("providers", ["CPUExecutionProvider"]))
+        if not providers:
+            raise self.fail(f"{key}.providers", "must name at least one provider")
+        for i, name in enumerate(providers):
+            if not name.endswith("ExecutionProvider"):
+                raise self.fail(f"{key}.providers[{i}]", f"{name!r} is not an onnxruntime provider name "
+                                "(e.g. 'CUDAExecutionProvider')")
+        level = self.expect(f"{key}.graph_optimization_level",
+                            raw.get("graph_optimization_level", "all"), "str")
+        if level not in ORT_OPTIMIZATION_LEVELS:
+            raise self.fail(f"{key}.graph_optimization_level",
+                            f"must be one of {list(ORT_OPTIMIZATION_LEVELS)}, got {level!r}")
+        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level)
+
+    def tensorrt(self, key: str, raw: dict) -> TensorRTConfig:
+        self.keys(key, raw, ("type", "common_config", "model_inputs"))
+        common = self.keys(f"{key}.common_config", raw.get("common_config", {}),
+                           ("fp16_mode", "max_workspace_size"))
+        fp16 = self.expect(f"{key}.common_config.fp16_mode", common.get("fp16_mode", False), "bool")
+        workspace = self.positive_int(f"{key}.common_config.max_workspace_size",
+                                      common.get("max_workspace_size", 1 << 30))
+        inputs_key = f"{key}.model_inputs"
+        model_inputs = self.expect(inputs_key, raw.get("model_inputs"), "list") \
+            if "model_inputs" in raw else None
+        if not model_inputs or len(model_inputs) != 1:
+            raise self.fail(inputs_key, "expected a list of exactly one dict(input_shapes=dict(img=...)) "
+                            "(one optimization profile)")
+        entry = self.keys(f"{inputs_key}[0]", model_inputs[0], ("input_shapes",))
+        shapes_key = f"{inputs_key}[0].input_shapes"
+        shapes = self.keys(shapes_key, entry.get("input_shapes"), INPUT_NAMES)
+        if "img" not in shapes:
+            raise self.fail(f"{shapes_key}.img", "missing (min_shape/opt_shape/max_shape of the image)")
+        profiles = {name: self.profile(f"{shapes_key}.{name}", name, value)
+                    for name, value in shapes.items()}
+        return TensorRTConfig(fp16_mode=fp16, max_workspace_size=workspace, input_shapes=profiles)
+
+    def profile(self, key: str, name: str, raw: Any) -> ShapeProfile:
+        """One input's min/opt/max: img is [1, 3, H, W] with H, W multiples of 32; img_hw is [2]."""
+        raw = self.keys(key, raw, ("min_shape", "opt_shape", "max_shape"))
+        shapes = {}
+        for which in ("min_shape", "opt_shape", "max_shape"):
+            if which not in raw:
+                raise self.fail(f"{key}.{which}", "missing")
+            shape = self.expect(f"{key}.{which}", raw[which], "list")
+            for i, dim in enumerate(shape):
+                self.positive_int(f"{key}.{which}[{i}]", dim)
+            if name == "img_hw" and shape != [2]:
+                raise self.fail(f"{key}.{which}", f"img_hw is a (h, w) vector: expected [2], got {shape}")
+            if name == "img":
+                if len(shape) != 4 or shape[:2] != [1, 3]:
+                    raise self.fail(f"{key}.{which}", f"expected [1, 3, H, W] (batch 1), got {shape}")
+                for i in (2, 3):
+                    if shape[i] % SIZE_DIVISOR:
+                        raise self.fail(f"{key}.{which}[{i}]",
+                                        f"{shape[i]} is not a multiple of {SIZE_DIVISOR}")
+            shapes[which] = tuple(shape)
+        for low, high in (("min_shape", "opt_shape"), ("opt_shape", "max_shape")):
+            for i, (a, b) in enumerate(zip(shapes[low], shapes[high])):
+                if a > b:
+                    raise self.fail(f"{key}.{low}[{i}]", f"{a} > {high}[{i}] = {b} (need min <= opt <= max)")
+        return ShapeProfile(**shapes)
+
+    # -- codebase_config
+
+    def codebase_config(self, raw: Any) -> CodebaseConfig:
+        key = "codebase_config"
+        raw = self.keys(key, raw, ("type", "task", "post_processing"))
+        if raw.get("type", "mmdet") != "mmdet":
+            raise self.fail(f"{key}.type", f"must be 'mmdet', got {raw['type']!r}")
+        if raw.get("task", "InstanceSegmentation") != "InstanceSegmentation":
+            raise self.fail(f"{key}.task", "must be 'InstanceSegmentation' (the network always "
+                            f"returns masks), got {raw['task']!r}")
+        post_key = f"{key}.post_processing"
+        post = self.keys(post_key, raw.get("post_processing", {}),
+                         ("score_threshold", "iou_threshold", "keep_top_k", "mask_thr_binary"))
+        defaults = PostProcessing()
+        processing = PostProcessing(
+            score_threshold=self.fraction(f"{post_key}.score_threshold",
+                                          post.get("score_threshold", defaults.score_threshold)),
+            iou_threshold=self.fraction(f"{post_key}.iou_threshold",
+                                        post.get("iou_threshold", defaults.iou_threshold)),
+            keep_top_k=self.positive_int(f"{post_key}.keep_top_k",
+                                         post.get("keep_top_k", defaults.keep_top_k)),
+            mask_thr_binary=self.fraction(f"{post_key}.mask_thr_binary",
+                                          post.get("mask_thr_binary", defaults.mask_thr_binary)))
+        return CodebaseConfig(post_processing=processing)
+
+
+def _check_static_shape(path: Path, onnx_cfg: OnnxConfig, backend: BackendConfig) -> None:
+    """A static export (input_shape) needs a TensorRT profile fixed at exactly that size."""
+    if onnx_cfg.input_shape is None or not isinstance(backend, TensorRTConfig):
+        return
+    width, height = onnx_cfg.input_shape
+    expected = (1, 3, height, width)
+    img = backend.input_shapes["img"]
+    for which in ("min_shape", "opt_shape", "max_shape"):
+        if getattr(img, which) != expected:
+            raise UserError(f"{path}: backend_config.model_inputs[0].input_shapes.img.{which}: "
+                            f"must be {list(expected)} for the static onnx_config.input_shape "
+                            f"[{width}, {height}], got {list(getattr(img, which))}")

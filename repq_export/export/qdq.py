@@ -1,0 +1,70 @@
+"""The ONNX forms of the quantizers: one traceable torch function per quantizer kind.
+
+Each function computes in torch exactly what its ONNX nodes compute, so the exported graph and
+the fake-quant model give the same integer codes (DESIGN.md, the numerics contract). They are
+written as autograd Functions with a `symbolic` because torch.onnx has no lowering for
+sub-8-bit fake quantization (REFERENCE.md section 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class QDQActivation(torch.autograd.Function):
+    """Uniform per-tensor activation: Clip(lo*d, hi*d) -> QuantizeLinear(d, 0) -> DequantizeLinear.
+
+    With codes lo = -zp, hi = 2^n - 1 - zp this equals `(clamp(round(x/d) + zp, 0, 2^n-1) - zp) * d`
+    bit for bit: both round half to even, onnxruntime divides by the scale like torch does, and
+    the clip bounds divide back to the integers lo, hi.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, clip_lo: Tensor, clip_hi: Tensor) -> Tensor:  # noqa: D102
+        q = torch.round(torch.clamp(x, clip_lo, clip_hi) / scale)
+        return q * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, clip_lo, clip_hi):  # noqa: D102
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+        clipped = g.op("Clip", x, clip_lo, clip_hi)
+        q = g.op("QuantizeLinear", clipped, scale, zero)
+        return g.op("DequantizeLinear", q, scale, zero)
+
+
+class DQWeight(torch.autograd.Function):
+    """A constant int8 weight and its per-channel scale: DequantizeLinear(codes, scale, 0, axis)."""
+
+    @staticmethod
+    def forward(ctx, codes: Tensor, scale: Tensor, axis: int) -> Tensor:  # noqa: D102
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        return codes.float() * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, axis):  # noqa: D102
+        channels = scale.type().sizes()[0]
+        zero = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int8))
+        return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
+
+
+def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int) -> Tensor:
+    """Log-sqrt2 quantization as plain float ops (Log, Round, Gather, comparisons, Where).
+
+    The code of x is k where t_k < x <= t_(k-1), t_k = d * 2^(-(k + 0.5)/2): the bucket boundaries
+    the fake quantizer compares against. A first guess from the logarithm is off by at most one;
+    two comparisons against the exact boundaries correct it, so the codes equal fake quant's
+    exactly. `upper[j]` = t_(j-1) for j = 0 .. 2^n + 1, with upper[0] = +inf and upper[2^n+1] = -inf
+    so that codes stay in 0 .. 2^n. Output: lut[code]; lut[2^n] = 0 (x = 0 lands there too).
+    """
+    levels = 2**n_bits
+    tiny = torch.finfo(torch.float32).tiny
+    guess = torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / 0.6931471805599453))
+    guess = torch.clamp(guess, 0, levels).long()
+    above = x > torch.index_select(upper, 0, guess.flatten()).reshape(guess.shape)
+    below = x <= torch.index_select(upper, 0, (guess + 1).flatten()).reshape(guess.shape)
+    code = guess - above.long() + below.long()
+    code = torch.clamp(code, 0, levels)
+    value = torch.index_select(lut, 0, code.flatten()).reshape(code.shape)
+    return value

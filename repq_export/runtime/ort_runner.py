@@ -1,0 +1,64 @@
+"""Runs an exported ONNX graph in onnxruntime behind the Runner interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .base import NetOutput, as_net_output
+
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def ort_providers(device: str) -> list[str]:
+    """The execution providers for `device`: CUDA (then CPU) where onnxruntime-gpu has it."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserError("--device cuda: onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """An onnxruntime session over `onnx_path`; `opt_level` is onnxruntime's graph optimization level.
+
+    The default ('all') is what a user gets without asking; the exporter guarantees that the graph
+    is exact at that level (see README, 'onnxruntime on AVX2').
+    """
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", opt_level: str = "all",
+                 providers: list[str] | None = None, threads: int = 0, name: str = "ort") -> None:
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such ONNX file")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[opt_level])
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers or ort_providers(device))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.name = name
+
+    def __call__(self, img: torch.Tensor, img_hw: torch.Tensor) -> NetOutput:
+        feeds = {
+            self.input_names[0]: np.ascontiguousarray(img.detach().cpu().numpy(), dtype=np.float32),
+            self.input_names[1]: np.ascontiguousarray(img_hw.detach().cpu().numpy(), dtype=np.float32),
+        }
+        return as_net_output(self.session.run(None, feeds))
