@@ -1,0 +1,130 @@
+"""COCO-format datasets as the reference's test loader sees them (mmdet 2.11 CocoDataset, test
+mode), mask RLE, and detections turned into COCO result records in mmdet's format.
+
+Order matters for exactness: mmdet iterates ``coco.getImgIds()``, which is the order of
+``images`` in the file (the reference calibrates on the first one), and labels index the
+categories in file order.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+
+from repq_export.errors import UserError
+
+if TYPE_CHECKING:  # postprocess imports this module (and torch); the types only are needed here
+    from repq_export.data.postprocess import Detections
+
+
+def load_coco(ann_file: str | Path) -> COCO:
+    """Read and check a COCO annotation file; return a pycocotools COCO index (quietly)."""
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as err:
+        raise UserError(f"{ann_file}: cannot read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{ann_file}: not a JSON file ({err})") from None
+    _check_annotations(data, ann_file)
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{ann_file}: malformed annotation or image record ({err!r})") from None
+    return coco
+
+
+def _check_annotations(data: object, ann_file: str | Path) -> None:
+    """Raise UserError unless ``data`` looks like a COCO instances file with images."""
+    if not isinstance(data, dict):
+        raise UserError(f"{ann_file}: not a COCO annotation file (top level is not an object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{ann_file}: not a COCO annotation file (no '{key}' list)")
+    if not data["images"]:
+        raise UserError(f"{ann_file}: the dataset has no images")
+    if not data["categories"]:
+        raise UserError(f"{ann_file}: the dataset has no categories")
+    for img in data["images"]:
+        if not (isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)):
+            raise UserError(f"{ann_file}: an image record lacks 'id' or 'file_name': {img!r:.80}")
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise UserError(f"{ann_file}: a category record lacks 'id' or 'name': {cat!r:.80}")
+    ids = [img["id"] for img in data["images"]]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{ann_file}: image ids are not unique")
+
+
+class CocoDataset:
+    """Images of a COCO annotation file in file order, with the label <-> category mapping."""
+
+    def __init__(self, ann_file: str | Path, img_dir: str | Path):
+        self.ann_file = Path(ann_file)
+        self.img_dir = Path(img_dir)
+        self.coco = load_coco(self.ann_file)
+        self.img_ids: list[int] = self.coco.getImgIds()
+        categories = self.coco.dataset["categories"]
+        self.cat_ids: list[int] = [cat["id"] for cat in categories]  # index = label
+        self.classes: tuple[str, ...] = tuple(cat["name"] for cat in categories)
+        self.cat2label: dict[int, int] = {cat_id: i for i, cat_id in enumerate(self.cat_ids)}
+
+    def __len__(self) -> int:
+        return len(self.img_ids)
+
+    def __getitem__(self, index: int) -> tuple[dict, Path]:
+        """(image record, image path) of the index-th image in file order."""
+        info = self.coco.imgs[self.img_ids[index]]
+        return info, self.img_dir / info["file_name"]
+
+    def __iter__(self) -> Iterator[tuple[dict, Path]]:
+        return (self[i] for i in range(len(self)))
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """COCO RLE of a binary (H, W) mask with a str ``counts``, ready for JSON."""
+    rle = mask_util.encode(np.asfortranarray(mask[:, :, None], dtype=np.uint8))[0]
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def xyxy_to_xywh(box: np.ndarray) -> list[float]:
+    """[x1, y1, x2, y2] -> COCO [x, y, w, h], subtracting in double precision as mmdet does."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def to_coco_results(
+    dets: Detections, image_id: int, cat_ids: Sequence[int]
+) -> tuple[list[dict], list[dict]]:
+    """COCO result records (bbox, segm) of one image, in mmdet's format and order.
+
+    Like mmdet's: grouped by class, detection order kept within a class (COCOeval breaks score
+    ties by it); w = x2 - x1 in double precision; segm records carry the box and its score too
+    (pycocotools then takes a segm detection's area from that box, as in the reference).
+    """
+    bbox_results, segm_results = [], []
+    for i in np.argsort(dets.labels, kind="stable"):
+        label = int(dets.labels[i])
+        if not 0 <= label < len(cat_ids):
+            raise ValueError(f"label {label} outside the {len(cat_ids)} categories")
+        record = {
+            "image_id": image_id,
+            "bbox": xyxy_to_xywh(dets.boxes[i]),
+            "score": float(dets.scores[i]),
+            "category_id": int(cat_ids[label]),
+        }
+        bbox_results.append(record)
+        if dets.masks:
+            segm = {**record, "bbox": list(record["bbox"]), "segmentation": dict(dets.masks[i])}
+            segm_results.append(segm)
+    return bbox_results, segm_results

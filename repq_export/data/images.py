@@ -1,0 +1,32 @@
+"""Image decoding exactly as the reference test pipeline does it (mmdet 2.11 LoadImageFromFile).
+
+mmdet reads the file's bytes and decodes them with ``cv2.imdecode(..., IMREAD_COLOR)``; that is
+what we do too, so every runner sees the same pixels as the reference: EXIF orientation applied,
+grayscale replicated to three channels, alpha dropped, palettes and CMYK converted to BGR,
+16-bit samples reduced to 8 bits (the high byte).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from repq_export.errors import UserError
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file into an (H, W, 3) uint8 BGR array, as mmcv.imfrombytes(flag='color')."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read image ({err.strerror or err})") from None
+    if not content:
+        raise UserError(f"{path}: cannot decode image (empty file)")
+    try:
+        img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        img = None
+    if img is None:
+        raise UserError(f"{path}: cannot decode image (not a format OpenCV reads)")
+    return img
