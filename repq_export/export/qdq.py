@@ -49,21 +49,28 @@ class DQWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
 
 
+def log_sqrt2_upper(thresholds: Tensor) -> Tensor:
+    """The padded boundary table of `log_sqrt2_lowered` from the quantizer's 2^n thresholds."""
+    inf = thresholds.new_full((1,), float("inf"))
+    return torch.cat([inf, thresholds, -inf])
+
+
 def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int) -> Tensor:
     """Log-sqrt2 quantization as plain float ops (Log, Round, Gather, comparisons, Where).
 
-    The code of x is k where t_k < x <= t_(k-1), t_k = d * 2^(-(k + 0.5)/2): the bucket boundaries
-    the fake quantizer compares against. A first guess from the logarithm is off by at most one;
-    two comparisons against the exact boundaries correct it, so the codes equal fake quant's
-    exactly. `upper[j]` = t_(j-1) for j = 0 .. 2^n + 1, with upper[0] = +inf and upper[2^n+1] = -inf
-    so that codes stay in 0 .. 2^n. Output: lut[code]; lut[2^n] = 0 (x = 0 lands there too).
+    The code of x is k where t_k <= x < t_(k-1), with t_k the float32 bucket boundaries the fake
+    quantizer compares against (`quant.log_sqrt2.log_sqrt2_thresholds`). A first guess from the
+    logarithm is off by at most one; two comparisons against the same boundaries correct it, so
+    the codes equal fake quant's exactly. `upper[j]` = t_(j-1) for j = 0 .. 2^n + 1, with
+    upper[0] = +inf and upper[2^n+1] = -inf so that codes stay in 0 .. 2^n. Output: lut[code],
+    the fake quantizer's own table (lut[2^n] = 0; x = 0 lands there).
     """
     levels = 2**n_bits
     tiny = torch.finfo(torch.float32).tiny
     guess = torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / 0.6931471805599453))
     guess = torch.clamp(guess, 0, levels).long()
-    above = x > torch.index_select(upper, 0, guess.flatten()).reshape(guess.shape)
-    below = x <= torch.index_select(upper, 0, (guess + 1).flatten()).reshape(guess.shape)
+    above = x >= torch.index_select(upper, 0, guess.flatten()).reshape(guess.shape)
+    below = x < torch.index_select(upper, 0, (guess + 1).flatten()).reshape(guess.shape)
     code = guess - above.long() + below.long()
     code = torch.clamp(code, 0, levels)
     value = torch.index_select(lut, 0, code.flatten()).reshape(code.shape)
