@@ -69,9 +69,7 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     tiny = torch.finfo(torch.float32).tiny
     guess = torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / 0.6931471805599453))
     guess = torch.clamp(guess, 0, levels).long()
-    above = x >= torch.index_select(upper, 0, guess.flatten()).reshape(guess.shape)
-    below = x < torch.index_select(upper, 0, (guess + 1).flatten()).reshape(guess.shape)
-    code = guess - above.long() + below.long()
-    code = torch.clamp(code, 0, levels)
-    value = torch.index_select(lut, 0, code.flatten()).reshape(code.shape)
-    return value
+    above = x >= upper[guess]
+    below = x < upper[guess + 1]
+    code = torch.clamp(guess - above.long() + below.long(), 0, levels)
+    return lut[code]

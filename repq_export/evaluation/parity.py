@@ -1,0 +1,197 @@
+"""Parity between fake quant and a backend, in three tiers (DESIGN.md): codes, detections, AP.
+
+Tier 1 feeds each quantizer's ONNX input (as onnxruntime computed it) to the fake quantizer and
+compares integer codes, so it tests the lowering itself; float drift between backends is what
+tiers 2 and 3 measure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from ..quant.layers import named_quantizers
+from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
+from ..runtime.base import NetOutput
+
+MATCH_IOU = 0.5
+
+
+# ----------------------------------------------------------------------------- tier 1: codes
+
+
+@dataclass
+class CodeProbe:
+    """Where one quantizer call's input and codes live in the ONNX graph."""
+
+    quantizer: str  # dotted module name in the fake-quant model
+    call: str  # the ONNX scope (differs from `quantizer` for repeated calls, e.g. the shared RPN convs)
+    kind: str  # 'uniform' | 'shifted' | 'log_sqrt2'
+    x: str  # value name of the float input
+    codes: str  # value name of the int8 codes (uniform) or the dequantized output (log_sqrt2)
+
+
+@dataclass
+class CodeReport:
+    """Code mismatches of one quantizer call over all probed images."""
+
+    call: str
+    kind: str
+    elements: int = 0
+    mismatches: int = 0
+    tie_mismatches: int = 0
+
+
+def _scope_to_module(scope: str) -> str:
+    parts = scope.strip("/").split("/")
+    parts[-1] = re.sub(r"_\d+$", "", parts[-1])
+    return ".".join(parts)
+
+
+def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[CodeProbe]:
+    """Every call of the named quantizers in an exported graph, found by node names (module paths)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    probes = []
+    by_scope: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        by_scope.setdefault(node.name.rsplit("/", 1)[0], []).append(node)
+    for scope, nodes in by_scope.items():
+        name = _scope_to_module(scope)
+        if name not in quantizer_names:
+            continue
+        qs = [n for n in nodes if n.op_type == "QuantizeLinear"]
+        if qs:
+            clip = producer[qs[0].input[0]]
+            x, kind = clip.input[0], "uniform"
+            add = producer.get(x)
+            if add is not None and add.op_type == "Add" and add.name.rsplit("/", 1)[0] == scope:
+                x, kind = add.input[0], "shifted"
+            probes.append(CodeProbe(name, scope, kind, x, qs[0].output[0]))
+        elif any(n.op_type == "Gather" and n.input[0].endswith(".lut") for n in nodes):
+            clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x
+            table = next(n for n in nodes if n.op_type == "Gather" and n.input[0].endswith(".lut"))
+            probes.append(CodeProbe(name, scope, "log_sqrt2", clip.input[0], table.output[0]))
+    return probes
+
+
+def with_probe_outputs(proto: onnx.ModelProto, probes: list[CodeProbe]) -> onnx.ModelProto:
+    """A copy of the graph that also outputs every probe's input and codes."""
+    debug = onnx.ModelProto()
+    debug.CopyFrom(proto)
+    existing = {o.name for o in debug.graph.output}
+    for probe in probes:
+        for value in (probe.x, probe.codes):
+            if value not in existing:
+                debug.graph.output.append(onnx.ValueInfoProto(name=value))
+                existing.add(value)
+    return debug
+
+
+def _is_tie(ratio: np.ndarray) -> np.ndarray:
+    """Where x/d lies within float error of a rounding boundary (k + 0.5)."""
+    frac = np.abs(ratio - np.floor(ratio) - 0.5)
+    return frac < 1e-5 * np.maximum(1.0, np.abs(ratio))
+
+
+def compare_codes(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+                  reports: dict[str, CodeReport]) -> None:
+    """Add one image's code comparison to `reports` (keyed by call)."""
+    quantizers = dict(named_quantizers(qmodel))
+    for probe in probes:
+        q = quantizers[probe.quantizer]
+        x = torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32))
+        got = np.asarray(values[probe.codes])
+        report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
+        if isinstance(q, LogSqrt2Quantizer):
+            want = log_sqrt2_codes(x, q.scale, q.bits).numpy()
+            lut = q.lut().numpy()
+            got = np.searchsorted(-lut, -got.astype(np.float32))  # lut is decreasing
+            ties = np.zeros(want.shape, dtype=bool)
+        else:
+            offset = 2 ** (q.bits - 1) if probe.kind == "shifted" else q.zero_point.item()
+            want = (q.codes(x) - offset).numpy()
+            ties = _is_tie((x / q.scale).numpy())
+        bad = want.astype(np.int64).reshape(-1) != got.astype(np.int64).reshape(-1)
+        ties = ties.reshape(-1)
+        report.elements += int(bad.size)
+        report.mismatches += int(bad.sum())
+        report.tie_mismatches += int((bad & ties).sum())
+
+
+# ----------------------------------------------------------------------------- tier 2: detections
+
+
+@dataclass
+class DetectionMatch:
+    """Fake-quant detections of one image matched to a backend's (same label, greedy by score)."""
+
+    ref: int
+    got: int
+    matched: int
+    min_iou: float
+    max_score_diff: float
+    mean_mask_iou: float
+
+
+def match_detections(ref: NetOutput, got: NetOutput) -> DetectionMatch:
+    """Greedy one-to-one matching: each reference detection, by score, takes the unmatched
+    backend detection of its label with the highest box IoU (at least 0.5)."""
+    n_ref, n_got = len(ref.scores), len(got.scores)
+    if n_ref == 0 or n_got == 0:
+        return DetectionMatch(n_ref, n_got, 0, 1.0 if n_ref == n_got else 0.0, 0.0, 1.0)
+    iou = box_iou(ref.boxes.double(), got.boxes.double())
+    iou[ref.labels[:, None] != got.labels[None, :]] = -1
+    taken = torch.zeros(n_got, dtype=torch.bool)
+    ious, score_diffs, mask_ious = [], [], []
+    for i in torch.argsort(ref.scores, descending=True, stable=True).tolist():
+        row = iou[i].masked_fill(taken, -1)
+        j = int(torch.argmax(row))
+        if row[j] < MATCH_IOU:
+            continue
+        taken[j] = True
+        ious.append(float(row[j]))
+        score_diffs.append(abs(float(ref.scores[i] - got.scores[j])))
+        a, b = ref.masks[i] >= 0.5, got.masks[j] >= 0.5
+        union = int((a | b).sum())
+        mask_ious.append(1.0 if union == 0 else int((a & b).sum()) / union)
+    return DetectionMatch(n_ref, n_got, len(ious), min(ious, default=0.0), max(score_diffs, default=0.0),
+                          float(np.mean(mask_ious)) if mask_ious else 0.0)
+
+
+@dataclass
+class DetectionSummary:
+    """Tier 2 over a dataset."""
+
+    images: int = 0
+    ref: int = 0
+    got: int = 0
+    matched: int = 0
+    min_iou: float = 1.0
+    max_score_diff: float = 0.0
+    mask_ious: list[float] = field(default_factory=list)
+
+    def add(self, m: DetectionMatch) -> None:
+        self.images += 1
+        self.ref += m.ref
+        self.got += m.got
+        self.matched += m.matched
+        if m.matched:
+            self.min_iou = min(self.min_iou, m.min_iou)
+            self.mask_ious.append(m.mean_mask_iou)
+        self.max_score_diff = max(self.max_score_diff, m.max_score_diff)
+
+    @property
+    def match_rate(self) -> float:
+        """Matched pairs over the larger of the two detection counts (1.0 = identical sets)."""
+        total = max(self.ref, self.got)
+        return 1.0 if total == 0 else self.matched / total
+
+    @property
+    def mean_mask_iou(self) -> float:
+        return float(np.mean(self.mask_ious)) if self.mask_ious else 1.0

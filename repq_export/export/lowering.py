@@ -1,0 +1,195 @@
+"""Turn a calibrated fake-quant detector into a module whose trace is the QDQ ONNX graph.
+
+Each quantized layer is replaced, at the same module path (so ONNX node names carry the
+quantizer's name), by an export layer built from the quantization state alone:
+int8 weight codes + per-channel scales, and each input quantizer lowered by its kind
+(`qdq.py`). BatchNorm after a quantized conv (the cascade heads) is folded into the weight
+scales and the bias: the integer codes do not change. Nothing is re-calibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..models.layers import ConvModule
+from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
+from ..quant.log_sqrt2 import LogSqrt2Quantizer
+from ..quant.uniform import UniformQuantizer
+from .qdq import DQWeight, QDQActivation, log_sqrt2_lowered, log_sqrt2_upper
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def code_range(q: UniformQuantizer) -> tuple[Tensor, Tensor]:
+    """Signed code bounds (lo, hi) = (-zp, 2^n - 1 - zp) of a uniform quantizer, as float tensors."""
+    return -q.zero_point, (2**q.bits - 1) - q.zero_point
+
+
+def fits_int8(q: UniformQuantizer) -> bool:
+    """Whether every signed code q - zp of the quantizer lies in int8."""
+    lo, hi = code_range(q)
+    return bool((lo >= INT8_MIN).all() and (hi <= INT8_MAX).all())
+
+
+class ActivationQDQ(nn.Module):
+    """A per-tensor uniform activation quantizer as Clip -> QuantizeLinear -> DequantizeLinear."""
+
+    def __init__(self, q: UniformQuantizer, name: str) -> None:
+        super().__init__()
+        if q.per_channel:
+            raise UserError(f"{name}: per-channel activation quantizer cannot be exported "
+                            "(TensorRT wants per-tensor; keep the scale reparameterization on)")
+        lo, hi = code_range(q)
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("clip_lo", (lo * q.scale).detach().clone())
+        self.register_buffer("clip_hi", (hi * q.scale).detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return QDQActivation.apply(x, self.scale, self.clip_lo, self.clip_hi)
+
+
+class ShiftedActivationQDQ(nn.Module):
+    """An activation whose codes do not fit int8 (8-bit asymmetric): shifted into int8.
+
+    Codes q in [0, 255] are carried as q - 128 by quantizing x + (zp - 128) * d; the consumer
+    subtracts the shift through its bias (`shift` is read by the export conv). Exact up to float
+    ties when the consumer has no padding, as the 4x4/stride-4 patch embedding.
+    """
+
+    def __init__(self, q: UniformQuantizer, name: str) -> None:
+        super().__init__()
+        if q.per_channel:
+            raise UserError(f"{name}: per-channel activation quantizer cannot be exported")
+        offset = q.zero_point - 2 ** (q.bits - 1)
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("shift", (offset * q.scale).detach().clone())
+        half = 2 ** (q.bits - 1)
+        self.register_buffer("clip_lo", (-half * q.scale).detach().clone())
+        self.register_buffer("clip_hi", ((half - 1) * q.scale).detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return QDQActivation.apply(x + self.shift, self.scale, self.clip_lo, self.clip_hi)
+
+
+class LogSqrt2Lowered(nn.Module):
+    """The log-sqrt2 quantizer as float ops with exact codes (`qdq.log_sqrt2_lowered`)."""
+
+    def __init__(self, q: LogSqrt2Quantizer) -> None:
+        super().__init__()
+        self.n_bits = q.bits
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("upper", log_sqrt2_upper(q.thresholds()).detach().clone())
+        self.register_buffer("lut", q.lut().detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits)
+
+
+def lower_activation(q: nn.Module, name: str, allow_shift: bool = False) -> nn.Module:
+    """The export form of an input quantizer, by kind."""
+    if isinstance(q, LogSqrt2Quantizer):
+        return LogSqrt2Lowered(q)
+    if not isinstance(q, UniformQuantizer):
+        raise TypeError(f"{name}: unknown quantizer {type(q).__name__}")
+    if fits_int8(q):
+        return ActivationQDQ(q, name)
+    if allow_shift and q.bits == 8:
+        return ShiftedActivationQDQ(q, name)
+    raise UserError(f"{name}: {q.bits}-bit codes with zero point {int(q.zero_point)} do not fit int8; "
+                    "this layer cannot be exported exactly")
+
+
+def weight_codes(layer: QuantConv2d | QuantLinear, name: str) -> tuple[Tensor, Tensor]:
+    """Signed int8 weight codes q - zp and the per-output-channel scale of a quantized layer."""
+    q = layer.weight_quantizer
+    if not q.per_channel or q.channel_axis != 0:
+        raise UserError(f"{name}: weight quantizer must be per output channel")
+    if not fits_int8(q):
+        raise UserError(f"{name}: {q.bits}-bit asymmetric weight codes do not fit int8 "
+                        "(export supports weights of 2..7 bits)")
+    zp = q.zero_point.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+    codes = q.codes(layer.weight.detach()) - zp
+    return codes.to(torch.int8), q.scale.detach().clone()
+
+
+class ExportConv2d(nn.Module):
+    """A quantized conv: lowered input, DequantizeLinear(int8 codes, per-channel scale), Conv."""
+
+    def __init__(self, layer: QuantConv2d, name: str, bn: nn.BatchNorm2d | None = None) -> None:
+        super().__init__()
+        codes, scale = weight_codes(layer, name)
+        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels)
+        if bn is not None:  # y = (conv - mean) * g / sqrt(var + eps) + beta, folded per channel
+            factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            bias = (bias - bn.running_mean) * factor + bn.bias.detach()
+            codes = torch.where(factor < 0, -codes, codes)  # keep scales positive (TensorRT)
+            scale = scale * factor.abs()
+        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", allow_shift=True)
+        if isinstance(self.input_quantizer, ShiftedActivationQDQ):
+            if any(p != 0 for p in layer.padding):
+                raise UserError(f"{name}: an 8-bit input shift needs a conv without padding")
+            dequant = codes.float() * scale.reshape(-1, 1, 1, 1)
+            bias = bias - self.input_quantizer.shift * dequant.sum(dim=(1, 2, 3))
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = DQWeight.apply(self.codes, self.scale, 0)
+        return F.conv2d(self.input_quantizer(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ExportLinear(nn.Module):
+    """A quantized linear: lowered input @ DequantizeLinear(int8 codes (in, out), scale, axis 1) + bias."""
+
+    def __init__(self, layer: QuantLinear, name: str) -> None:
+        super().__init__()
+        codes, scale = weight_codes(layer, name)
+        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer")
+        self.register_buffer("codes_t", codes.t().contiguous())
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.input_quantizer(x) @ DQWeight.apply(self.codes_t, self.scale, 1)
+        return y if self.bias is None else y + self.bias
+
+
+class ExportMatMul(nn.Module):
+    """A quantized activation matmul: both inputs lowered by their kind."""
+
+    def __init__(self, layer: QuantMatMul, name: str) -> None:
+        super().__init__()
+        self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a")
+        self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b")
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.quantizer_a(a) @ self.quantizer_b(b)
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def lower_for_export(qmodel: nn.Module) -> nn.Module:
+    """A copy of a calibrated fake-quant model with every quantized layer in its export form."""
+    model = copy.deepcopy(qmodel).eval().cpu()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ConvModule) and isinstance(module.conv, QuantConv2d) and module.bn is not None:
+            module.conv = ExportConv2d(module.conv, f"{name}.conv", module.bn)
+            module.bn = nn.Identity()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantConv2d):
+            _set_child(model, name, ExportConv2d(module, name))
+        elif isinstance(module, QuantLinear):
+            _set_child(model, name, ExportLinear(module, name))
+        elif isinstance(module, QuantMatMul):
+            _set_child(model, name, ExportMatMul(module, name))
+    return model

@@ -1,0 +1,102 @@
+"""Write the detector (float or calibrated fake quant) as one ONNX graph at the network boundary."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..deploy_config import OnnxConfig
+from ..errors import UserError
+from ..quant.layers import named_quantizers
+from .lowering import lower_for_export
+
+INPUT_NAMES = ("img", "img_hw")
+OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
+
+
+def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg: OnnxConfig) -> onnx.ModelProto:
+    """Trace `model` (already in export form) with torch's TorchScript exporter; no file written.
+
+    The TorchScript exporter (dynamo=False) is used because it carries our Q/DQ symbolics and
+    torchvision's NonMaxSuppression / RoiAlign lowerings, and records shape arithmetic so that
+    height and width stay dynamic.
+    """
+    buffer = io.BytesIO()
+    dynamic_axes = None if cfg.input_shape is not None else {k: dict(v) for k, v in cfg.dynamic_axes.items()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (img, img_hw), buffer, dynamo=False, opset_version=cfg.opset_version,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    inline_constant_identities(proto)
+    proto.producer_name = "repq-export"
+    return proto
+
+
+def inline_constant_identities(proto: onnx.ModelProto) -> None:
+    """Drop the Identity nodes the exporter puts on de-duplicated initializers.
+
+    torch shares equal tensors (two quantizers calibrated on the same input get equal scales)
+    through Identity nodes; TensorRT wants Q/DQ scales to be initializers, so consumers are
+    pointed at the initializer itself.
+    """
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
+                cfg: OnnxConfig | None = None) -> onnx.ModelProto:
+    """Lower `model` (fake-quant or float) and write it to `path`: checked, then renamed into place.
+
+    The same model and example input give a byte-identical file.
+    """
+    cfg = cfg or OnnxConfig(dynamic_axes={"img": {2: "height", 3: "width"},
+                                          **{name: {0: "num_dets"} for name in OUTPUT_NAMES}})
+    quantized = any(True for _ in named_quantizers(model))
+    export_model = lower_for_export(model) if quantized else model.eval().cpu()
+    proto = trace_to_onnx(export_model, img.cpu(), img_hw.cpu(), cfg)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input
+        raise RuntimeError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    write_model(proto, path)
+    return proto
+
+
+def write_model(proto: onnx.ModelProto, path: str | Path) -> None:
+    """Serialize to `path` through a temporary name, so no half-written file is ever left."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def count_qdq(proto: onnx.ModelProto) -> dict[str, int]:
+    """Numbers of QuantizeLinear and DequantizeLinear nodes, and of int8 weight initializers."""
+    ops = [n.op_type for n in proto.graph.node]
+    int8 = sum(1 for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1)
+    return {"QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear"),
+            "int8_weights": int8}
