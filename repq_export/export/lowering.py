@@ -133,8 +133,11 @@ class ExportConv2d(nn.Module):
         if isinstance(self.input_quantizer, ShiftedActivationQDQ):
             if any(p != 0 for p in layer.padding):
                 raise UserError(f"{name}: an 8-bit input shift needs a conv without padding")
-            dequant = codes.float() * scale.reshape(-1, 1, 1, 1)
-            bias = bias - self.input_quantizer.shift * dequant.sum(dim=(1, 2, 3))
+            # conv(dq - shift) = conv(dq) - offset * sum(codes) * step: an integer number of bias
+            # steps, so the adjusted bias stays on the int32 grid (see quant/integer_bias.py).
+            step = layer.input_quantizer.scale * scale
+            offset = layer.input_quantizer.zero_point - 2 ** (layer.input_quantizer.bits - 1)
+            bias = (torch.round(bias / step) - offset * codes.float().sum(dim=(1, 2, 3))) * step
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)

@@ -1,0 +1,204 @@
+"""The artifact directory: checkpoint in, model.onnx + quant.pth + repq.json (+ model.engine) out.
+
+    load -> calibrate (fake quant, reparameterize) -> export ONNX -> check -> manifest -> engine
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+import repq_export
+
+from ..data.coco import CocoDataset
+from ..data.images import read_image
+from ..data.transforms import Preprocessed, preprocess
+from ..deploy_config import DeployConfig, load_deploy_config
+from ..errors import UserError
+from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
+from ..quant.calibrate import quantize
+from ..quant.integer_bias import snap_biases
+from ..quant.layers import named_quantizers
+from ..quant.log_sqrt2 import LogSqrt2Quantizer
+from ..quant.state import save_quant_state
+from .onnx_export import count_qdq, export_onnx
+from .trt_check import check_tensorrt_compat, format_report
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_DEPLOY = Path(__file__).resolve().parents[2] / "deploy_configs" / "instance-seg_onnxruntime_cpu.py"
+MANIFEST = "repq.json"
+
+
+@dataclass
+class ExportRequest:
+    """Everything `repq-export` needs to write one artifact directory."""
+
+    ckpt: Path
+    out: Path
+    w_bits: int
+    a_bits: int
+    config: Path | None = None
+    calib_dir: Path | None = None
+    calib_ann: Path | None = None
+    calib_img_dir: Path | None = None
+    calib_images: int = 1
+    calib_paths: list[Path] = field(default_factory=list)  # used as given when set (the demo)
+    deploy_config: Path | None = None
+    device: str = "cpu"
+    force: bool = False
+
+
+def calibration_paths(req: ExportRequest) -> list[Path]:
+    """The calibration images: a folder sorted by name, or a COCO file in annotation order."""
+    if req.calib_paths:
+        return list(req.calib_paths[: req.calib_images])
+    if req.calib_dir is not None:
+        if not req.calib_dir.is_dir():
+            raise UserError(f"{req.calib_dir}: calibration folder not found")
+        paths = sorted(p for p in req.calib_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"{req.calib_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the calibration folder")
+        return paths[: req.calib_images]
+    if req.calib_ann is not None:
+        dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent)
+        return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
+    raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to overwrite an artifact without --force, and an --out that cannot be created."""
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: cannot write into {parent} (permission denied)")
+
+
+def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
+    """One row per quantizer: name, kind, bits, granularity, scale and zero point (lists if per-channel)."""
+    rows = []
+    for name, q in named_quantizers(qmodel):
+        log = isinstance(q, LogSqrt2Quantizer)
+        scale = q.scale.flatten().tolist()
+        rows.append({
+            "name": name,
+            "kind": "log_sqrt2" if log else "uniform",
+            "bits": q.bits,
+            "granularity": "per_tensor" if log or not q.per_channel else "per_channel",
+            "scale": scale[0] if q.scale.dim() == 0 else scale,
+            "zero_point": None if log else (q.zero_point.item() if q.zero_point.dim() == 0
+                                            else q.zero_point.flatten().tolist()),
+        })
+    return rows
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[Path], prep: Preprocessed,
+                   proto: onnx.ModelProto, deploy: DeployConfig, out: Path) -> dict:
+    """repq.json: provenance, preprocessing, classes, graph facts, the quantizer table, versions."""
+    import onnxruntime
+    import torchvision
+
+    settings = qmodel.quant_settings
+    return {
+        "format": "repq-export-artifact",
+        "version": 1,
+        "w_bits": settings.w_bits,
+        "a_bits": settings.a_bits,
+        "reparam": settings.reparam,
+        "integer_zero_point": settings.integer_zero_point,
+        "exact_padding": settings.exact_padding,
+        "integer_bias": True,
+        "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
+        "config": str(info.config_path) if info.config_path else None,
+        "architecture": {"kind": info.arch.kind, "embed_dim": info.arch.embed_dim, "depths": list(info.arch.depths),
+                         "num_classes": info.arch.num_classes},
+        "classes": list(info.classes) if info.classes else None,
+        "calibration_images": [{"name": p.name, "sha256": file_sha256(p)} for p in calib],
+        "preprocess": {"scale": list(info.preprocess.scale), "mean": list(info.preprocess.mean),
+                       "std": list(info.preprocess.std), "to_rgb": info.preprocess.to_rgb,
+                       "size_divisor": info.preprocess.size_divisor},
+        "onnx": {"file": "model.onnx", "sha256": file_sha256(out / "model.onnx"), "opset": deploy.onnx.opset_version,
+                 "inputs": ["img [1,3,H,W] float32", "img_hw [2] float32 (h, w) before padding"],
+                 "outputs": ["boxes [N,4]", "scores [N]", "labels [N] int64", "masks [N,28,28]"],
+                 "export_shape": list(prep.tensor.shape), "qdq": count_qdq(proto)},
+        "deploy_config": str(deploy.path),
+        "quant_state": {"file": "quant.pth", "sha256": file_sha256(out / "quant.pth")},
+        "quantizers": quantizer_table(qmodel),
+        "versions": {"repq_export": repq_export.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+    }
+
+
+def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
+    """Write the artifact directory for `req`; the directory appears only once complete."""
+    check_out_dir(req.out, req.force)
+    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
+    detector, info = load_checkpoint(req.ckpt, req.config)
+    paths = calibration_paths(req)
+    log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
+    preps = [preprocess(read_image(p), **vars(info.preprocess)) for p in paths]
+    qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
+                                                for p in preps], req.w_bits, req.a_bits, progress=progress)
+    snap_biases(qmodel)
+    qmodel = qmodel.cpu()
+    tmp = req.out.with_name(f".{req.out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
+        log("exporting ONNX (QDQ) ...")
+        proto = export_onnx(qmodel, tmp / "model.onnx", preps[0].tensor, preps[0].img_hw_tensor, deploy.onnx)
+        issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
+        if issues:
+            raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
+        manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if req.out.exists():
+            shutil.rmtree(req.out)
+        os.replace(tmp, req.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return req.out
+
+
+def read_artifact(artifact: str | Path) -> dict:
+    """The manifest of an artifact directory, checked against the files it names."""
+    artifact = Path(artifact)
+    manifest_path = artifact / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{artifact}: not an artifact directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise UserError(f"{manifest_path}: not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "repq-export-artifact":
+        raise UserError(f"{manifest_path}: not a repq-export manifest")
+    for key in ("onnx", "quant_state"):
+        entry = manifest.get(key) or {}
+        path = artifact / str(entry.get("file", ""))
+        if not path.is_file():
+            raise UserError(f"{artifact}: {entry.get('file')} named in {MANIFEST} is missing")
+        if file_sha256(path) != entry.get("sha256"):
+            raise UserError(f"{path}: does not match the sha256 in {MANIFEST} (file changed or truncated)")
+    return manifest
