@@ -1,0 +1,116 @@
+"""`tools/test.py CONFIG CKPT --eval bbox segm [--w_bits N --a_bits N]`: COCO AP of any stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ..data.coco import CocoDataset
+from ..data.images import read_image
+from ..data.transforms import preprocess
+from ..errors import UserError
+from ..evaluation.coco_eval import format_ap_table
+from ..evaluation.evaluate import coco_results, run_dataset, score_run
+from ..models.checkpoint import load_checkpoint
+from .common import bits, default_device, device, positive_int, run_command
+from .runners import BACKENDS, make_runner
+
+DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
+DEFAULT_IMG_DIR = Path("data/coco/val2017")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/test.py", description="Evaluate COCO box and mask AP of a Swin Mask R-CNN / Cascade Mask "
+        "R-CNN checkpoint, in float, as RepQ-ViT fake quant (--w_bits/--a_bits), or as an exported graph in "
+        "onnxruntime or TensorRT (--backend ort|trt --model PATH). The reference's interface.")
+    p.add_argument("config", type=Path, help="model config (configs/swin/...)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint (.pth)")
+    p.add_argument("--eval", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"],
+                   help="metrics (default: bbox segm)")
+    p.add_argument("--w_bits", "--w_bit", "--w-bits", dest="w_bits", type=bits, help="weight bits (2..8): "
+                   "evaluate fake quant")
+    p.add_argument("--a_bits", "--a_bit", "--a-bits", dest="a_bits", type=bits, help="activation bits (2..8)")
+    p.add_argument("--calib-images", type=positive_int, default=1, help="calibration images, the first of the "
+                   "dataset in loader order (default 1, as the reference)")
+    p.add_argument("--save-quant", type=Path, help="save the calibrated quantization state to this file")
+    p.add_argument("--load-quant", type=Path, help="load a saved quantization state instead of calibrating")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                   help="torch (float), quant (fake quant), ort (onnxruntime), trt (TensorRT); auto = quant "
+                   "when bits or --load-quant are given, else torch")
+    p.add_argument("--model", type=Path, help="ONNX file, engine or artifact directory for --backend ort|trt")
+    p.add_argument("--ann", type=Path, default=DEFAULT_ANN, help=f"COCO annotation file (default {DEFAULT_ANN})")
+    p.add_argument("--img-dir", type=Path, default=DEFAULT_IMG_DIR, help=f"image folder (default {DEFAULT_IMG_DIR})")
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")
+    p.add_argument("--device", type=device, default=default_device(), help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, help="write the COCO-format detections (bbox and segm) to this JSON file")
+    p.add_argument("--json-out", type=Path, help="write the metrics (bbox_mAP, segm_mAP, ... as fractions) to "
+                   "this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON through a temporary name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def quantized_model(args, detector, dataset, settings):
+    """Fake-quant detector: loaded from --load-quant, or calibrated on the first dataset images."""
+    from ..quant.calibrate import quantize
+    from ..quant.integer_bias import snap_biases
+    from ..quant.state import load_quant_state, save_quant_state
+
+    if args.load_quant:
+        return load_quant_state(detector, args.load_quant, args.w_bits, args.a_bits)
+    w_bits, a_bits = args.w_bits or 4, args.a_bits or 4  # the reference's defaults
+    paths = [dataset[i][1] for i in range(min(args.calib_images, len(dataset)))]
+    preps = [preprocess(read_image(p), **vars(settings)) for p in paths]
+    qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
+                                                 for p in preps], w_bits, a_bits, progress=not args.quiet)
+    snap_biases(qmodel)
+    if args.save_quant:
+        save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
+        print(f"saved quantization state to {args.save_quant}")
+    return qmodel
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    backend = args.backend
+    if backend == "auto":
+        backend = "quant" if (args.w_bits or args.a_bits or args.load_quant) else "torch"
+    for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
+        if not path.exists():
+            raise UserError(f"{flag} {path}: not found")
+    detector, info = load_checkpoint(args.checkpoint, args.config)
+    dataset = CocoDataset(args.ann, args.img_dir)
+    if len(dataset.cat_ids) != info.arch.num_classes:
+        raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
+                        f"{info.arch.num_classes} classes")
+    model = quantized_model(args, detector, dataset, info.preprocess) if backend == "quant" else detector
+    runner = make_runner(backend, model, args.model, args.device)
+    run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)
+    metrics = score_run(run_, dataset, tuple(args.eval))
+    for metric in args.eval:
+        print(f"\nEvaluating {metric}...\n" + format_ap_table(metrics, metric))
+    summary = "  ".join(f"{m}_mAP: {metrics[f'{m}_mAP']:.4f}" for m in args.eval)
+    print(f"{backend} on {len(run_.images)} images: {summary}")
+    if args.out:
+        bbox, segm = coco_results(run_, dataset)
+        write_json(args.out, {"bbox": bbox, "segm": segm})
+    if args.json_out:
+        write_json(args.json_out, {"backend": backend, "images": len(run_.images), **metrics})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(lambda: run(argv))
