@@ -23,12 +23,13 @@ from ..data.images import read_image
 from ..data.transforms import Preprocessed, preprocess
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
+from ..models.build import PreprocessSettings, build_detector
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
 from ..quant.integer_bias import snap_biases
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
-from ..quant.state import save_quant_state
+from ..quant.state import load_quant_state, save_quant_state
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
@@ -130,6 +131,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
         "integer_bias": True,
         "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
         "config": str(info.config_path) if info.config_path else None,
+        "model_config": info.cfg,
         "architecture": {"kind": info.arch.kind, "embed_dim": info.arch.embed_dim, "depths": list(info.arch.depths),
                          "num_classes": info.arch.num_classes},
         "classes": list(info.classes) if info.classes else None,
@@ -180,6 +182,19 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return req.out
+
+
+def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, PreprocessSettings]:
+    """The fake-quant detector of an artifact (no checkpoint, no calibration), its manifest and
+    preprocessing: the reference side of every parity check."""
+    artifact = Path(artifact)
+    manifest = read_artifact(artifact)
+    detector = build_detector(manifest["model_config"])
+    qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"])
+    pre = manifest["preprocess"]
+    settings = PreprocessSettings(scale=tuple(pre["scale"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                                  to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"])
+    return qmodel, manifest, settings
 
 
 def read_artifact(artifact: str | Path) -> dict:

@@ -1,0 +1,147 @@
+"""Run fake quant and a backend on the same images and judge the three parity tiers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import onnxruntime as ort
+from torch import nn
+from tqdm import tqdm
+
+from ..data.coco import CocoDataset
+from ..models.build import PreprocessSettings
+from ..quant.layers import named_quantizers
+from ..runtime.base import Runner
+from .evaluate import DatasetRun, ImageResult, run_image, score_run
+from .parity import CodeReport, DetectionSummary, compare_codes, find_code_probes, match_detections, with_probe_outputs
+
+AP_TOLERANCE = 0.001  # 0.1 AP points, as a fraction
+MATCH_RATE_MIN = 0.99  # tier 2: matched detections over the larger count
+MASK_IOU_MIN = 0.95  # tier 2: mean IoU of matched RoI masks
+
+
+@dataclass
+class ParityReport:
+    """The three tiers, with verdicts."""
+
+    backend: str
+    images: int
+    code_images: int
+    codes: list[CodeReport] = field(default_factory=list)
+    detections: DetectionSummary = field(default_factory=DetectionSummary)
+    ap_ref: dict[str, float] = field(default_factory=dict)
+    ap_backend: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def code_elements(self) -> int:
+        return sum(r.elements for r in self.codes)
+
+    @property
+    def code_mismatches(self) -> int:
+        return sum(r.mismatches for r in self.codes)
+
+    @property
+    def code_tie_mismatches(self) -> int:
+        return sum(r.tie_mismatches for r in self.codes)
+
+    @property
+    def first_bad_layer(self) -> str | None:
+        """The first quantizer call (forward order) with a mismatch that is not a float tie."""
+        return next((r.call for r in self.codes if r.mismatches > r.tie_mismatches), None)
+
+    @property
+    def tier1_ok(self) -> bool | None:
+        return None if not self.codes else self.first_bad_layer is None
+
+    @property
+    def tier2_ok(self) -> bool:
+        d = self.detections
+        return d.match_rate >= MATCH_RATE_MIN and d.mean_mask_iou >= MASK_IOU_MIN
+
+    def ap_delta(self, metric: str) -> float:
+        return self.ap_backend[f"{metric}_mAP"] - self.ap_ref[f"{metric}_mAP"]
+
+    @property
+    def tier3_ok(self) -> bool:
+        return all(abs(self.ap_delta(m)) <= AP_TOLERANCE for m in ("bbox", "segm"))
+
+    @property
+    def ok(self) -> bool:
+        return self.tier1_ok is not False and self.tier2_ok and self.tier3_ok
+
+    def as_dict(self) -> dict:
+        d = self.detections
+        return {
+            "backend": self.backend, "images": self.images, "pass": self.ok,
+            "tier1_codes": {"pass": self.tier1_ok, "images": self.code_images, "elements": self.code_elements,
+                            "mismatches": self.code_mismatches, "tie_mismatches": self.code_tie_mismatches,
+                            "first_bad_layer": self.first_bad_layer,
+                            "per_call": [asdict(r) for r in self.codes]},
+            "tier2_detections": {"pass": self.tier2_ok, "ref": d.ref, "backend": d.got, "matched": d.matched,
+                                 "match_rate": d.match_rate, "min_iou": d.min_iou,
+                                 "max_score_diff": d.max_score_diff, "mean_mask_iou": d.mean_mask_iou},
+            "tier3_ap": {"pass": self.tier3_ok, "tolerance": AP_TOLERANCE,
+                         **{f"{m}_mAP_{side}": v[f"{m}_mAP"] for m in ("bbox", "segm")
+                            for side, v in (("fake_quant", self.ap_ref), ("backend", self.ap_backend))}},
+        }
+
+    def table(self) -> str:
+        """The human-readable verdict."""
+        def mark(ok):
+            return "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        d = self.detections
+        codes = (f"{self.code_mismatches} of {self.code_elements} codes differ "
+                 f"({self.code_tie_mismatches} at float ties) over {self.code_images} image(s)"
+                 if self.codes else "not probed for this backend")
+        if self.first_bad_layer:
+            codes += f"; first layer: {self.first_bad_layer}"
+        lines = [
+            f"parity: fake quant vs {self.backend} on {self.images} images",
+            f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}",
+            f"  tier 2 detections  {mark(self.tier2_ok)}  {d.matched} matched of {d.ref} / {d.got} "
+            f"(rate {d.match_rate:.4f}), min IoU {d.min_iou:.4f}, max |score diff| {d.max_score_diff:.2e}, "
+            f"mask IoU {d.mean_mask_iou:.4f}",
+            f"  tier 3 AP          {mark(self.tier3_ok)}  box {self.ap_ref['bbox_mAP']:.4f} -> "
+            f"{self.ap_backend['bbox_mAP']:.4f} ({self.ap_delta('bbox'):+.4f}), mask {self.ap_ref['segm_mAP']:.4f}"
+            f" -> {self.ap_backend['segm_mAP']:.4f} ({self.ap_delta('segm'):+.4f}), tolerance {AP_TOLERANCE}",
+            f"  verdict            {'PASS' if self.ok else 'FAIL'}",
+        ]
+        return "\n".join(lines)
+
+
+def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult]) -> list[CodeReport]:
+    """Tier 1 on onnxruntime: every quantizer call's codes, fed the graph's own inputs."""
+    proto = onnx.load(onnx_path)
+    probes = find_code_probes(proto, {name for name, _ in named_quantizers(qmodel)})
+    session = ort.InferenceSession(with_probe_outputs(proto, probes).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    reports: dict[str, CodeReport] = {}
+    for image in images:
+        values = dict(zip(names, session.run(None, {"img": image.prep.tensor.numpy(),
+                                                    "img_hw": image.prep.img_hw_tensor.numpy()})))
+        compare_codes(qmodel, probes, values, reports)
+    return list(reports.values())
+
+
+def check_parity(qmodel: nn.Module, ref: Runner, backend: Runner, dataset: CocoDataset,
+                 settings: PreprocessSettings, max_images: int | None = None, onnx_path: str | None = None,
+                 code_images: int = 1, progress: bool = True) -> tuple[ParityReport, DatasetRun, DatasetRun]:
+    """All three tiers; tier 1 only where the backend is the ONNX graph (`onnx_path`)."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    report = ParityReport(backend.name, count, 0)
+    ref_run, backend_run = DatasetRun(ref.name), DatasetRun(backend.name)
+    for index in tqdm(range(count), desc="parity", unit="img", disable=not progress, leave=False):
+        info, path = dataset[index]
+        for runner, run in ((ref, ref_run), (backend, backend_run)):
+            prep, net, dets = run_image(runner, path, settings)
+            run.images.append(ImageResult(int(info["id"]), path, prep, net, dets))
+        report.detections.add(match_detections(ref_run.images[-1].net, backend_run.images[-1].net))
+    if onnx_path is not None and code_images > 0:
+        report.code_images = min(code_images, count)
+        report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images])
+    report.ap_ref = score_run(ref_run, dataset)
+    report.ap_backend = score_run(backend_run, dataset)
+    return report, ref_run, backend_run
+
