@@ -1,0 +1,242 @@
+"""Safe reader of mmdetection-style Python config files.
+
+mmcv/mmengine *execute* a config file; a config handed to us by a user may come from anywhere,
+so we parse it with ``ast`` and evaluate only a small, side-effect-free subset of Python:
+literals, ``dict(...)`` calls (with ``**name``), lists, tuples, names bound earlier in the same
+file, ``name[index]`` and simple arithmetic. ``_base_`` inheritance and ``_delete_=True`` follow
+mmcv/mmengine. Everything else is a :class:`UserError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from pathlib import Path
+from typing import Any, Callable
+
+from repq_export.errors import UserError
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+
+_BINARY_OPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY_OPS: dict[type, Callable[[Any], Any]] = {
+    ast.UAdd: operator.pos,
+    ast.USub: operator.neg,
+    ast.Not: operator.not_,
+}
+# Big exponents or repeated sequences could make a hostile config eat all memory.
+_MAX_POW_EXPONENT = 64
+_MAX_SEQUENCE_REPEAT = 10_000
+
+
+def load_config(path: str | Path) -> dict:
+    """Read an mmdet-style config file (with its ``_base_`` chain) into a plain dict."""
+    return _load(Path(path), stack=())
+
+
+def _load(path: Path, stack: tuple[Path, ...]) -> dict:
+    """Load one file, then merge it over the merged dict of its bases."""
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(p.name for p in (*stack, resolved))
+        raise UserError(f"{path}: circular _base_ inheritance ({chain})")
+    if path.suffix != ".py":
+        raise UserError(f"{path}: only Python (.py) config files are supported")
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({exc})") from None
+
+    own = _evaluate_module(source, path)
+    bases = _base_paths(own.pop(BASE_KEY, None), path)
+    merged: dict = {}
+    for base in bases:
+        base_cfg = _load(base, (*stack, resolved))
+        duplicates = sorted(set(merged) & set(base_cfg))
+        if duplicates:
+            raise UserError(f"{path}: keys {duplicates} are defined in more than one _base_ file")
+        merged.update(base_cfg)
+    return _strip_delete(_merge(own, merged))
+
+
+def _base_paths(value: Any, path: Path) -> list[Path]:
+    """Resolve the ``_base_`` value (str or list of str) relative to the config's folder."""
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: _base_ must be a file name or a list of file names")
+    for name in names:
+        if "::" in name:
+            raise UserError(f"{path}: package-scoped _base_ '{name}' is not supported; "
+                            "use a path relative to the config")
+    return [path.parent / name for name in names]
+
+
+def _merge(child: dict, base: dict) -> dict:
+    """Merge ``child`` over ``base`` like mmcv: dicts merge recursively unless ``_delete_=True``."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and key in base and not value.get(DELETE_KEY, False):
+            if not isinstance(base[key], dict):
+                raise UserError(f"config key '{key}' is a dict in the child config but a "
+                                f"{type(base[key]).__name__} in its base; set _delete_=True")
+            out[key] = _merge({k: v for k, v in value.items() if k != DELETE_KEY}, base[key])
+        else:
+            out[key] = value
+    return out
+
+
+def _strip_delete(value: Any) -> Any:
+    """Drop ``_delete_`` markers left over after merging (they are not model arguments)."""
+    if isinstance(value, dict):
+        return {k: _strip_delete(v) for k, v in value.items() if k != DELETE_KEY}
+    if isinstance(value, list):
+        return [_strip_delete(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_strip_delete(v) for v in value)
+    return value
+
+
+def _evaluate_module(source: str, path: Path) -> dict:
+    """Evaluate the top-level assignments of one config file, in order."""
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid Python syntax ({exc.msg})") from None
+    env: dict[str, Any] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
+                and isinstance(stmt.value.value, str):
+            continue  # a docstring or a bare string
+        if isinstance(stmt, ast.Pass):
+            continue
+        if not isinstance(stmt, ast.Assign):
+            raise _unsupported(path, stmt, f"statement '{type(stmt).__name__}'")
+        value = _Evaluator(path, env).eval(stmt.value)
+        for target in stmt.targets:
+            if not isinstance(target, ast.Name):
+                raise _unsupported(path, target, "assignment target (only plain names)")
+            env[target.id] = value
+    return {k: v for k, v in env.items() if not k.startswith("__")}
+
+
+def _unsupported(path: Path, node: ast.AST, what: str) -> UserError:
+    """A UserError pointing at the offending line."""
+    return UserError(f"{path}:{getattr(node, 'lineno', '?')}: unsupported {what} in config "
+                     "(only literals, dict(), lists, tuples, names and arithmetic are allowed)")
+
+
+class _Evaluator:
+    """Evaluates one expression node against the names bound so far in the file."""
+
+    def __init__(self, path: Path, env: dict[str, Any]):
+        self.path = path
+        self.env = env
+
+    def eval(self, node: ast.AST) -> Any:
+        method = getattr(self, f"_eval_{type(node).__name__}", None)
+        if method is None:
+            raise _unsupported(self.path, node, f"expression '{type(node).__name__}'")
+        return method(node)
+
+    def _fail(self, node: ast.AST, problem: str) -> UserError:
+        return UserError(f"{self.path}:{getattr(node, 'lineno', '?')}: {problem}")
+
+    def _eval_Constant(self, node: ast.Constant) -> Any:
+        if isinstance(node.value, str) and "{{" in node.value and "}}" in node.value:
+            raise self._fail(node, "'{{ ... }}' placeholders are not supported")
+        if isinstance(node.value, bytes) or node.value is Ellipsis:
+            raise _unsupported(self.path, node, "constant")
+        return node.value
+
+    def _eval_Name(self, node: ast.Name) -> Any:
+        if node.id not in self.env:
+            raise self._fail(node, f"name '{node.id}' is not defined earlier in this file")
+        return self.env[node.id]
+
+    def _eval_List(self, node: ast.List) -> list:
+        return [self.eval(e) for e in node.elts]
+
+    def _eval_Tuple(self, node: ast.Tuple) -> tuple:
+        return tuple(self.eval(e) for e in node.elts)
+
+    def _eval_Dict(self, node: ast.Dict) -> dict:
+        out: dict = {}
+        for key, value in zip(node.keys, node.values):
+            if key is None:  # {**name}
+                out.update(self._mapping(value))
+            else:
+                out[self._hashable(key)] = self.eval(value)
+        return out
+
+    def _eval_Call(self, node: ast.Call) -> dict:
+        if not (isinstance(node.func, ast.Name) and node.func.id == "dict") or node.args:
+            raise _unsupported(self.path, node, "call (only dict(key=value, **name))")
+        out: dict = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                out.update(self._mapping(kw.value))
+            else:
+                out[kw.arg] = self.eval(kw.value)
+        return out
+
+    def _eval_BinOp(self, node: ast.BinOp) -> Any:
+        op = _BINARY_OPS.get(type(node.op))
+        if op is None:
+            raise _unsupported(self.path, node, f"operator '{type(node.op).__name__}'")
+        left, right = self.eval(node.left), self.eval(node.right)
+        self._check_size(node, op, left, right)
+        try:
+            return op(left, right)
+        except Exception as exc:  # TypeError, ZeroDivisionError, ...
+            raise self._fail(node, f"cannot evaluate expression ({exc})") from None
+
+    def _eval_UnaryOp(self, node: ast.UnaryOp) -> Any:
+        op = _UNARY_OPS.get(type(node.op))
+        if op is None:
+            raise _unsupported(self.path, node, f"operator '{type(node.op).__name__}'")
+        try:
+            return op(self.eval(node.operand))
+        except TypeError as exc:
+            raise self._fail(node, f"cannot evaluate expression ({exc})") from None
+
+    def _eval_Subscript(self, node: ast.Subscript) -> Any:
+        container, index = self.eval(node.value), self.eval(node.slice)
+        try:
+            return container[index]
+        except (TypeError, KeyError, IndexError) as exc:
+            raise self._fail(node, f"cannot evaluate subscript ({exc!r})") from None
+
+    def _mapping(self, node: ast.AST) -> dict:
+        value = self.eval(node)
+        if not isinstance(value, dict):
+            raise self._fail(node, "'**' needs a dict")
+        return value
+
+    def _hashable(self, node: ast.AST) -> Any:
+        key = self.eval(node)
+        if not isinstance(key, (str, int, float, bool, tuple)) and key is not None:
+            raise self._fail(node, "dict keys must be constants")
+        return key
+
+    def _check_size(self, node: ast.AST, op: Callable, left: Any, right: Any) -> None:
+        """Refuse arithmetic whose result could be huge (a config is not a program)."""
+        if op is operator.pow and isinstance(right, (int, float)) and abs(right) > _MAX_POW_EXPONENT:
+            raise self._fail(node, "exponent too large")
+        if op is operator.mul:
+            counts = [v for v in (left, right) if isinstance(v, int) and not isinstance(v, bool)]
+            seqs = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
+            if seqs and counts and counts[0] > _MAX_SEQUENCE_REPEAT:
+                raise self._fail(node, "sequence repetition too large")
