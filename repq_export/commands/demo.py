@@ -1,0 +1,170 @@
+"""`repq-export demo`: the whole pipeline on the bundled detectors (or on yours), one table at the end.
+
+    synthetic val set (cached) -> float AP -> per precision: calibrate, export, onnxruntime,
+    parity (codes, detections, AP) -> TensorRT where it exists
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.coco import CocoDataset
+from ..data.synthetic import make_synthetic_coco
+from ..errors import UserError
+from ..evaluation.evaluate import run_dataset, score_run
+from ..evaluation.parity_check import check_parity
+from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
+from ..models.checkpoint import load_checkpoint
+from .common import bits, positive_int
+from .runners import make_runner, model_file
+from .test_tool import write_json
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED = (
+    ("mask_rcnn_swin_synthetic", ASSETS / "mask_rcnn_swin_synthetic.pth",
+     ROOT / "configs/synthetic/mask_rcnn_swin_synthetic.py"),
+    ("cascade_mask_rcnn_swin_synthetic", ASSETS / "cascade_mask_rcnn_swin_synthetic.pth",
+     ROOT / "configs/synthetic/cascade_mask_rcnn_swin_synthetic.py"),
+)
+DEMO_SEED = 2026  # the validation split's seed; the bundled detectors were trained on another
+
+
+@dataclass
+class Row:
+    """One line of the demo table."""
+
+    model: str
+    config: str
+    checkpoint: str
+    precision: str
+    backend: str
+    bbox_mAP: float | None  # None where the backend did not run
+    segm_mAP: float | None
+    parity: str
+
+    def cells(self) -> list[str]:
+        def ap(v):
+            return "-" if v is None else f"{100 * v:.1f}"
+        return [self.model, self.precision, self.backend, ap(self.bbox_mAP), ap(self.segm_mAP), self.parity]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="repq-export demo", description="Run the whole pipeline and print one table: float, fake quant, "
+        "onnxruntime (and TensorRT where available) box/mask AP and the parity verdict. With no arguments it "
+        "uses the two bundled small Swin detectors on a synthetic validation set it generates (cached); with "
+        "--ckpt/--config/--ann/--img-dir it runs the same on your model and COCO copy.")
+    p.add_argument("--ckpt", type=Path, help="your checkpoint (default: the bundled detectors)")
+    p.add_argument("--config", type=Path, help="config of --ckpt")
+    p.add_argument("--ann", type=Path, help="COCO annotation file (default: the synthetic val set)")
+    p.add_argument("--img-dir", type=Path, help="image folder of --ann")
+    p.add_argument("--bits", type=bits, nargs="+", default=[6, 4], help="precisions WnAn to run (default 6 4)")
+    p.add_argument("--num-images", type=positive_int, default=100,
+                   help="images evaluated (default 100; the synthetic set is generated with this many)")
+    p.add_argument("--work-dir", type=Path, default=Path("repq-demo"), help="where the synthetic set and the "
+                   "artifacts go (default ./repq-demo)")
+    p.add_argument("--json-out", type=Path, help="write the table rows as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def synthetic_set(work: Path, num_images: int) -> tuple[Path, Path]:
+    """The cached synthetic validation split (regenerated when missing or of another size)."""
+    root = work / f"synthetic-val-{num_images}-seed{DEMO_SEED}"
+    ann = root / "annotations" / "instances_val.json"
+    if not ann.is_file():
+        print(f"generating {num_images} synthetic validation images in {root} ...")
+        make_synthetic_coco(root, "val", num_images, DEMO_SEED)
+    return ann, root / "val"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of the rows."""
+    head = ["model", "precision", "backend", "box AP", "mask AP", "parity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Path, args) -> list[Row]:
+    """Float, then each precision's fake quant, onnxruntime and (where present) TensorRT rows."""
+    from ..export.tensorrt_builder import build_engine, tensorrt_available
+
+    dataset = CocoDataset(ann, img_dir)
+    detector, info = load_checkpoint(ckpt, config)
+    cfg_name = str(config) if config else "(from checkpoint)"
+    rows = []
+    float_run = run_dataset(make_runner("torch", detector), dataset, info.preprocess, args.num_images,
+                            progress=not args.quiet)
+    ap = score_run(float_run, dataset)
+    rows.append(Row(name, cfg_name, str(ckpt), "float", "torch", ap["bbox_mAP"], ap["segm_mAP"], "-"))
+    print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    trt_ok, trt_why = tensorrt_available()
+    for n in args.bits:
+        out = args.work_dir / f"{name}-w{n}a{n}"
+        req = ExportRequest(ckpt=ckpt, out=out, w_bits=n, a_bits=n, config=config, calib_paths=[dataset[0][1]],
+                            force=True)
+        export_artifact(req, progress=not args.quiet, log=lambda *_: None)
+        qmodel, _, settings = load_artifact_model(out)
+        ref = make_runner("quant", qmodel)
+        ort_runner = make_runner("ort", model_path=out)
+        report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, settings, args.num_images,
+                                    str(model_file(out, "ort")), progress=not args.quiet)
+        write_json(out / "parity_ort.json", report.as_dict())
+        precision = f"W{n}A{n}"
+        rows.append(Row(name, cfg_name, str(ckpt), precision, "fake quant", report.ap_ref["bbox_mAP"],
+                        report.ap_ref["segm_mAP"], "-"))
+        rows.append(Row(name, cfg_name, str(ckpt), precision, "onnxruntime", report.ap_backend["bbox_mAP"],
+                        report.ap_backend["segm_mAP"], "PASS" if report.ok else "FAIL"))
+        print("\n".join(format_table(rows[-2:]).splitlines()[2:]), flush=True)
+        if trt_ok:
+            from ..deploy_config import load_deploy_config
+
+            deploy = load_deploy_config(ROOT / "deploy_configs/instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
+            build_engine(out / "model.onnx", out / "model.engine", deploy)
+            trt_runner = make_runner("trt", model_path=out)
+            report, _, _ = check_parity(qmodel, ref, trt_runner, dataset, settings, args.num_images, None,
+                                        progress=not args.quiet)
+            write_json(out / "parity_trt.json", report.as_dict())
+            rows.append(Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],
+                            report.ap_backend["segm_mAP"], "PASS" if report.ok else "FAIL"))
+        else:
+            rows.append(Row(name, cfg_name, str(ckpt), precision, "tensorrt", None, None, "skipped"))
+    return rows
+
+
+def run_demo(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    start = time.time()
+    if (args.ann is None) != (args.img_dir is None):
+        raise UserError("--ann and --img-dir go together")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    ann, img_dir = (args.ann, args.img_dir) if args.ann else synthetic_set(args.work_dir, args.num_images)
+    if args.ckpt:
+        models = [(args.ckpt.stem, args.ckpt, args.config)]
+    else:
+        missing = [str(p) for _, p, _ in BUNDLED if not p.is_file()]
+        if missing:
+            raise UserError(f"bundled checkpoint missing: {missing[0]} (reinstall the package)")
+        models = list(BUNDLED)
+    rows: list[Row] = []
+    print(format_table([]).strip())
+    for name, ckpt, config in models:
+        rows += run_model(name, ckpt, config, ann, img_dir, args)
+    print(f"\n{format_table(rows)}\n\nAP: COCO AP@[.5:.95] x 100 on {min(args.num_images, len(CocoDataset(ann, img_dir)))} "
+          f"images of {ann}; parity: codes, detections and |delta AP| <= 0.1 against fake quant "
+          f"(details in {args.work_dir}/*/parity_*.json). {time.time() - start:.0f} s.")
+    from ..export.tensorrt_builder import tensorrt_available
+
+    trt_ok, trt_why = tensorrt_available()
+    if not trt_ok:
+        print(f"tensorrt rows skipped: {trt_why}")
+    if args.json_out:
+        write_json(args.json_out, [vars(r) for r in rows])
+    failed = [r for r in rows if r.parity == "FAIL"]
+    return 1 if failed else 0
