@@ -66,8 +66,7 @@ def write_json(path: Path, data) -> None:
 def quantized_model(args, detector, dataset, settings):
     """Fake-quant detector: loaded from --load-quant, or calibrated on the first dataset images."""
     from ..quant.calibrate import quantize
-    from ..quant.integer_bias import snap_biases
-    from ..quant.state import load_quant_state, save_quant_state
+        from ..quant.state import load_quant_state, save_quant_state
 
     if args.load_quant:
         return load_quant_state(detector, args.load_quant, args.w_bits, args.a_bits)
@@ -76,7 +75,6 @@ def quantized_model(args, detector, dataset, settings):
     preps = [preprocess(read_image(p), **vars(settings)) for p in paths]
     qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
                                                  for p in preps], w_bits, a_bits, progress=not args.quiet)
-    snap_biases(qmodel)
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")

@@ -26,7 +26,6 @@ from ..errors import UserError
 from ..models.build import PreprocessSettings, build_detector
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
-from ..quant.integer_bias import snap_biases
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
@@ -128,7 +127,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
         "reparam": settings.reparam,
         "integer_zero_point": settings.integer_zero_point,
         "exact_padding": settings.exact_padding,
-        "integer_bias": True,
+        "integer_bias": settings.integer_bias,
         "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
         "config": str(info.config_path) if info.config_path else None,
         "model_config": info.cfg,
@@ -162,7 +161,6 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     preps = [preprocess(read_image(p), **vars(info.preprocess)) for p in paths]
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
-    snap_biases(qmodel)
     qmodel = qmodel.cpu()
     tmp = req.out.with_name(f".{req.out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -127,8 +127,11 @@ class ExportConv2d(nn.Module):
         if bn is not None:  # y = (conv - mean) * g / sqrt(var + eps) + beta, folded per channel
             factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
             bias = (bias - bn.running_mean) * factor + bn.bias.detach()
-            codes = torch.where(factor < 0, -codes, codes)  # keep scales positive (TensorRT)
+            codes = torch.where(factor.reshape(-1, 1, 1, 1) < 0, -codes, codes)  # positive scales (TensorRT)
             scale = scale * factor.abs()
+            if not layer.input_quantizer.per_channel:  # int32 bias grid, as integer kernels round it anyway
+                step = layer.input_quantizer.scale * scale
+                bias = torch.round(bias / step) * step
         self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", allow_shift=True)
         if isinstance(self.input_quantizer, ShiftedActivationQDQ):
             if any(p != 0 for p in layer.padding):

@@ -1,0 +1,129 @@
+"""The RepQ-ViT post-training quantization flow: assign, calibrate, reparameterize.
+
+As in the reference: replace the modules, run ONE forward on the calibration image (batch 1)
+with every quantizer initialising lazily in forward order (so each sees the outputs of layers
+already quantized), then reparameterize the LayerNorm -> linear pairs. The reference then runs
+one more forward to re-initialise the three paired weight quantizers; their initialisation
+depends only on the weights, so ``reparameterize`` re-initialises them directly and the second
+forward is not needed (every other quantizer is already initialised and would not change).
+
+More than one calibration image is not supported yet: doing it right needs every quantizer to
+see the inputs of all images, each produced by already-calibrated upstream quantizers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from repq_export.errors import UserError
+from repq_export.quant.assign import check_bits, quantize_modules
+from repq_export.quant.layers import calibration_mode, named_quantizers
+from repq_export.quant.integer_bias import snap_biases
+from repq_export.quant.reparam import reparameterize
+
+QuantDetector = nn.Module  # the Detector itself, with quantized modules and a ``quant_settings`` attribute
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a detector was quantized (recorded in the saved state's manifest)."""
+
+    w_bits: int
+    a_bits: int
+    reparam: bool
+    integer_zero_point: bool
+    exact_padding: bool
+    calibration_tensor_sha256: tuple[str, ...] = field(default=())
+    integer_bias: bool = False
+
+
+def network_input(image: Any) -> tuple[Tensor, Tensor]:
+    """(img [1,3,Hp,Wp] float32, img_hw [2] float32) from a ``Preprocessed`` or an ``(img, img_hw)`` pair."""
+    if hasattr(image, "tensor") and hasattr(image, "img_hw"):
+        img, img_hw = image.tensor, image.img_hw
+    elif isinstance(image, (tuple, list)) and len(image) == 2:
+        img, img_hw = image
+    else:
+        raise UserError(f"calibration images: expected Preprocessed or (tensor, img_hw), got {type(image).__name__}")
+    if not isinstance(img, Tensor) or img.dim() != 4 or img.shape[0] != 1 or img.shape[1] != 3:
+        raise UserError("calibration images: the image tensor must have shape [1, 3, H, W]")
+    return img.float(), torch.as_tensor(img_hw, dtype=torch.float32).reshape(2)
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of a tensor's float32 bytes (to record which inputs calibrated a model)."""
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def quantize(
+    detector: nn.Module,
+    calib_images: Sequence[Any],
+    w_bits: int,
+    a_bits: int,
+    reparam: bool = True,
+    integer_zero_point: bool = True,
+    exact_padding: bool = True,
+    progress: bool = True,
+    integer_bias: bool = True,
+) -> QuantDetector:
+    """Quantize ``detector`` in place (W``w_bits``/A``a_bits``) and calibrate it on one image.
+
+    ``reparam=False`` skips the reparameterization; ``integer_zero_point=False`` and
+    ``exact_padding=False`` select the reference's fractional zero point and zero padding;
+    ``integer_bias`` puts biases on the int32 grid that integer kernels use (quant/integer_bias.py).
+    """
+    w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
+    if len(calib_images) != 1:
+        raise UserError(
+            f"calibration images: exactly one image is supported (the reference's setting), got {len(calib_images)}"
+        )
+    img, img_hw = network_input(calib_images[0])
+    device = next(detector.parameters()).device
+    img, img_hw = img.to(device), img_hw.to(device)
+    detector.eval()
+    quantize_modules(detector, w_bits, a_bits)
+    calibrate(detector, img, img_hw, progress)
+    if reparam:
+        reparameterize(detector, integer_zero_point, exact_padding)
+    if integer_bias:
+        snap_biases(detector)
+    detector.quant_settings = QuantSettings(
+        w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding, (tensor_sha256(img),),
+        integer_bias,
+    )
+    return detector
+
+
+@torch.no_grad()
+def calibrate(detector: nn.Module, img: Tensor, img_hw: Tensor, progress: bool = True) -> None:
+    """One forward in calibration mode; every quantizer must have initialised afterwards."""
+    quantizers = list(named_quantizers(detector))
+    bar = tqdm(total=len(quantizers), desc="calibrating", unit="quantizer", disable=not progress)
+    counted: set[int] = set()
+
+    def count(q: nn.Module, args: Any, out: Any) -> None:
+        if bool(q.initialized) and id(q) not in counted:
+            counted.add(id(q))
+            bar.update(1)
+
+    hooks = [q.register_forward_hook(count) for _, q in quantizers]
+    try:
+        with calibration_mode(detector):
+            detector(img, img_hw)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    missing = [name for name, q in quantizers if not bool(q.initialized)]
+    if missing:
+        raise UserError(
+            f"calibration image: {len(missing)} quantizers saw no data (first: {missing[0]}); the image "
+            "probably gives no detection above the score threshold, so the mask head never ran: use another image"
+        )

@@ -1,0 +1,162 @@
+"""Quantized layers, the reference's module assignment over a tiny detector, and the calibration flow."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repq_export.errors import UserError
+from repq_export.models.build import build_detector
+from repq_export.models.config import load_config
+from repq_export.quant.assign import quant_counts, quant_table, quantize_modules
+from repq_export.quant.calibrate import quantize
+from repq_export.quant.layers import QuantConv2d, QuantLinear, QuantMatMul, named_quantizers, quant_disabled
+from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
+from repq_export.quant.uniform import UniformQuantizer, fake_quant
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+IMG = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+IMG_HW = torch.tensor([90.0, 150.0])
+
+
+def tiny_detector(name: str = "mask_rcnn_tiny.py") -> nn.Module:
+    torch.manual_seed(0)
+    return build_detector(load_config(CONFIGS / name)).eval()
+
+
+@pytest.fixture(scope="module")
+def float_detector() -> nn.Module:
+    return tiny_detector()
+
+
+@pytest.fixture(scope="module")
+def quant_detector(float_detector) -> nn.Module:
+    return quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], 4, 4, progress=False)
+
+
+def test_quant_linear_and_conv_equal_manual_fake_quant():
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(8, 5)
+    ql = QuantLinear(linear, UniformQuantizer(4, channel_axis=-1), UniformQuantizer(3, channel_axis=0))
+    x = torch.randn(2, 7, 8, generator=g)
+    ql.input_quantizer.calibrating = ql.weight_quantizer.calibrating = True
+    y = ql(x)
+    iq, wq = ql.input_quantizer, ql.weight_quantizer
+    want = F.linear(fake_quant(x, iq.scale, iq.zero_point, 4),
+                    fake_quant(linear.weight, wq.scale[:, None], wq.zero_point[:, None], 3), linear.bias)
+    assert torch.equal(y, want) and ql.weight is linear.weight
+
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    qc = QuantConv2d(conv, UniformQuantizer(8), UniformQuantizer(4, channel_axis=0))
+    qc.input_quantizer.calibrating = qc.weight_quantizer.calibrating = True
+    x = torch.randn(1, 3, 9, 11, generator=g)
+    y = qc(x)
+    iq, wq = qc.input_quantizer, qc.weight_quantizer
+    want = F.conv2d(fake_quant(x, iq.scale, iq.zero_point, 8),
+                    fake_quant(conv.weight, wq.scale.view(-1, 1, 1, 1), wq.zero_point.view(-1, 1, 1, 1), 4),
+                    conv.bias, stride=2, padding=1)
+    assert torch.equal(y, want) and y.shape == (1, 4, 5, 6)
+
+    mm = QuantMatMul(LogSqrt2Quantizer(4), UniformQuantizer(4))
+    mm.quantizer_a.calibrating = mm.quantizer_b.calibrating = True
+    a, b = torch.randn(2, 6, 6, generator=g).softmax(-1), torch.randn(2, 6, 3, generator=g)
+    assert torch.equal(mm(a, b), mm.quantizer_a(a) @ mm.quantizer_b(b))
+
+
+def test_assignment_on_tiny_mask_rcnn(float_detector):
+    det = copy.deepcopy(float_detector)
+    quantize_modules(det, w_bits=4, a_bits=6)
+    # tiny Mask R-CNN: 8 Swin blocks (qkv, proj, fc1, fc2 + 2 matmuls each), 3 patch mergings,
+    # patch embed; FPN 4 lateral + 4 output convs; RPN 3 convs; box head 4 linears;
+    # mask head 4 convs + conv_logits (the deconv stays float).
+    linears, convs = 8 * 4 + 3 + 4, 1 + 8 + 3 + 5
+    counts = quant_counts(quant_table(det))
+    assert counts == {
+        "activation log_sqrt2 6-bit per-tensor": 8,
+        "activation uniform 6-bit per-channel(axis=-1)": 8 + 8 + 3,
+        "activation uniform 6-bit per-tensor": linears + convs - 19 - 1 + 8 * 2 + 8,
+        "activation uniform 8-bit per-tensor": 1,
+        "weight uniform 4-bit per-channel(axis=0)": linears + convs,
+    }
+    modules = dict(det.named_modules())
+    assert isinstance(modules["roi_head.mask_head.upsample"], nn.ConvTranspose2d)
+    assert isinstance(modules["backbone.patch_embed.proj"], QuantConv2d)
+    assert modules["backbone.patch_embed.proj.input_quantizer"].bits == 8
+    assert modules["backbone.layers.1.downsample.reduction.input_quantizer"].channel_axis == -1
+    assert modules["backbone.layers.0.blocks.1.attn.proj.input_quantizer"].channel_axis is None
+    assert isinstance(modules["backbone.layers.0.blocks.0.attn.matmul2.quantizer_a"], LogSqrt2Quantizer)
+    assert type(modules["backbone.layers.0.blocks.0.attn.matmul1.quantizer_a"]) is UniformQuantizer
+    assert isinstance(modules["roi_head.bbox_head.shared_fcs.0"], QuantLinear)
+    assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in det.modules())
+    # state-dict keys of the float model survive: only quantizer buffers are added
+    float_keys = set(float_detector.state_dict())
+    quant_keys = set(det.state_dict())
+    assert float_keys <= quant_keys
+    assert all(".input_quantizer." in k or ".weight_quantizer." in k or ".quantizer_" in k for k in quant_keys - float_keys)
+
+
+def test_assignment_on_tiny_cascade_counts():
+    det = tiny_detector("cascade_mask_rcnn_tiny.py")
+    quantize_modules(det, 4, 4)
+    # 3 stages x (4 shared convs + 1 shared fc + fc_cls + fc_reg) and 3 mask heads x 5 convs
+    weights = (8 * 4 + 3) + (1 + 8 + 3) + 3 * 7 + 3 * 5
+    counts = quant_counts(quant_table(det))
+    assert counts["weight uniform 4-bit per-channel(axis=0)"] == weights
+    assert counts["activation uniform 4-bit per-tensor"] == weights - 19 - 1 + 8 * 3
+
+
+def test_quantize_flow_reparameterizes_and_all_quantizers_are_initialized(quant_detector):
+    counts = quant_counts(quant_table(quant_detector))
+    assert "activation uniform 4-bit per-channel(axis=-1)" not in counts  # all made per-tensor
+    assert counts["activation uniform 4-bit per-tensor"] == 88 - 8 - 1
+    assert all(bool(q.initialized) for _, q in named_quantizers(quant_detector))
+    for name, q in named_quantizers(quant_detector):
+        assert (q.scale > 0).all(), name
+        if isinstance(q, UniformQuantizer):
+            assert torch.equal(q.zero_point, q.zero_point.round()), name  # integer zero points
+    settings = quant_detector.quant_settings
+    assert (settings.w_bits, settings.a_bits, settings.reparam, settings.exact_padding) == (4, 4, True, True)
+    with torch.no_grad():
+        boxes, scores, labels, masks = quant_detector(IMG, IMG_HW)
+    assert boxes.shape[1] == 4 and masks.shape[1:] == (28, 28) and torch.isfinite(boxes).all()
+
+
+def test_quantize_is_deterministic(float_detector, quant_detector):
+    again = quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], 4, 4, progress=False)
+    a, b = quant_detector.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_disabled_quantizers_give_the_float_model(float_detector):
+    det = quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], 4, 4, reparam=False, progress=False)
+    with torch.no_grad(), quant_disabled(det):
+        got = det(IMG, IMG_HW)
+    with torch.no_grad():
+        want = float_detector(IMG, IMG_HW)
+        quantized = det(IMG, IMG_HW)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert not torch.equal(quantized[0], want[0])  # and enabled, quantization changes the result
+    assert all(q.enabled for _, q in named_quantizers(det))  # the switch was restored
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(1, 4), (4, 9), (4.0, 4), (True, 4), ("4", 4)])
+def test_bad_bits_are_user_errors(float_detector, w_bits, a_bits):
+    with pytest.raises(UserError, match="_bits: must be an integer in 2..8"):
+        quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], w_bits, a_bits, progress=False)
+
+
+def test_more_than_one_calibration_image_is_a_user_error(float_detector):
+    with pytest.raises(UserError, match="exactly one image"):
+        quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)] * 2, 4, 4, progress=False)
+
+
+def test_calibration_without_detections_is_a_user_error(float_detector):
+    det = copy.deepcopy(float_detector)
+    with torch.no_grad():
+        det.roi_head.bbox_head.fc_cls.bias[-1] = 100.0  # background wins everywhere: no detection
+    with pytest.raises(UserError, match="quantizers saw no data"):
+        quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
