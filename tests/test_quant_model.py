@@ -132,7 +132,8 @@ def test_quantize_is_deterministic(float_detector, quant_detector):
 
 
 def test_disabled_quantizers_give_the_float_model(float_detector):
-    det = quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], 4, 4, reparam=False, progress=False)
+    det = quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], 4, 4, reparam=False, integer_bias=False,
+                   progress=False)
     with torch.no_grad(), quant_disabled(det):
         got = det(IMG, IMG_HW)
     with torch.no_grad():
