@@ -3,8 +3,8 @@
 Each quantized layer is replaced, at the same module path (so ONNX node names carry the
 quantizer's name), by an export layer built from the quantization state alone:
 int8 weight codes + per-channel scales, and each input quantizer lowered by its kind
-(`qdq.py`). BatchNorm after a quantized conv (the cascade heads) is folded into the weight
-scales and the bias: the integer codes do not change. Nothing is re-calibrated.
+(`qdq.py`). BatchNorm after a quantized conv was folded already by the quant room
+(`quant/bn_fold.py`), so the graph computes the fake-quant model itself. Nothing is re-calibrated.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..models.layers import ConvModule
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
@@ -120,18 +119,10 @@ def weight_codes(layer: QuantConv2d | QuantLinear, name: str) -> tuple[Tensor, T
 class ExportConv2d(nn.Module):
     """A quantized conv: lowered input, DequantizeLinear(int8 codes, per-channel scale), Conv."""
 
-    def __init__(self, layer: QuantConv2d, name: str, bn: nn.BatchNorm2d | None = None) -> None:
+    def __init__(self, layer: QuantConv2d, name: str) -> None:
         super().__init__()
         codes, scale = weight_codes(layer, name)
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels)
-        if bn is not None:  # y = (conv - mean) * g / sqrt(var + eps) + beta, folded per channel
-            factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            bias = (bias - bn.running_mean) * factor + bn.bias.detach()
-            codes = torch.where(factor.reshape(-1, 1, 1, 1) < 0, -codes, codes)  # positive scales (TensorRT)
-            scale = scale * factor.abs()
-            if not layer.input_quantizer.per_channel:  # int32 bias grid, as integer kernels round it anyway
-                step = layer.input_quantizer.scale * scale
-                bias = torch.round(bias / step) * step
         self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", allow_shift=True)
         if isinstance(self.input_quantizer, ShiftedActivationQDQ):
             if any(p != 0 for p in layer.padding):
@@ -187,10 +178,6 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
 def lower_for_export(qmodel: nn.Module) -> nn.Module:
     """A copy of a calibrated fake-quant model with every quantized layer in its export form."""
     model = copy.deepcopy(qmodel).eval().cpu()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ConvModule) and isinstance(module.conv, QuantConv2d) and module.bn is not None:
-            module.conv = ExportConv2d(module.conv, f"{name}.conv", module.bn)
-            module.bn = nn.Identity()
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConv2d):
             _set_child(model, name, ExportConv2d(module, name))

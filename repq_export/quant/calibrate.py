@@ -25,6 +25,7 @@ from tqdm import tqdm
 from repq_export.errors import UserError
 from repq_export.quant.assign import check_bits, quantize_modules
 from repq_export.quant.layers import calibration_mode, named_quantizers
+from repq_export.quant.bn_fold import fold_batchnorms
 from repq_export.quant.integer_bias import snap_biases
 from repq_export.quant.reparam import reparameterize
 
@@ -42,6 +43,7 @@ class QuantSettings:
     exact_padding: bool
     calibration_tensor_sha256: tuple[str, ...] = field(default=())
     integer_bias: bool = False
+    bn_folded: bool = False
 
 
 def network_input(image: Any) -> tuple[Tensor, Tensor]:
@@ -78,6 +80,7 @@ def quantize(
     ``reparam=False`` skips the reparameterization; ``integer_zero_point=False`` and
     ``exact_padding=False`` select the reference's fractional zero point and zero padding;
     ``integer_bias`` puts biases on the int32 grid that integer kernels use (quant/integer_bias.py).
+    BatchNorm after a quantized conv is folded into it, codes unchanged (quant/bn_fold.py).
     """
     w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
     if len(calib_images) != 1:
@@ -92,11 +95,12 @@ def quantize(
     calibrate(detector, img, img_hw, progress)
     if reparam:
         reparameterize(detector, integer_zero_point, exact_padding)
+    bn_folded = fold_batchnorms(detector) > 0
     if integer_bias:
         snap_biases(detector)
     detector.quant_settings = QuantSettings(
         w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding, (tensor_sha256(img),),
-        integer_bias,
+        integer_bias, bn_folded,
     )
     return detector
 

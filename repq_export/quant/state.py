@@ -24,6 +24,7 @@ from repq_export.errors import UserError
 from repq_export.quant.assign import check_bits, quant_counts, quant_table, quantize_modules
 from repq_export.quant.calibrate import QuantDetector, QuantSettings
 from repq_export.quant.layers import named_quantizers
+from repq_export.quant.bn_fold import prepare_folded_structure
 from repq_export.quant.reparam import prepare_reparam_structure
 
 FORMAT = "repq-export-quant-state"
@@ -56,6 +57,7 @@ def build_manifest(
         "integer_zero_point": settings.integer_zero_point,
         "exact_padding": settings.exact_padding,
         "integer_bias": settings.integer_bias,
+        "bn_folded": settings.bn_folded,
         "calibration_tensor_sha256": list(settings.calibration_tensor_sha256),
         "calibration_images": [{"name": Path(p).name, "sha256": file_sha256(p)} for p in calibration_files],
         "source_checkpoint_sha256": file_sha256(source_checkpoint) if source_checkpoint is not None else None,
@@ -133,6 +135,8 @@ def load_quant_state(
     quantize_modules(detector, settings.w_bits, settings.a_bits)
     if settings.reparam:
         prepare_reparam_structure(detector, settings.exact_padding)
+    if settings.bn_folded:
+        prepare_folded_structure(detector)
     expected_bits = {name: q.bits for name, q in named_quantizers(detector)}
     _check_keys_and_shapes(detector, state, path)
     try:
@@ -161,7 +165,8 @@ def _settings_from_manifest(manifest: Mapping[str, Any], path: Path) -> QuantSet
         raise UserError(f"{path}: manifest is incomplete or invalid ({exc})") from None
     if not all(isinstance(f, bool) for f in flags):
         raise UserError(f"{path}: manifest flags reparam/integer_zero_point/exact_padding must be true or false")
-    return QuantSettings(w_bits, a_bits, *flags, sha, bool(manifest.get("integer_bias", False)))
+    return QuantSettings(w_bits, a_bits, *flags, sha, bool(manifest.get("integer_bias", False)),
+                         bool(manifest.get("bn_folded", False)))
 
 
 def _check_keys_and_shapes(detector: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
