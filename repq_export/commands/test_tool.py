@@ -37,6 +37,15 @@ def parser() -> argparse.ArgumentParser:
                    "dataset in loader order (default 1, as the reference)")
     p.add_argument("--save-quant", type=Path, help="save the calibrated quantization state to this file")
     p.add_argument("--load-quant", type=Path, help="load a saved quantization state instead of calibrating")
+    ref = p.add_argument_group("the reference's behaviour, to measure each of our departures (fake quant only; "
+                               "such a model cannot be exported exactly)")
+    ref.add_argument("--fractional-zero-point", action="store_true", help="keep the reparameterized zero point "
+                     "fractional (mean of the per-channel ones), as the reference")
+    ref.add_argument("--zero-padding", action="store_true", help="pad windows with zeros after a reparameterized "
+                     "LayerNorm, as the reference (not output-preserving)")
+    ref.add_argument("--float-bias", action="store_true", help="keep biases off the int32 grid")
+    ref.add_argument("--float-bn", action="store_true", help="keep BatchNorm in float after the quantized convs")
+    ref.add_argument("--no-reparam", action="store_true", help="skip the scale reparameterization")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="torch (float), quant (fake quant), ort (onnxruntime), trt (TensorRT); auto = quant "
                    "when bits or --load-quant are given, else torch")
@@ -66,7 +75,7 @@ def write_json(path: Path, data) -> None:
 def quantized_model(args, detector, dataset, settings):
     """Fake-quant detector: loaded from --load-quant, or calibrated on the first dataset images."""
     from ..quant.calibrate import quantize
-        from ..quant.state import load_quant_state, save_quant_state
+    from ..quant.state import load_quant_state, save_quant_state
 
     if args.load_quant:
         return load_quant_state(detector, args.load_quant, args.w_bits, args.a_bits)
@@ -74,7 +83,9 @@ def quantized_model(args, detector, dataset, settings):
     paths = [dataset[i][1] for i in range(min(args.calib_images, len(dataset)))]
     preps = [preprocess(read_image(p), **vars(settings)) for p in paths]
     qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
-                                                 for p in preps], w_bits, a_bits, progress=not args.quiet)
+                                                 for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
+                      integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
+                      progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")

@@ -74,6 +74,7 @@ def quantize(
     exact_padding: bool = True,
     progress: bool = True,
     integer_bias: bool = True,
+    fold_bn: bool = True,
 ) -> QuantDetector:
     """Quantize ``detector`` in place (W``w_bits``/A``a_bits``) and calibrate it on one image.
 
@@ -95,7 +96,7 @@ def quantize(
     calibrate(detector, img, img_hw, progress)
     if reparam:
         reparameterize(detector, integer_zero_point, exact_padding)
-    bn_folded = fold_batchnorms(detector) > 0
+    bn_folded = fold_bn and fold_batchnorms(detector) > 0
     if integer_bias:
         snap_biases(detector)
     detector.quant_settings = QuantSettings(
