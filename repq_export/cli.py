@@ -12,14 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .commands.common import bits, default_device, device, positive_int, run_command
+from .commands.common import CommandParser, bits, default_device, device, positive_int, run_command
 from .errors import UserError
 
 SUBCOMMANDS = ("export", "check", "demo", "predict")
 
 
 def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=prog, description="Calibrate RepQ-ViT on a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint and "
         "write an artifact directory: model.onnx (QDQ, exact to fake quant), quant.pth, repq.json "
         "and, with --engine, model.engine. Other commands: check, demo, predict (repq-export demo --help).")
@@ -78,10 +78,10 @@ def run_export(argv: list[str]) -> int:
 
 
 def run_check(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="repq-export check", description="Report every node of an ONNX graph that "
-                                "breaks TensorRT's documented rules for explicit quantization (zero points, "
-                                "per-channel activations, Q/DQ types and placement, unsupported ops). Exit 1 if "
-                                "any error is found. Needs no TensorRT.")
+    p = CommandParser(prog="repq-export check", description="Report every node of an ONNX graph that "
+                      "breaks TensorRT's documented rules for explicit quantization (zero points, "
+                      "per-channel activations, Q/DQ types and placement, unsupported ops). Exit 1 if "
+                      "any error is found. Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
     import onnx

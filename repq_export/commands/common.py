@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 
 from ..errors import UserError
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors end like every other bad input: one `error:` line, exit 2.
+
+    argparse's own error() prints the whole usage block before the message; a user then has to
+    find the one line that matters in it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def bits(text: str) -> int:
@@ -30,6 +43,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (a score threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value:g} is outside 0..1")
     return value
 
 

@@ -19,7 +19,7 @@ from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.parity_check import check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
 from ..models.checkpoint import load_checkpoint
-from .common import bits, positive_int
+from .common import CommandParser, bits, positive_int
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
@@ -54,7 +54,7 @@ class Row:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="repq-export demo", description="Run the whole pipeline and print one table: float, fake quant, "
         "onnxruntime (and TensorRT where available) box/mask AP and the parity verdict. With no arguments it "
         "uses the two bundled small Swin detectors on a synthetic validation set it generates (cached); with "

@@ -6,16 +6,20 @@ import argparse
 from pathlib import Path
 
 from ..data.coco import CocoDataset
+from ..data.images import read_image
 from ..errors import UserError
+from ..evaluation.evaluate import DatasetRun
+from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
 from ..evaluation.parity_check import check_parity
+from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
-from .common import default_device, device, positive_int, run_command
+from .common import CommandParser, device, fraction, positive_int, run_command
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="tools/parity_check.py", description="Run the artifact's fake-quant model and a backend on the same "
         "images and report three tiers: integer codes of every quantizer (onnxruntime), matched detections, and "
         "COCO box/mask AP (|delta| <= 0.1 AP points). Exit 0 when all pass, 1 otherwise.")
@@ -28,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
                    "0 skips it)")
     p.add_argument("--device", type=device, default="cpu", help="device of the fake-quant model (default cpu)")
     p.add_argument("--json-out", type=Path, help="write the report as JSON")
+    p.add_argument("--save-images", type=Path, metavar="DIR", help="write, per image, the fake-quant and backend "
+                   "detections side by side (DIR/<image name>.png; DIR is created)")
+    p.add_argument("--save-plot", type=Path, metavar="FILE", help="write a PNG bar plot of each quantizer's "
+                   "relative error ||q(x) - x|| / ||x|| on the first image, layers whose tier-1 codes differ marked")
+    p.add_argument("--score-thr", type=fraction, default=0.3, help="score threshold of the --save-images pictures "
+                   "(default 0.3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -37,17 +47,53 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
+    check_picture_paths(args)
     qmodel, manifest, settings = load_artifact_model(args.artifact)
     dataset = CocoDataset(args.ann, args.img_dir)
     ref = make_runner("quant", qmodel, device=args.device)
     backend = make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu")
     onnx_path = str(model_file(args.artifact, "ort")) if args.backend == "ort" else None
-    report, _, _ = check_parity(qmodel, ref, backend, dataset, settings, args.max_images, onnx_path,
-                                args.code_images, progress=not args.quiet)
+    report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
+                                                onnx_path, args.code_images, progress=not args.quiet)
     print(report.table())
     if args.json_out:
         write_json(args.json_out, report.as_dict())
+    precision = f"W{manifest['w_bits']}A{manifest['a_bits']}"
+    if args.save_images:
+        save_pictures(args.save_images, ref_run, backend_run, manifest.get("classes"),
+                      (f"fake quant {precision}", args.backend), args.score_thr)
+        print(f"wrote {len(ref_run.images)} side-by-side pictures to {args.save_images}/")
+    if args.save_plot:
+        first = ref_run.images[0].prep
+        errors = measure_layer_errors(qmodel, [(first.tensor, first.img_hw_tensor)])
+        attach_code_mismatches(errors, report.codes)
+        plot_layer_errors(errors, args.save_plot, f"per-layer quantization error, {precision}, "
+                          f"{ref_run.images[0].path.name}")
+        print(f"wrote {args.save_plot}")
     return 0 if report.ok else 1
+
+
+def check_picture_paths(args: argparse.Namespace) -> None:
+    """Refuse picture destinations that cannot be written before the (long) check runs."""
+    for flag, path in (("--save-images", args.save_images), ("--save-plot", args.save_plot)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.resolve().parent} does not exist")
+    if args.save_images is not None and args.save_images.exists() and not args.save_images.is_dir():
+        raise UserError(f"--save-images {args.save_images}: exists and is not a directory")
+    if args.save_plot is not None and args.save_plot.suffix.lower() != ".png":
+        raise UserError(f"--save-plot {args.save_plot}: give a file name ending in .png")
+
+
+def save_pictures(folder: Path, ref_run: DatasetRun, backend_run: DatasetRun, classes: list[str] | None,
+                  titles: tuple[str, str], score_thr: float) -> None:
+    """One side-by-side picture an image: fake-quant detections left, the backend's right."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--save-images {folder}: cannot create it ({exc.strerror or exc})") from None
+    for ref, got in zip(ref_run.images, backend_run.images):
+        picture = side_by_side(read_image(ref.path), ref.dets, got.dets, classes, titles, score_thr)
+        write_image(folder / f"{ref.path.stem}.png", picture)
 
 
 def main(argv: list[str] | None = None) -> int:

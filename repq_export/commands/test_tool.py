@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation.evaluate import coco_results, run_dataset, score_run
 from ..models.checkpoint import load_checkpoint
-from .common import bits, default_device, device, positive_int, run_command
+from .common import CommandParser, bits, default_device, device, positive_int, run_command
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -22,7 +22,7 @@ DEFAULT_IMG_DIR = Path("data/coco/val2017")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="tools/test.py", description="Evaluate COCO box and mask AP of a Swin Mask R-CNN / Cascade Mask "
         "R-CNN checkpoint, in float, as RepQ-ViT fake quant (--w_bits/--a_bits), or as an exported graph in "
         "onnxruntime or TensorRT (--backend ort|trt --model PATH). The reference's interface.")
@@ -92,6 +92,17 @@ def quantized_model(args, detector, dataset, settings):
     return qmodel
 
 
+def check_quant_source(quant_file: Path, checkpoint: Path, checkpoint_sha256: str) -> None:
+    """Refuse a quant file calibrated from another checkpoint: it carries its own weights, so loading it
+    would silently evaluate that other model under CHECKPOINT's name."""
+    from ..quant.state import read_quant_state
+
+    source = read_quant_state(quant_file)[0].get("source_checkpoint_sha256")
+    if source is not None and source != checkpoint_sha256:
+        raise UserError(f"{quant_file}: calibrated from another checkpoint (sha256 {source[:12]}...), not "
+                        f"{checkpoint} (sha256 {checkpoint_sha256[:12]}...)")
+
+
 def run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     backend = args.backend
@@ -105,6 +116,8 @@ def run(argv: list[str] | None) -> int:
     if len(dataset.cat_ids) != info.arch.num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
                         f"{info.arch.num_classes} classes")
+    if backend == "quant" and args.load_quant:
+        check_quant_source(args.load_quant, args.checkpoint, info.sha256)
     model = quantized_model(args, detector, dataset, info.preprocess) if backend == "quant" else detector
     runner = make_runner(backend, model, args.model, args.device)
     run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,11 @@ def check_out_dir(out: Path, force: bool) -> None:
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UserError(f"{out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{out}: cannot write into {parent} (permission denied)")
+    # a real probe, not os.access: root passes that check on read-only mounts such as /proc
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe", dir=parent))
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create a directory in {parent} ({exc.strerror or exc})") from None
 
 
 def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
@@ -164,7 +168,10 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     qmodel = qmodel.cpu()
     tmp = req.out.with_name(f".{req.out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"{req.out}: cannot create the artifact directory ({exc.strerror or exc})") from None
     try:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
         log("exporting ONNX (QDQ) ...")
@@ -177,6 +184,8 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
         if req.out.exists():
             shutil.rmtree(req.out)
         os.replace(tmp, req.out)
+    except OSError as exc:  # disk full, folder removed under us: the artifact is not written
+        raise UserError(f"{req.out}: cannot write the artifact ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return req.out
@@ -188,11 +197,16 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
     artifact = Path(artifact)
     manifest = read_artifact(artifact)
     detector = build_detector(manifest["model_config"])
-    qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"])
+    qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"], manifest["w_bits"],
+                              manifest["a_bits"])
+    return qmodel, manifest, artifact_preprocess(manifest)
+
+
+def artifact_preprocess(manifest: dict) -> PreprocessSettings:
+    """The host-side preprocessing recorded in an artifact's manifest (what every backend is fed)."""
     pre = manifest["preprocess"]
-    settings = PreprocessSettings(scale=tuple(pre["scale"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                                  to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"])
-    return qmodel, manifest, settings
+    return PreprocessSettings(scale=tuple(pre["scale"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                              to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"])
 
 
 def read_artifact(artifact: str | Path) -> dict:
@@ -207,6 +221,10 @@ def read_artifact(artifact: str | Path) -> dict:
         raise UserError(f"{manifest_path}: not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "repq-export-artifact":
         raise UserError(f"{manifest_path}: not a repq-export manifest")
+    missing = [key for key in ("w_bits", "a_bits", "model_config", "preprocess", "onnx", "quant_state")
+               if key not in manifest]
+    if missing:
+        raise UserError(f"{manifest_path}: incomplete manifest (no {', '.join(missing)})")
     for key in ("onnx", "quant_state"):
         entry = manifest.get(key) or {}
         path = artifact / str(entry.get("file", ""))

@@ -1,0 +1,79 @@
+"""`repq-export predict ARTIFACT IMAGE --save out.png`: run an exported artifact on one image and draw
+what it finds (boxes, class labels with scores, translucent masks)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..data.images import read_image
+from ..data.postprocess import postprocess
+from ..data.transforms import preprocess
+from ..errors import UserError
+from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
+from ..export.artifact import artifact_preprocess, load_artifact_model, read_artifact
+from ..models.build import PreprocessSettings
+from ..runtime.base import Runner
+from .common import CommandParser, fraction
+from .runners import make_runner
+
+MAX_LISTED = 20  # detections printed one a line; the picture shows them all
+
+
+def parser() -> argparse.ArgumentParser:
+    p = CommandParser(
+        prog="repq-export predict", description="Run an artifact written by repq-export on one image and save a "
+        "picture of its detections: boxes, class labels with scores and translucent masks.")
+    p.add_argument("artifact", type=Path, help="artifact directory (model.onnx, quant.pth, repq.json)")
+    p.add_argument("image", type=Path, help="image file (any format OpenCV reads)")
+    p.add_argument("--save", type=Path, help="picture to write, .png or .jpg (default: <image name>_pred.png in "
+                   "the current folder)")
+    p.add_argument("--backend", choices=("ort", "quant", "trt"), default="ort", help="ort: the ONNX graph in "
+                   "onnxruntime (default); quant: the fake-quant PyTorch model; trt: the artifact's TensorRT engine")
+    p.add_argument("--score-thr", type=fraction, default=0.3, help="draw detections scoring at least this "
+                   "(default 0.3)")
+    return p
+
+
+def save_path(args: argparse.Namespace) -> Path:
+    """Where the picture goes; checked before any model is loaded, so a typo costs nothing."""
+    path = args.save or Path(f"{args.image.stem}_pred.png")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--save {path}: give a file name ending in {', '.join(IMAGE_SUFFIXES)}")
+    if not path.resolve().parent.is_dir():
+        raise UserError(f"--save {path}: folder {path.resolve().parent} does not exist")
+    if path.is_dir():
+        raise UserError(f"--save {path}: is a directory")
+    if path.resolve() == args.image.resolve():
+        raise UserError(f"--save {path}: would overwrite the input image")
+    return path
+
+
+def artifact_runner(artifact: Path, backend: str) -> tuple[Runner, dict, PreprocessSettings]:
+    """The runner of `backend` over `artifact`, with the artifact's manifest and preprocessing."""
+    if backend == "quant":
+        qmodel, manifest, settings = load_artifact_model(artifact)
+        return make_runner("quant", qmodel), manifest, settings
+    manifest = read_artifact(artifact)  # checks the files against the manifest
+    runner = make_runner(backend, model_path=artifact, device="cuda" if backend == "trt" else "cpu")
+    return runner, manifest, artifact_preprocess(manifest)
+
+
+def run_predict(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    out = save_path(args)
+    img = read_image(args.image)
+    runner, manifest, settings = artifact_runner(args.artifact, args.backend)
+    prep = preprocess(img, **vars(settings))
+    dets = postprocess(*runner(prep.tensor, prep.img_hw_tensor), prep, keep_binary=True)
+    classes = manifest.get("classes")
+    write_image(out, draw_detections(img, dets, classes, args.score_thr))
+    shown = [i for i in dets.scores.argsort(kind="stable")[::-1] if dets.scores[i] >= args.score_thr]
+    print(f"wrote {out}: {len(shown)} detections with score >= {args.score_thr:g} ({len(dets)} in all), "
+          f"{args.backend} backend, W{manifest['w_bits']}A{manifest['a_bits']}")
+    for i in shown[:MAX_LISTED]:
+        box = ", ".join(f"{v:.1f}" for v in dets.boxes[i])
+        print(f"  {class_name(int(dets.labels[i]), classes):<16} {dets.scores[i]:.3f}  [{box}]")
+    if len(shown) > MAX_LISTED:
+        print(f"  ... and {len(shown) - MAX_LISTED} more")
+    return 0
