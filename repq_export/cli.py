@@ -58,7 +58,7 @@ def run_export(argv: list[str]) -> int:
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
-                        force=args.force)
+                        force=args.force, make_parent=args.out is None)
     if not args.ckpt.is_file():
         raise UserError(f"{args.ckpt}: checkpoint not found")
     artifact = export_artifact(req, progress=not args.quiet)

@@ -55,6 +55,7 @@ class ExportRequest:
     deploy_config: Path | None = None
     device: str = "cpu"
     force: bool = False
+    make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
 
 
 def calibration_paths(req: ExportRequest) -> list[Path]:
@@ -74,13 +75,18 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite an artifact without --force, and an --out that cannot be created."""
+def check_out_dir(out: Path, force: bool, make_parent: bool = False) -> None:
+    """Refuse to overwrite an artifact without --force, and an --out that cannot be created.
+
+    With `make_parent` (the default --out, repq-out/...) a missing parent folder is created here,
+    after the other checks, instead of being an error."""
     if out.exists() and not force:
         raise UserError(f"{out}: already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     parent = out.resolve().parent
+    if make_parent and not parent.exists() and parent.parent.is_dir():
+        parent.mkdir()
     if not parent.is_dir():
         raise UserError(f"{out}: parent folder {parent} does not exist")
     # a real probe, not os.access: root passes that check on read-only mounts such as /proc
@@ -157,7 +163,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
 
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
     """Write the artifact directory for `req`; the directory appears only once complete."""
-    check_out_dir(req.out, req.force)
+    check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
     detector, info = load_checkpoint(req.ckpt, req.config)
     paths = calibration_paths(req)

@@ -309,6 +309,8 @@ def _reason(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     pick = next((ln for ln in lines if "GLOBAL" in ln or "blocked" in ln), lines[0] if lines else "")
     pick = pick or type(exc).__name__
+    if len(pick) < 12:  # e.g. pickle's bare "101" for a file that is not a pickle at all
+        pick = f"{type(exc).__name__}: {pick}"
     return pick if len(pick) <= 200 else pick[:197] + "..."
 
 
