@@ -30,6 +30,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("ort", "trt"), default="ort", help="onnxruntime (default) or TensorRT")
     p.add_argument("--code-images", type=int, default=1, help="images for the tier-1 code probe (default 1; "
                    "0 skips it)")
+    p.add_argument("--ap-tolerance", type=float, default=0.001, help="tier 3: largest |delta AP| allowed, as a "
+                   "fraction (default 0.001 = 0.1 AP points)")
+    p.add_argument("--min-match-rate", type=float, default=0.99, help="tier 2: smallest share of detections "
+                   "matched one to one (same label, IoU >= 0.5; default 0.99)")
     p.add_argument("--device", type=device, default="cpu", help="device of the fake-quant model (default cpu)")
     p.add_argument("--json-out", type=Path, help="write the report as JSON")
     p.add_argument("--save-images", type=Path, metavar="DIR", help="write, per image, the fake-quant and backend "
@@ -54,7 +58,9 @@ def run(argv: list[str] | None) -> int:
     backend = make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu")
     onnx_path = str(model_file(args.artifact, "ort")) if args.backend == "ort" else None
     report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
-                                                onnx_path, args.code_images, progress=not args.quiet)
+                                                onnx_path, args.code_images, progress=not args.quiet,
+                                                ap_tolerance=args.ap_tolerance,
+                                                min_match_rate=args.min_match_rate)
     print(report.table())
     if args.json_out:
         write_json(args.json_out, report.as_dict())

@@ -46,6 +46,56 @@ class CodeReport:
     elements: int = 0
     mismatches: int = 0
     tie_mismatches: int = 0
+    drift: int | None = None  # codes that differ between the torch run and the backend's own run
+
+
+def _codes(q: nn.Module, x: torch.Tensor, shifted: bool) -> np.ndarray:
+    """Signed integer codes of `x` under quantizer `q` (as the graph carries them)."""
+    if isinstance(q, LogSqrt2Quantizer):
+        return log_sqrt2_codes(x, q.scale, q.bits).numpy().reshape(-1)
+    offset = 2 ** (q.bits - 1) if shifted else q.zero_point.item()
+    return (q.codes(x) - offset).numpy().astype(np.int64).reshape(-1)
+
+
+@torch.no_grad()
+def record_quantizer_inputs(qmodel: nn.Module, img: torch.Tensor, img_hw: torch.Tensor) -> dict[str, list]:
+    """Each quantizer's inputs in the torch fake-quant forward, one entry per call."""
+    seen: dict[str, list] = {}
+    hooks = [q.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+             for name, q in named_quantizers(qmodel)]
+    try:
+        qmodel(img, img_hw)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+                  torch_inputs: dict[str, list], reports: dict[str, CodeReport]) -> None:
+    """Codes of the torch run against the backend's own codes, call by call, while shapes agree.
+
+    Tier 1 proves each lowering exact on the same input; this shows where float differences
+    between the two runs (LayerNorm, GELU, softmax, accumulation order) first flip a code, and how
+    the flips grow downstream. It covers the backbone, neck and RPN: RoI-head inputs follow the
+    proposals, whose order may differ even where their number agrees.
+    """
+    quantizers = dict(named_quantizers(qmodel))
+    calls: dict[str, int] = {}
+    for probe in probes:
+        index = calls.get(probe.quantizer, 0)
+        calls[probe.quantizer] = index + 1
+        if probe.quantizer.startswith("roi_head."):
+            continue
+        x_torch = torch_inputs.get(probe.quantizer, [])[index:index + 1]
+        x_backend = np.asarray(values[probe.x], dtype=np.float32)
+        if not x_torch or tuple(x_torch[0].shape) != x_backend.shape:
+            continue
+        q = quantizers[probe.quantizer]
+        a = _codes(q, x_torch[0].float().cpu(), probe.kind == "shifted")
+        b = _codes(q, torch.from_numpy(x_backend), probe.kind == "shifted")
+        report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
+        report.drift = (report.drift or 0) + int((a != b).sum())
 
 
 def _scope_to_module(scope: str) -> str:

@@ -14,7 +14,8 @@ from ..models.build import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
-from .parity import CodeReport, DetectionSummary, compare_codes, find_code_probes, match_detections, with_probe_outputs
+from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift, find_code_probes,
+                     match_detections, record_quantizer_inputs, with_probe_outputs)
 
 AP_TOLERANCE = 0.001  # 0.1 AP points, as a fraction
 MATCH_RATE_MIN = 0.99  # tier 2: matched detections over the larger count
@@ -32,6 +33,8 @@ class ParityReport:
     detections: DetectionSummary = field(default_factory=DetectionSummary)
     ap_ref: dict[str, float] = field(default_factory=dict)
     ap_backend: dict[str, float] = field(default_factory=dict)
+    ap_tolerance: float = AP_TOLERANCE
+    min_match_rate: float = MATCH_RATE_MIN
 
     @property
     def code_elements(self) -> int:
@@ -51,20 +54,25 @@ class ParityReport:
         return next((r.call for r in self.codes if r.mismatches > r.tie_mismatches), None)
 
     @property
+    def first_drift(self) -> tuple[str, int] | None:
+        """The first quantizer call whose codes differ between the torch run and the backend's run."""
+        return next(((r.call, r.drift) for r in self.codes if r.drift), None)
+
+    @property
     def tier1_ok(self) -> bool | None:
         return None if not self.codes else self.first_bad_layer is None
 
     @property
     def tier2_ok(self) -> bool:
         d = self.detections
-        return d.match_rate >= MATCH_RATE_MIN and d.mean_mask_iou >= MASK_IOU_MIN
+        return d.match_rate >= self.min_match_rate and d.mean_mask_iou >= MASK_IOU_MIN
 
     def ap_delta(self, metric: str) -> float:
         return self.ap_backend[f"{metric}_mAP"] - self.ap_ref[f"{metric}_mAP"]
 
     @property
     def tier3_ok(self) -> bool:
-        return all(abs(self.ap_delta(m)) <= AP_TOLERANCE for m in ("bbox", "segm"))
+        return all(abs(self.ap_delta(m)) <= self.ap_tolerance for m in ("bbox", "segm"))
 
     @property
     def ok(self) -> bool:
@@ -77,11 +85,12 @@ class ParityReport:
             "tier1_codes": {"pass": self.tier1_ok, "images": self.code_images, "elements": self.code_elements,
                             "mismatches": self.code_mismatches, "tie_mismatches": self.code_tie_mismatches,
                             "first_bad_layer": self.first_bad_layer,
+                            "first_drift": self.first_drift,
                             "per_call": [asdict(r) for r in self.codes]},
             "tier2_detections": {"pass": self.tier2_ok, "ref": d.ref, "backend": d.got, "matched": d.matched,
                                  "match_rate": d.match_rate, "min_iou": d.min_iou,
                                  "max_score_diff": d.max_score_diff, "mean_mask_iou": d.mean_mask_iou},
-            "tier3_ap": {"pass": self.tier3_ok, "tolerance": AP_TOLERANCE,
+            "tier3_ap": {"pass": self.tier3_ok, "tolerance": self.ap_tolerance,
                          **{f"{m}_mAP_{side}": v[f"{m}_mAP"] for m in ("bbox", "segm")
                             for side, v in (("fake_quant", self.ap_ref), ("backend", self.ap_backend))}},
         }
@@ -96,15 +105,20 @@ class ParityReport:
                  if self.codes else "not probed for this backend")
         if self.first_bad_layer:
             codes += f"; first layer: {self.first_bad_layer}"
+        drift = ""
+        if self.first_drift:
+            total = sum(r.drift or 0 for r in self.codes)
+            drift = (f"\n  drift              float differences between the two runs first flip {self.first_drift[1]} "
+                     f"code(s) at {self.first_drift[0]}; {total} flips in backbone, neck and RPN")
         lines = [
             f"parity: fake quant vs {self.backend} on {self.images} images",
-            f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}",
+            f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}{drift}",
             f"  tier 2 detections  {mark(self.tier2_ok)}  {d.matched} matched of {d.ref} / {d.got} "
             f"(rate {d.match_rate:.4f}), min IoU {d.min_iou:.4f}, max |score diff| {d.max_score_diff:.2e}, "
             f"mask IoU {d.mean_mask_iou:.4f}",
             f"  tier 3 AP          {mark(self.tier3_ok)}  box {self.ap_ref['bbox_mAP']:.4f} -> "
             f"{self.ap_backend['bbox_mAP']:.4f} ({self.ap_delta('bbox'):+.4f}), mask {self.ap_ref['segm_mAP']:.4f}"
-            f" -> {self.ap_backend['segm_mAP']:.4f} ({self.ap_delta('segm'):+.4f}), tolerance {AP_TOLERANCE}",
+            f" -> {self.ap_backend['segm_mAP']:.4f} ({self.ap_delta('segm'):+.4f}), tolerance {self.ap_tolerance}",
             f"  verdict            {'PASS' if self.ok else 'FAIL'}",
         ]
         return "\n".join(lines)
@@ -122,15 +136,18 @@ def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult]) ->
         values = dict(zip(names, session.run(None, {"img": image.prep.tensor.numpy(),
                                                     "img_hw": image.prep.img_hw_tensor.numpy()})))
         compare_codes(qmodel, probes, values, reports)
+        inputs = record_quantizer_inputs(qmodel, image.prep.tensor, image.prep.img_hw_tensor)
+        compare_drift(qmodel, probes, values, inputs, reports)
     return list(reports.values())
 
 
 def check_parity(qmodel: nn.Module, ref: Runner, backend: Runner, dataset: CocoDataset,
                  settings: PreprocessSettings, max_images: int | None = None, onnx_path: str | None = None,
-                 code_images: int = 1, progress: bool = True) -> tuple[ParityReport, DatasetRun, DatasetRun]:
+                 code_images: int = 1, progress: bool = True, ap_tolerance: float = AP_TOLERANCE,
+                 min_match_rate: float = MATCH_RATE_MIN) -> tuple[ParityReport, DatasetRun, DatasetRun]:
     """All three tiers; tier 1 only where the backend is the ONNX graph (`onnx_path`)."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    report = ParityReport(backend.name, count, 0)
+    report = ParityReport(backend.name, count, 0, ap_tolerance=ap_tolerance, min_match_rate=min_match_rate)
     ref_run, backend_run = DatasetRun(ref.name), DatasetRun(backend.name)
     for index in tqdm(range(count), desc="parity", unit="img", disable=not progress, leave=False):
         info, path = dataset[index]

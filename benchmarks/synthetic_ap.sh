@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's AP figures on the synthetic set: float, fake quant (W6A6, W4A4), each departure from the
+# reference switched back to the reference's behaviour, and onnxruntime with the parity check.
+# Usage: benchmarks/synthetic_ap.sh [OUT_DIR] [VAL_SEED] [NUM_IMAGES]   (about 30-40 min on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/synthetic_ap}; seed=${2:-2}; n=${3:-200}
+py=${PYTHON:-python}
+mkdir -p "$out"
+data="$out/val-seed$seed"
+[ -f "$data/annotations/instances_val.json" ] || $py tools/make_synthetic_coco.py --out "$data" --split val --num-images "$n" --seed "$seed"
+ann="$data/annotations/instances_val.json"; img="$data/val"
+models=${MODELS:-mask_rcnn_swin_synthetic cascade_mask_rcnn_swin_synthetic}
+for model in $models; do
+  cfg=configs/synthetic/$model.py; ckpt=repq_export/assets/$model.pth
+  run() { tag=$1; shift; $py tools/test.py "$cfg" "$ckpt" --ann "$ann" --img-dir "$img" --quiet \
+            --json-out "$out/$model-$tag.json" "$@" | tail -1; }
+  run float
+  for b in 6 4; do
+    run "w${b}a${b}" --w_bits $b --a_bits $b
+    if [ "$b" = 4 ]; then  # the departures, each switched back alone, then all together (the reference)
+      run "w${b}a${b}-fractional-zp" --w_bits $b --a_bits $b --fractional-zero-point
+      run "w${b}a${b}-zero-padding" --w_bits $b --a_bits $b --zero-padding
+      run "w${b}a${b}-float-bias" --w_bits $b --a_bits $b --float-bias
+      run "w${b}a${b}-reference" --w_bits $b --a_bits $b --fractional-zero-point --zero-padding --float-bias --float-bn
+    fi
+    art="$out/$model-w${b}a${b}-artifact"
+    $py -m repq_export.cli --ckpt "$ckpt" --config "$cfg" --bits $b --calib-ann "$ann" --calib-img-dir "$img" \
+        --out "$art" --force --quiet | tail -1
+    $py tools/parity_check.py "$art" --ann "$ann" --img-dir "$img" --quiet \
+        --json-out "$out/$model-w${b}a${b}-parity-ort.json" || true
+  done
+done

@@ -1,0 +1,1 @@
+"""Training the project's small synthetic-set detectors (targets, losses, the loop)."""

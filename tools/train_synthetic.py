@@ -1,0 +1,109 @@
+"""Train a small Swin (Cascade) Mask R-CNN from scratch on the synthetic shapes set, on the CPU,
+and write it as a Swin-Transformer-Object-Detection checkpoint. This is how the bundled
+``repq_export/assets/*_swin_synthetic.pth`` were made, e.g.::
+
+    python tools/train_synthetic.py --config configs/synthetic/mask_rcnn_swin_synthetic.py \\
+        --out repq_export/assets/mask_rcnn_swin_synthetic.pth --train-dir data/synthetic \\
+        --iters 600 --seed 0 --eval-dir data/synthetic
+
+The train split is ``TRAIN_DIR/annotations/instances_train.json`` with images in
+``TRAIN_DIR/train/``; it is generated first (``make_synthetic_coco``, 600 images, seed 1) when
+missing. With ``--eval-dir`` the trained model is scored (float box / mask AP) on that folder's
+``val`` split (generated when missing: 200 images, seed 2) through the project's inference path:
+``preprocess``, the Detector forward at batch 1, ``postprocess``, ``evaluate_coco``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
+from repq_export.errors import UserError  # noqa: E402
+from repq_export.models.build import build_detector, preprocess_settings  # noqa: E402
+from repq_export.models.checkpoint import save_checkpoint  # noqa: E402
+from repq_export.models.config import load_config  # noqa: E402
+from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
+from repq_export.training.data import TrainSet  # noqa: E402
+from repq_export.training.evaluate import evaluate_detector  # noqa: E402
+from repq_export.training.init import init_like_mmdet  # noqa: E402
+from repq_export.training.settings import train_cfg_from_config  # noqa: E402
+from repq_export.training.trainer import seed_everything, train  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="mmdet-style config with model.train_cfg")
+    p.add_argument("--out", required=True, help="checkpoint to write (.pth)")
+    p.add_argument("--train-dir", required=True, help="folder of the synthetic train split")
+    p.add_argument("--iters", type=int, default=None, help="iterations (default: the config's runner.max_iters)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and sampling")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for reproducibility)")
+    p.add_argument("--train-images", type=int, default=600, help="images of a generated train split")
+    p.add_argument("--data-seed", type=int, default=1, help="seed of a generated train split")
+    p.add_argument("--eval-dir", default=None, help="score on EVAL_DIR's val split after training")
+    p.add_argument("--val-images", type=int, default=200, help="images of a generated val split")
+    p.add_argument("--val-seed", type=int, default=2, help="seed of a generated val split")
+    p.add_argument("--metrics-out", default=None, help="write the evaluation metrics as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def synthetic_split(folder: Path, split: str, num_images: int, seed: int) -> Path:
+    """The annotation file of a synthetic split, generated first if missing."""
+    ann = folder / "annotations" / f"instances_{split}.json"
+    if not ann.is_file():
+        print(f"making the synthetic {split} split in {folder} ({num_images} images, seed {seed})")
+        make_synthetic_coco(folder, split, num_images, seed=seed)
+    return ann
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        train_cfg = train_cfg_from_config(cfg)
+        iters = args.iters if args.iters is not None else train_cfg.max_iters
+        if iters < 1:
+            raise UserError(f"--iters: must be at least 1, got {iters}")
+        settings = preprocess_settings(cfg)
+        train_dir = Path(args.train_dir)
+        ann = synthetic_split(train_dir, "train", args.train_images, args.data_seed)
+        train_set = TrainSet(ann, train_dir / "train", train_cfg.img_scale, settings.mean, settings.std,
+                             settings.to_rgb, settings.size_divisor)
+
+        generator = seed_everything(args.seed, args.threads)
+        detector = build_detector(cfg)
+        init_like_mmdet(detector)
+        start = time.time()
+        log = train(detector, train_set, train_cfg, iters, generator, progress=not args.no_progress)
+        minutes = (time.time() - start) / 60
+        print(f"trained {iters} iterations in {minutes:.1f} min; last loss terms: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in log.last_terms.items()))
+        checkpoint = trained_checkpoint(detector, cfg, train_set.classes, iters=iters, seed=args.seed,
+                                        threads=args.threads)
+        save_checkpoint(checkpoint, args.out)
+        print(f"wrote {args.out}")
+
+        if args.eval_dir:
+            eval_dir = Path(args.eval_dir)
+            val_ann = synthetic_split(eval_dir, "val", args.val_images, args.val_seed)
+            start = time.time()
+            metrics = evaluate_detector(detector, val_ann, eval_dir / "val", settings, progress=not args.no_progress)
+            metrics["eval_minutes"] = (time.time() - start) / 60
+            print(f"val: box AP {metrics['bbox_mAP']:.3f}, mask AP {metrics['segm_mAP']:.3f}")
+            if args.metrics_out:
+                Path(args.metrics_out).write_text(json.dumps(dict(metrics, train_minutes=minutes), indent=1))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
