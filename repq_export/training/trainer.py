@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,8 +87,10 @@ def train(
     iters: int,
     generator: torch.Generator,
     progress: bool = True,
+    callback: Callable[[int, TrainLog], None] | None = None,
 ) -> TrainLog:
-    """Train ``detector`` in place for ``iters`` iterations of ``cfg.batch_size`` images."""
+    """Train ``detector`` in place for ``iters`` iterations of ``cfg.batch_size`` images;
+    ``callback(iteration, log)`` runs after each iteration (e.g. to evaluate on the way)."""
     optimizer = torch.optim.AdamW(param_groups(detector, cfg.weight_decay, cfg.no_decay_keys),
                                   lr=cfg.lr, betas=cfg.betas)
     groups = train_set.landscape()
@@ -112,5 +114,8 @@ def train(
         log.last_terms = {k: v.item() for k, v in terms.items()}
         recent = log.losses[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if callback is not None:
+            callback(it + 1, log)
+            detector.train()
     detector.eval()
     return log
