@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ from ..data.transforms import Preprocessed, preprocess
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
 from ..models.build import PreprocessSettings, build_detector
-from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
+from ..models.checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint
 from ..quant.calibrate import quantize
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
@@ -112,14 +111,6 @@ def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
                                             else q.zero_point.flatten().tolist()),
         })
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[Path], prep: Preprocessed,

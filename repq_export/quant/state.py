@@ -8,7 +8,6 @@ SwinBlocks' ``pad_value`` buffers and everything else of the model. It is read b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 import repq_export
 from repq_export.errors import UserError
+from repq_export.models.checkpoint import file_sha256
 from repq_export.quant.assign import check_bits, quant_counts, quant_table, quantize_modules
 from repq_export.quant.calibrate import QuantDetector, QuantSettings
 from repq_export.quant.layers import named_quantizers
@@ -30,15 +30,6 @@ from repq_export.quant.reparam import prepare_reparam_structure
 FORMAT = "repq-export-quant-state"
 VERSION = 1
 _RESIZED_BUFFERS = ("scale", "zero_point")  # shapes come from the file (per-tensor or per-channel)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_manifest(
