@@ -30,7 +30,7 @@ from repq_export.training.targets import (
     sample_random,
     valid_anchor_flags,
 )
-from repq_export.training.trainer import lr_at, seed_everything, train
+from repq_export.training.trainer import batch_schedule, lr_at, seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK_CFG = ROOT / "configs/synthetic/mask_rcnn_swin_synthetic.py"
@@ -183,6 +183,17 @@ def test_init_like_mmdet():
         assert head.fc_reg.bias.abs().max().item() == 0.0
     # the backbone keeps its own initialisation
     assert detector.backbone.layers[0].blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_batches_keep_aspect_groups_apart_and_cover_each_epoch():
+    groups = [True, False, True, True, False, False, False, True, True]  # 5 landscape, 4 portrait
+    schedule = batch_schedule(groups, 2, 0.5, torch.Generator().manual_seed(0))
+    epoch = [next(schedule) for _ in range(4)]  # 2 + 2 whole batches; one landscape image left out
+    seen = [i for indices, _ in epoch for i in indices]
+    assert len(set(seen)) == 8 and all(len({groups[i] for i in indices}) == 1 for indices, _ in epoch)
+    assert sum(groups[i] for i in seen) == 4
+    again = batch_schedule(groups, 2, 0.5, torch.Generator().manual_seed(0))
+    assert [next(again) for _ in range(4)] == epoch  # the generator alone fixes order and flips
 
 
 # ----------------------------------------------------------------------------- training

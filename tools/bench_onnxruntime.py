@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""onnxruntime CPU latency of Mask R-CNN Swin-T: float graph, our W4A4 / W6A6 QDQ graphs, and
-onnxruntime's own quantize_static INT8 QDQ model of the same float graph.
+"""onnxruntime CPU latency of Mask R-CNN Swin-T: float, our W4A4/W6A6 QDQ, onnxruntime's own INT8.
+
+The float graph, our W4A4 and W6A6 QDQ graphs, and onnxruntime's quantize_static INT8 QDQ model of
+the same float graph, side by side.
 
     python tools/bench_onnxruntime.py                        # 800x1199 image (padded 800x1216)
     python tools/bench_onnxruntime.py --size 480x640 --runs 3 --workdir /tmp/ortbench --keep
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="quantize_static with per-tensor weights (default per-channel, as ours)")
     parser.add_argument("--workdir", type=Path,
                         help="where the .onnx files go (default: a temporary folder, removed at the end)")
-    parser.add_argument("--keep", action="store_true", help="keep the workdir (always kept when given)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary workdir (a --workdir you name is always kept)")
     parser.add_argument("--reuse", action="store_true",
                         help="use model files already in --workdir instead of producing them again")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled run per model")
