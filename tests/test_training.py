@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from repq_export.data.synthetic import make_synthetic_coco
+from repq_export.errors import UserError
 from repq_export.models.build import build_detector
 from repq_export.models.checkpoint import load_checkpoint, save_checkpoint
 from repq_export.models.config import load_config
@@ -234,13 +235,13 @@ def tiny_setup(path: Path, train_dir: Path, seed: int):
     train_cfg = train_cfg_from_config(cfg)
     train_set = TrainSet(train_dir / "annotations/instances_train.json", train_dir / "train",
                          train_cfg.img_scale, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
-    generator = seed_everything(seed, 1)
-    return cfg, train_cfg, train_set, build_detector(cfg), generator
+    seed_everything(seed, 1)
+    return cfg, train_cfg, train_set, build_detector(cfg)
 
 
 @pytest.mark.parametrize("path", [MASK_CFG, CASCADE_CFG], ids=["mask_rcnn", "cascade"])
 def test_training_steps_lower_the_loss(path, train_dir):
-    cfg, train_cfg, train_set, detector, generator = tiny_setup(path, train_dir, seed=0)
+    cfg, train_cfg, train_set, detector = tiny_setup(path, train_dir, seed=0)
     init_like_mmdet(detector)
     train_cfg = type(train_cfg)(**{**vars(train_cfg), "warmup_iters": 0, "min_lr_ratio": 1.0, "flip_ratio": 0.0})
     batch = train_set.batch([0, 1], [False, False])
@@ -251,7 +252,7 @@ def test_training_steps_lower_the_loss(path, train_dir):
             return sum(detector_losses(detector, batch, train_cfg, torch.Generator().manual_seed(0)).values()).item()
 
     before = loss_now()
-    log = train(detector, train_set, train_cfg, 6, generator, progress=False)
+    log = train(detector, train_set, train_cfg, 6, seed=0, progress=False)
     assert not detector.training  # handed back in eval mode
     after = loss_now()
     assert len(log.losses) == 6 and all(math.isfinite(v) for v in log.losses)
@@ -259,20 +260,46 @@ def test_training_steps_lower_the_loss(path, train_dir):
 
 
 def test_training_is_deterministic_given_the_seed(train_dir):
-    def run(seed: int) -> dict:
-        _, train_cfg, train_set, detector, generator = tiny_setup(CASCADE_CFG, train_dir, seed)
-        train(detector, train_set, train_cfg, 2, generator, progress=False)
+    def run(seed: int, **kwargs) -> dict:
+        _, train_cfg, train_set, detector = tiny_setup(CASCADE_CFG, train_dir, seed)
+        train(detector, train_set, train_cfg, 3, seed, progress=False, **kwargs)
         return detector.state_dict()
 
     first, again, other = run(0), run(0), run(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
     # BatchNorm statistics of the cascade heads moved, and were saved
-    assert first["roi_head.bbox_head.0.shared_convs.0.bn.num_batches_tracked"].item() == 2
+    assert first["roi_head.bbox_head.0.shared_convs.0.bn.num_batches_tracked"].item() == 3
+
+
+def test_resumed_training_equals_an_uninterrupted_run(train_dir, tmp_path):
+    state = tmp_path / "run.state"
+    stop = RuntimeError("stopped")
+
+    def interrupt(it, log):
+        if it == 2:
+            raise stop
+
+    def fresh():
+        _, train_cfg, train_set, detector = tiny_setup(CASCADE_CFG, train_dir, 0)
+        return detector, train_set, train_cfg
+
+    with pytest.raises(RuntimeError):
+        train(*fresh(), 3, 0, progress=False, callback=interrupt, state_path=state, state_every=1, state_tag="a")
+    assert torch.load(state, weights_only=True)["iteration"] == 2
+    with pytest.raises(UserError, match="another run"):
+        train(*fresh(), 3, 0, progress=False, state_path=state, state_tag="b")
+    resumed, train_set, train_cfg = fresh()
+    log = train(resumed, train_set, train_cfg, 3, 0, progress=False, state_path=state, state_tag="a")
+    assert len(log.losses) == 3
+    straight, train_set, train_cfg = fresh()
+    straight_log = train(straight, train_set, train_cfg, 3, 0, progress=False)
+    assert log.losses == straight_log.losses
+    assert all(torch.equal(v, straight.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
 def test_checkpoint_loads_through_the_project_loader(train_dir, tmp_path):
-    cfg, _, train_set, detector, _ = tiny_setup(MASK_CFG, train_dir, seed=0)
+    cfg, _, train_set, detector = tiny_setup(MASK_CFG, train_dir, seed=0)
     ckpt = trained_checkpoint(detector, cfg, train_set.classes, iters=0, seed=0)
     assert list(ckpt["state_dict"]) == list(detector.state_dict())
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["state_dict"].values())

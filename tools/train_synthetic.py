@@ -11,11 +11,15 @@ The train split is ``TRAIN_DIR/annotations/instances_train.json`` with images in
 missing. With ``--eval-dir`` the trained model is scored (float box / mask AP) on that folder's
 ``val`` split (generated when missing: 200 images, seed 2) through the project's inference path:
 ``preprocess``, the Detector forward at batch 1, ``postprocess``, ``evaluate_coco``.
+
+Training saves its state to ``OUT.state`` every 50 iterations; running the same command again
+after an interruption resumes from there and gives the same checkpoint as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -26,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector, preprocess_settings  # noqa: E402
-from repq_export.models.checkpoint import save_checkpoint  # noqa: E402
+from repq_export.models.checkpoint import config_text, save_checkpoint  # noqa: E402
 from repq_export.models.config import load_config  # noqa: E402
 from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
 from repq_export.training.data import TrainSet  # noqa: E402
@@ -77,17 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         train_set = TrainSet(ann, train_dir / "train", train_cfg.img_scale, settings.mean, settings.std,
                              settings.to_rgb, settings.size_divisor)
 
-        generator = seed_everything(args.seed, args.threads)
+        seed_everything(args.seed, args.threads)
         detector = build_detector(cfg)
         init_like_mmdet(detector)
-        start = time.time()
-        log = train(detector, train_set, train_cfg, iters, generator, progress=not args.no_progress)
-        minutes = (time.time() - start) / 60
+        state = Path(args.out + ".state")
+        tag = f"{Path(args.config).name} sha256:{hashlib.sha256(config_text(cfg).encode()).hexdigest()[:16]} " \
+              f"iters {iters} seed {args.seed} threads {args.threads}"
+        log = train(detector, train_set, train_cfg, iters, args.seed, progress=not args.no_progress,
+                    state_path=state, state_tag=tag)
+        minutes = log.seconds / 60
         print(f"trained {iters} iterations in {minutes:.1f} min; last loss terms: "
               + ", ".join(f"{k} {v:.3f}" for k, v in log.last_terms.items()))
         checkpoint = trained_checkpoint(detector, cfg, train_set.classes, iters=iters, seed=args.seed,
                                         threads=args.threads)
         save_checkpoint(checkpoint, args.out)
+        state.unlink(missing_ok=True)
         print(f"wrote {args.out}")
 
         if args.eval_dir:

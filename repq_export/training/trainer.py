@@ -1,13 +1,21 @@
 """The training loop: AdamW with linear warm-up and cosine decay per iteration, gradient clipping,
-shuffled epochs of aspect-grouped batches with random flips, all drawn from one seeded generator so that a run is
-reproducible given its seed and thread count.
+shuffled epochs of aspect-grouped batches with random flips.
+
+A run is reproducible given its seed and thread count: the data order and flips come from one
+seeded generator, RoI / anchor sampling from another. With a ``state_path`` the loop saves its
+whole state (weights, optimizer, sampling generator, losses) every ``state_every`` iterations and
+resumes from it, giving the same result as an uninterrupted run: on a shared machine a long run
+may be stopped by others.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,22 +23,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from repq_export.errors import UserError
 from repq_export.models.detector import Detector
 from repq_export.training.data import TrainSet
 from repq_export.training.detector_losses import detector_losses
 from repq_export.training.settings import TrainCfg
 
 
-def seed_everything(seed: int, threads: int) -> torch.Generator:
-    """Seed torch / numpy / random, fix the thread count, and return the generator that drives
-    data order, flips and RoI sampling."""
+SAMPLING_SEED_OFFSET = 1_000_003  # the sampling generator's seed is the run's seed plus this
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed torch (weight initialisation), numpy and random, and fix the thread count."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     torch.set_num_threads(threads)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_keys: tuple[str, ...]) -> list[dict]:
@@ -74,10 +82,36 @@ def batch_schedule(
 
 @dataclass
 class TrainLog:
-    """Per-iteration total loss and the last iteration's loss terms."""
+    """Per-iteration total loss, the last iteration's loss terms, and the wall time spent in
+    training iterations (summed over resumed segments)."""
 
     losses: list[float] = field(default_factory=list)
     last_terms: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def save_state(path: Path, tag: str, detector: Detector, optimizer: torch.optim.Optimizer,
+               sampling: torch.Generator, log: TrainLog) -> None:
+    """Write the loop's state after ``len(log.losses)`` iterations (temporary name, then rename);
+    ``tag`` names the run (config, iterations, seed) so that no other run resumes from it."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(tag=tag, iteration=len(log.losses), model=detector.state_dict(), optimizer=optimizer.state_dict(),
+                    sampling=sampling.get_state(), losses=log.losses, last_terms=log.last_terms,
+                    seconds=log.seconds), tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, tag: str, detector: Detector, optimizer: torch.optim.Optimizer,
+               sampling: torch.Generator) -> TrainLog:
+    """Restore what ``save_state`` wrote; returns the log (its length is the iteration reached)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("tag") != tag:
+        raise UserError(f"{path}: training state of another run ({state.get('tag')!r}, not {tag!r}); "
+                        "delete it to start afresh")
+    detector.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampling.set_state(state["sampling"])
+    return TrainLog(list(state["losses"]), dict(state["last_terms"]), float(state["seconds"]))
 
 
 def train(
@@ -85,25 +119,37 @@ def train(
     train_set: TrainSet,
     cfg: TrainCfg,
     iters: int,
-    generator: torch.Generator,
+    seed: int,
     progress: bool = True,
     callback: Callable[[int, TrainLog], None] | None = None,
+    state_path: str | Path | None = None,
+    state_every: int = 50,
+    state_tag: str = "",
 ) -> TrainLog:
-    """Train ``detector`` in place for ``iters`` iterations of ``cfg.batch_size`` images;
-    ``callback(iteration, log)`` runs after each iteration (e.g. to evaluate on the way)."""
+    """Train ``detector`` in place for ``iters`` iterations of ``cfg.batch_size`` images and hand
+    it back in eval mode; ``callback(iteration, log)`` runs after each iteration. With
+    ``state_path``, resume from it if it exists and save to it on the way."""
     optimizer = torch.optim.AdamW(param_groups(detector, cfg.weight_decay, cfg.no_decay_keys),
                                   lr=cfg.lr, betas=cfg.betas)
+    sampling = torch.Generator().manual_seed(seed + SAMPLING_SEED_OFFSET)
     groups = train_set.landscape()
     batch_size = min(cfg.batch_size, max(groups.count(True), groups.count(False)))
-    batches = batch_schedule(groups, batch_size, cfg.flip_ratio, generator)
+    batches = batch_schedule(groups, batch_size, cfg.flip_ratio, torch.Generator().manual_seed(seed))
+    state_path = Path(state_path) if state_path is not None else None
     log = TrainLog()
+    if state_path is not None and state_path.is_file():
+        log = load_state(state_path, state_tag, detector, optimizer, sampling)
+        for _ in range(len(log.losses)):
+            next(batches)
     detector.train()
-    bar = tqdm(range(iters), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(len(log.losses), iters), desc="train", disable=not progress, dynamic_ncols=True,
+               initial=len(log.losses), total=iters)
     for it in bar:
+        start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, cfg, iters)
         indices, flips = next(batches)
-        terms = detector_losses(detector, train_set.batch(indices, flips), cfg, generator)
+        terms = detector_losses(detector, train_set.batch(indices, flips), cfg, sampling)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,8 +158,11 @@ def train(
         optimizer.step()
         log.losses.append(loss.item())
         log.last_terms = {k: v.item() for k, v in terms.items()}
+        log.seconds += time.perf_counter() - start
         recent = log.losses[-20:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if state_path is not None and (it + 1) % state_every == 0 and it + 1 < iters:
+            save_state(state_path, state_tag, detector, optimizer, sampling, log)
         if callback is not None:
             callback(it + 1, log)
             detector.train()
