@@ -10,6 +10,8 @@ from pycocotools.coco import COCO
 
 from repq_export.data.synthetic import (
     CATEGORIES,
+    MAX_OBJECTS,
+    MIN_EXTENT,
     MIN_VISIBLE_FRACTION,
     MIN_VISIBLE_PIXELS,
     keep_visible,
@@ -59,7 +61,7 @@ def test_annotations_load_and_match_the_masks(dataset):
         assert img.shape == (info["height"], info["width"], 3)
         assert 240 <= img.shape[0] <= 520 and 240 <= img.shape[1] <= 520
         anns = coco.imgToAnns[image_id]
-        assert len(anns) <= 8
+        assert len(anns) <= MAX_OBJECTS
         owner = np.zeros(img.shape[:2], int)
         for ann in anns:
             mask = coco.annToMask(ann).astype(bool)
@@ -98,7 +100,7 @@ def test_hidden_objects_are_dropped():
     top = np.zeros((40, 40), bool)
     top[2:28, 2:28] = True  # covers `hidden` entirely
     assert keep_visible([hidden, peeking, top]) == [1, 2]
-    assert keep_visible([big, top]) == [1]  # big keeps 900 - 676 = 224 < 25 % of 900
+    assert keep_visible([big, top]) == [1]  # big keeps 900 - 676 = 224 < 50 % of 900
 
 
 def test_dataset_has_occlusion_sizes_and_all_classes():
@@ -106,6 +108,8 @@ def test_dataset_has_occlusion_sizes_and_all_classes():
     areas = np.array([inst.mask.sum() for inst in instances])
     assert {inst.label for inst in instances} == set(range(len(CATEGORIES)))
     assert (areas < 32**2).any() and (areas > 96**2).any()  # COCO small and large objects
+    boxes = [np.nonzero(inst.mask.any(axis=0))[0] for inst in instances if inst.mask.sum() == inst.full_area]
+    assert min(cols[-1] - cols[0] + 1 for cols in boxes) >= MIN_EXTENT * 0.45  # no unmatchable specks
     occluded = [inst for inst in instances if inst.mask.sum() < inst.full_area]
     assert occluded, "no object lost pixels to occlusion"
     assert all(inst.mask.sum() >= MIN_VISIBLE_FRACTION * inst.full_area for inst in occluded)

@@ -18,7 +18,7 @@ from repq_export.models.config import load_config
 from repq_export.training.checkpoint_io import trained_checkpoint
 from repq_export.training.data import TrainSet
 from repq_export.training.detector_losses import detector_losses
-from repq_export.training.init import init_like_mmdet
+from repq_export.training.init import init_from_checkpoint, init_like_mmdet
 from repq_export.training.losses import BoxLossCfg, box_loss, mask_loss, objectness_loss
 from repq_export.training.settings import train_cfg_from_config
 from repq_export.training.targets import (
@@ -184,6 +184,23 @@ def test_init_like_mmdet():
         assert head.fc_reg.bias.abs().max().item() == 0.0
     # the backbone keeps its own initialisation
     assert detector.backbone.layers[0].blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_init_from_checkpoint_copies_backbone_neck_and_rpn_only(train_dir, tmp_path):
+    mask_cfg, _, train_set, mask = tiny_setup(MASK_CFG, train_dir, seed=0)
+    path = save_checkpoint(trained_checkpoint(mask, mask_cfg, train_set.classes), tmp_path / "mask.pth")
+    cascade = tiny_setup(CASCADE_CFG, train_dir, seed=1)[3]
+    before = copy.deepcopy(cascade.state_dict())
+    copied = init_from_checkpoint(cascade, path)
+    after, source = cascade.state_dict(), mask.state_dict()
+    shared = [k for k in after if k.startswith(("backbone.", "neck.", "rpn_head."))]
+    assert copied == len(shared) > 90
+    assert all(torch.equal(after[k], source[k]) for k in shared)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("roi_head."))
+    wide = tiny_setup(MASK_CFG, train_dir, seed=0)[3]
+    wide.neck.fpn_convs[0].conv = torch.nn.Conv2d(wide.neck.fpn_convs[0].conv.in_channels, 8, 3)
+    with pytest.raises(UserError, match="same shape for neck.fpn_convs.0.conv.weight"):
+        init_from_checkpoint(wide, path)
 
 
 def test_batches_keep_aspect_groups_apart_and_cover_each_epoch():

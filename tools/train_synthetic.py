@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector, preprocess_settings  # noqa: E402
-from repq_export.models.checkpoint import config_text, save_checkpoint  # noqa: E402
+from repq_export.models.checkpoint import config_text, file_sha256, save_checkpoint  # noqa: E402
 from repq_export.models.config import load_config  # noqa: E402
 from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
 from repq_export.training.data import TrainSet  # noqa: E402
 from repq_export.training.evaluate import evaluate_detector  # noqa: E402
-from repq_export.training.init import init_like_mmdet  # noqa: E402
+from repq_export.training.init import init_from_checkpoint, init_like_mmdet  # noqa: E402
 from repq_export.training.settings import train_cfg_from_config  # noqa: E402
 from repq_export.training.trainer import seed_everything, train  # noqa: E402
 
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint to write (.pth)")
     p.add_argument("--train-dir", required=True, help="folder of the synthetic train split")
     p.add_argument("--iters", type=int, default=None, help="iterations (default: the config's runner.max_iters)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start backbone, neck and RPN from this checkpoint's weights (e.g. the bundled "
+                        "Mask R-CNN, to train the Cascade head on top); the rest is initialised as mmdet does")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and sampling")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (fixed for reproducibility)")
     p.add_argument("--train-images", type=int, default=600, help="images of a generated train split")
@@ -84,16 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(args.seed, args.threads)
         detector = build_detector(cfg)
         init_like_mmdet(detector)
+        if args.init_from:
+            copied = init_from_checkpoint(detector, args.init_from)
+            print(f"initialised {copied} tensors of backbone, neck and RPN from {args.init_from}")
         state = Path(args.out + ".state")
         tag = f"{Path(args.config).name} sha256:{hashlib.sha256(config_text(cfg).encode()).hexdigest()[:16]} " \
-              f"iters {iters} seed {args.seed} threads {args.threads}"
+              f"iters {iters} seed {args.seed} threads {args.threads} init {args.init_from}"
         log = train(detector, train_set, train_cfg, iters, args.seed, progress=not args.no_progress,
                     state_path=state, state_tag=tag)
         minutes = log.seconds / 60
         print(f"trained {iters} iterations in {minutes:.1f} min; last loss terms: "
               + ", ".join(f"{k} {v:.3f}" for k, v in log.last_terms.items()))
+        init = dict(init_from=Path(args.init_from).name, init_from_sha256=file_sha256(args.init_from)) \
+            if args.init_from else {}
         checkpoint = trained_checkpoint(detector, cfg, train_set.classes, iters=iters, seed=args.seed,
-                                        threads=args.threads)
+                                        threads=args.threads, **init)
         save_checkpoint(checkpoint, args.out)
         state.unlink(missing_ok=True)
         print(f"wrote {args.out}")

@@ -93,4 +93,4 @@ optimizer = dict(type='AdamW', lr=0.001, betas=(0.9, 0.999), weight_decay=0.05,
 optimizer_config = dict(grad_clip=dict(max_norm=10.0, norm_type=2))
 lr_config = dict(policy='CosineAnnealing', warmup='linear', warmup_iters=50, warmup_ratio=0.001,
                  min_lr_ratio=0.01, by_epoch=False)
-runner = dict(type='IterBasedRunner', max_iters=600)
+runner = dict(type='IterBasedRunner', max_iters=800)

@@ -1,13 +1,18 @@
 """Initialisation of the neck and heads as mmdet 2.11 does it before training (the Swin backbone
 initialises itself): small normal weights on the RPN and on the box classifier / regressor,
 so the first proposals and refinements stay near the anchors and RoIs; Xavier on the FPN and the
-shared fcs; Kaiming (fan out, ReLU) on the head convs and the mask deconv / logits.
+shared fcs; Kaiming (fan out, ReLU) on the head convs and the mask deconv / logits. And the
+start of a detector from another one's backbone, neck and RPN (a cascade head trained on top).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
+from repq_export.errors import UserError
 from repq_export.models.detector import Detector
 
 
@@ -57,3 +62,25 @@ def init_like_mmdet(detector: Detector) -> None:
         for m in head.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 _kaiming(m)
+
+
+SHARED_PARTS = ("backbone.", "neck.", "rpn_head.")
+
+
+def init_from_checkpoint(detector: Detector, path: str | Path, parts: tuple[str, ...] = SHARED_PARTS) -> int:
+    """Copy the tensors under ``parts`` from a checkpoint (``state_dict`` layout of this project's
+    detectors) into ``detector``; every such key of the detector must be there with its shape.
+    Returns the number of tensors copied."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"{path}: cannot read the checkpoint ({err})") from None
+    source = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+    target = detector.state_dict()
+    wanted = [k for k in target if k.startswith(parts)]
+    bad = [k for k in wanted if k not in source or source[k].shape != target[k].shape]
+    if bad:
+        raise UserError(f"{path}: no tensor of the same shape for {bad[0]} ({len(bad)} of {len(wanted)} differ); "
+                        "it must come from a detector with the same backbone, neck and RPN")
+    detector.load_state_dict({k: source[k] for k in wanted}, strict=False)
+    return len(wanted)
