@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's AP figures on the synthetic set: float, fake quant (W6A6, W4A4), each departure from the
-# reference switched back to the reference's behaviour, and onnxruntime with the parity check.
+# The README's AP figures on the synthetic set: float, fake quant (W8A8, W6A6, W4A4), each departure from
+# the reference switched back to the reference's behaviour (on the Mask R-CNN; DEPARTURE_MODELS to change),
+# and onnxruntime with the parity check at W6A6 and W4A4 (W8 is not exported).
 # Usage: benchmarks/synthetic_ap.sh [OUT_DIR] [VAL_SEED] [NUM_IMAGES]   (about 30-40 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,10 @@ for model in $models; do
   run() { tag=$1; shift; $py tools/test.py "$cfg" "$ckpt" --ann "$ann" --img-dir "$img" --quiet \
             --json-out "$out/$model-$tag.json" "$@" | tail -1; }
   run float
+  run w8a8 --w_bits 8 --a_bits 8
   for b in 6 4; do
     run "w${b}a${b}" --w_bits $b --a_bits $b
-    if [ "$b" = 4 ]; then  # the departures, each switched back alone, then all together (the reference)
+    if [ "$b" = 4 ] && [[ " ${DEPARTURE_MODELS:-mask_rcnn_swin_synthetic} " == *" $model "* ]]; then  # the departures, each switched back alone, then all together (the reference)
       run "w${b}a${b}-fractional-zp" --w_bits $b --a_bits $b --fractional-zero-point
       run "w${b}a${b}-zero-padding" --w_bits $b --a_bits $b --zero-padding
       run "w${b}a${b}-float-bias" --w_bits $b --a_bits $b --float-bias

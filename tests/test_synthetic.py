@@ -10,6 +10,7 @@ from pycocotools.coco import COCO
 
 from repq_export.data.synthetic import (
     CATEGORIES,
+    CLASS_COLOURS,
     MAX_OBJECTS,
     MIN_EXTENT,
     MIN_VISIBLE_FRACTION,
@@ -141,3 +142,15 @@ def test_command_line(tmp_path):
     bad = subprocess.run([*tool, "--out", str(tmp_path), "--num-images", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --num-images")
+
+
+def test_each_class_wears_its_own_colour():
+    anchors = np.array(CLASS_COLOURS, dtype=np.float64)
+    hits, total = 0, 0
+    for i in range(30):
+        img, instances = synthesize_image(0, "val", i)
+        for inst in instances:
+            mean = img[inst.mask].mean(axis=0)
+            hits += int(np.linalg.norm(anchors - mean, axis=1).argmin() == inst.label)
+            total += 1
+    assert total > 60 and hits / total >= 0.95, (hits, total)
