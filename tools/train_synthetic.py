@@ -3,8 +3,10 @@ and write it as a Swin-Transformer-Object-Detection checkpoint. This is how the 
 ``repq_export/assets/*_swin_synthetic.pth`` were made, e.g.::
 
     python tools/train_synthetic.py --config configs/synthetic/mask_rcnn_swin_synthetic.py \\
-        --out repq_export/assets/mask_rcnn_swin_synthetic.pth --train-dir data/synthetic \\
-        --iters 600 --seed 0 --eval-dir data/synthetic
+        --out repq_export/assets/mask_rcnn_swin_synthetic.pth --train-dir data/synthetic --eval-dir data/synthetic
+    python tools/train_synthetic.py --config configs/synthetic/cascade_mask_rcnn_swin_synthetic.py \\
+        --out repq_export/assets/cascade_mask_rcnn_swin_synthetic.pth --train-dir data/synthetic \\
+        --eval-dir data/synthetic --init-from repq_export/assets/mask_rcnn_swin_synthetic.pth
 
 The train split is ``TRAIN_DIR/annotations/instances_train.json`` with images in
 ``TRAIN_DIR/train/``; it is generated first (``make_synthetic_coco``, 600 images, seed 1) when

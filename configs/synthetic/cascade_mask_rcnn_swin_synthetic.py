@@ -1,9 +1,10 @@
 # A small Swin Cascade Mask R-CNN (3 stages, 4conv1fc box heads with BatchNorm, GIoU-trained
-# class-specific regression on decoded boxes) trained from scratch on the project's synthetic
-# shapes set (repq_export.data.synthetic): embed_dim 32, depths (2, 2, 2, 2), FPN width 64, fc 256,
-# 4 classes, images resized into (667, 400). Made by tools/train_synthetic.py (train_cfg,
-# optimizer, lr_config and runner below are what it reads); shipped as
-# repq_export/assets/cascade_mask_rcnn_swin_synthetic.pth.
+# class-specific regression on decoded boxes) trained on the project's synthetic shapes set
+# (repq_export.data.synthetic): embed_dim 32, depths (2, 2, 2, 2), FPN width 64, fc 256, 4 classes,
+# images resized into (667, 400). Made by tools/train_synthetic.py (train_cfg, optimizer, lr_config
+# and runner below are what it reads) with --init-from the bundled Mask R-CNN: backbone, neck and
+# RPN start from its weights (as a real Cascade starts from a pretrained backbone), the cascade
+# heads from mmdet's initialisation. Shipped as repq_export/assets/cascade_mask_rcnn_swin_synthetic.pth.
 _base_ = [
     '../_base_/models/cascade_mask_rcnn_swin_fpn.py',
     '../_base_/datasets/coco_instance.py',
@@ -125,4 +126,4 @@ optimizer = dict(type='AdamW', lr=0.001, betas=(0.9, 0.999), weight_decay=0.05,
 optimizer_config = dict(grad_clip=dict(max_norm=10.0, norm_type=2))
 lr_config = dict(policy='CosineAnnealing', warmup='linear', warmup_iters=50, warmup_ratio=0.001,
                  min_lr_ratio=0.01, by_epoch=False)
-runner = dict(type='IterBasedRunner', max_iters=500)
+runner = dict(type='IterBasedRunner', max_iters=300)

@@ -475,13 +475,17 @@ def make_random_checkpoint(cfg: Mapping, layout: str = "swin-det", seed: int = 0
 
 
 def save_checkpoint(checkpoint: Mapping, out: str | Path) -> Path:
-    """``torch.save`` to a temporary name in the same folder, renamed when complete."""
+    """``torch.save`` to a temporary name in the same folder, renamed when complete. Serialized
+    through a buffer: ``torch.save`` to a path names the archive after the file, so the same
+    checkpoint written under two names would differ in bytes."""
     out = Path(out)
     if out.parent and not out.parent.is_dir():
         raise UserError(f"{out}: folder {out.parent} does not exist")
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
-        torch.save(dict(checkpoint), tmp)
+        tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
