@@ -34,7 +34,7 @@ for model in $models; do
     { want parity && [ ! -f "$out/$model-w${b}a${b}-parity-ort.json" ]; } || continue
     $py -m repq_export.cli --ckpt "$ckpt" --config "$cfg" --bits $b --calib-ann "$ann" --calib-img-dir "$img" \
         --out "$art" --force --quiet | tail -1
-    $py tools/parity_check.py "$art" --ann "$ann" --img-dir "$img" --quiet \
+    $py tools/parity_check.py "$art" --ann "$ann" --img-dir "$img" --quiet --noise-floor \
         --json-out "$out/$model-w${b}a${b}-parity-ort.json" || true
   done
 done
@@ -54,14 +54,18 @@ for model in models:
         delta = "-" if base is None or tag == "float" else \
             f"{100 * (r['bbox_mAP'] - base['bbox_mAP']):+.1f} / {100 * (r['segm_mAP'] - base['segm_mAP']):+.1f}"
         print(f"| {model} | {tag} | {100 * r['bbox_mAP']:.1f} | {100 * r['segm_mAP']:.1f} | {delta} |")
-print("\n| model | precision | tier 1: codes differing | tier 2: matched | tier 3: box / mask AP delta (points) | verdict |")
-print("|---|---|---|---|---|---|")
+print("\n| model | precision | tier 1: codes differing | tier 2: matched | tier 3: box / mask AP delta (points) "
+      "| verdict | noise floor: matched, box / mask AP delta |")
+print("|---|---|---|---|---|---|---|")
 for model in models:
     for p in sorted(out.glob(f"{model}-w*-parity-ort.json")):
         r = json.loads(p.read_text())
         t1, t2, t3 = r["tier1_codes"], r["tier2_detections"], r["tier3_ap"]
         d = [100 * (t3[f"{m}_mAP_backend"] - t3[f"{m}_mAP_fake_quant"]) for m in ("bbox", "segm")]
         precision = p.name[len(model) + 1:].split("-")[0].upper()
+        nf = r.get("noise_floor")
+        floor = "-" if nf is None else (f"{100 * nf['match_rate']:.1f}%, {100 * nf['bbox_mAP_delta']:+.2f} / "
+                                        f"{100 * nf['segm_mAP_delta']:+.2f}")
         print(f"| {model} | {precision} | {t1['mismatches']} of {t1['elements']} | {100 * t2['match_rate']:.1f}% "
-              f"| {d[0]:+.2f} / {d[1]:+.2f} | {'PASS' if r['pass'] else 'FAIL'} |")
+              f"| {d[0]:+.2f} / {d[1]:+.2f} | {'PASS' if r['pass'] else 'FAIL'} | {floor} |")
 PY

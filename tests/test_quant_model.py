@@ -161,3 +161,28 @@ def test_calibration_without_detections_is_a_user_error(float_detector):
         det.roi_head.bbox_head.fc_cls.bias[-1] = 100.0  # background wins everywhere: no detection
     with pytest.raises(UserError, match="quantizers saw no data"):
         quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
+
+
+def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detector):
+    from repq_export.evaluation.noise_floor import nudged_activations
+
+    activations = [(n, q) for n, q in named_quantizers(quant_detector) if not n.endswith("weight_quantizer")]
+    before, after = {}, {}
+
+    def record(store, name):
+        return lambda module, args: store.setdefault(name, []).append(args[0].detach().clone())
+
+    with torch.no_grad():
+        plain = quant_detector(IMG, IMG_HW)
+        hooks = [q.register_forward_pre_hook(record(before, n)) for n, q in activations]
+        with nudged_activations(quant_detector) as count:  # pre-hooks run in registration order
+            hooks += [q.register_forward_pre_hook(record(after, n)) for n, q in activations]
+            quant_detector(IMG, IMG_HW)
+        for hook in hooks:
+            hook.remove()
+        again = quant_detector(IMG, IMG_HW)
+    assert count == len(activations) > 20 and before.keys() == after.keys() == {n for n, _ in activations}
+    for name in before:
+        for x, y in zip(before[name], after[name]):
+            assert torch.equal(y, torch.nextafter(x, torch.full_like(x, float("inf")))), name
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))  # the nudge is gone after the block

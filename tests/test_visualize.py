@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -182,3 +184,14 @@ def test_parity_check_saves_pictures_and_plot(art, tmp_path, capsys):
     assert picture.name == "000000000001.png"
     assert both.shape[1] == 2 * image.shape[1] + 8 and 15 < both.shape[0] - image.shape[0] < 40
     assert cv2.imread(str(plot)).shape[0] == 520
+
+
+def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
+    report = tmp_path / "parity.json"
+    result = call_main(parity_tool.main, [art.path, "--ann", art.ann, "--img-dir", art.img_dir, "--max-images", 2,
+                                          "--quiet", "--noise-floor", "--json-out", report], capsys)
+    assert result.rc in (0, 1), result.err
+    assert "noise floor (fake quant against itself" in result.out
+    floor = json.loads(report.read_text())["noise_floor"]
+    assert floor["nudged_quantizers"] > 20 and 0.0 <= floor["match_rate"] <= 1.0
+    assert abs(floor["bbox_mAP_delta"]) <= 1.0 and abs(floor["segm_mAP_delta"]) <= 1.0

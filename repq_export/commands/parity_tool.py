@@ -10,6 +10,7 @@ from ..data.images import read_image
 from ..errors import UserError
 from ..evaluation.evaluate import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
+from ..evaluation.noise_floor import measure_noise_floor
 from ..evaluation.parity_check import check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
@@ -42,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                    "relative error ||q(x) - x|| / ||x|| on the first image, layers whose tier-1 codes differ marked")
     p.add_argument("--score-thr", type=fraction, default=0.3, help="score threshold of the --save-images pictures "
                    "(default 0.3)")
+    p.add_argument("--noise-floor", action="store_true", help="also rerun fake quant with every activation "
+                   "quantizer's input moved by one float32 ulp and report how far its detections and AP move: the "
+                   "floor below which tier 2/3 differences are float rounding (does not change the verdict)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -62,8 +66,13 @@ def run(argv: list[str] | None) -> int:
                                                 ap_tolerance=args.ap_tolerance,
                                                 min_match_rate=args.min_match_rate)
     print(report.table())
+    result = report.as_dict()
+    if args.noise_floor:
+        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, progress=not args.quiet)
+        print(floor.line())
+        result["noise_floor"] = floor.as_dict()
     if args.json_out:
-        write_json(args.json_out, report.as_dict())
+        write_json(args.json_out, result)
     precision = f"W{manifest['w_bits']}A{manifest['a_bits']}"
     if args.save_images:
         save_pictures(args.save_images, ref_run, backend_run, manifest.get("classes"),
