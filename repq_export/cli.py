@@ -35,7 +35,8 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
                    "order, as the reference does")
     p.add_argument("--calib-img-dir", type=Path, help="image folder of --calib-ann")
     p.add_argument("--calib-images", type=positive_int, default=1, help="number of calibration images "
-                   "(default 1, the reference's setting)")
+                   "(default 1, the reference's setting); with more, every quantizer calibrates on all of them "
+                   "(one forward per image, in lockstep: memory grows with N)")
     p.add_argument("--out", type=Path, help="artifact directory (default: repq-out/<ckpt name>-w<W>a<A>)")
     p.add_argument("--deploy-config", type=Path, help="deploy config (deploy_configs/*.py); default: "
                    "onnxruntime CPU, dynamic shapes, opset 17")

@@ -150,9 +150,62 @@ def test_bad_bits_are_user_errors(float_detector, w_bits, a_bits):
         quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)], w_bits, a_bits, progress=False)
 
 
-def test_more_than_one_calibration_image_is_a_user_error(float_detector):
-    with pytest.raises(UserError, match="exactly one image"):
-        quantize(copy.deepcopy(float_detector), [(IMG, IMG_HW)] * 2, 4, 4, progress=False)
+IMG2 = torch.randn(1, 3, 128, 96, generator=torch.Generator().manual_seed(1))
+IMG2_HW = torch.tensor([128.0, 90.0])
+
+
+def first_inputs(model, inputs) -> dict[str, list[torch.Tensor]]:
+    """Each quantizer's input at its first call, per image, from plain forwards of ``model``."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    for img, img_hw in inputs:
+        this: dict[str, torch.Tensor] = {}
+        def record(module, args, name):
+            this.setdefault(name, args[0].clone())  # returns None: the input is left as it is
+
+        hooks = [q.register_forward_pre_hook(lambda m, a, n=n: record(m, a, n)) for n, q in named_quantizers(model)]
+        with torch.no_grad():
+            model(img, img_hw)
+        for h in hooks:
+            h.remove()
+        for n, x in this.items():
+            seen.setdefault(n, []).append(x)
+    return seen
+
+
+def test_two_image_calibration_initialises_every_quantizer_from_both_images(float_detector):
+    from repq_export.quant.lockstep import initialize_from_many
+
+    inputs = [(IMG, IMG_HW), (IMG2, IMG2_HW)]
+    det = quantize(copy.deepcopy(float_detector), inputs, 4, 4, reparam=False, integer_bias=False, fold_bn=False,
+                   progress=False)
+    assert len(det.quant_settings.calibration_tensor_sha256) == 2
+    # Oracle: with every quantizer calibrated, a plain forward gives each quantizer the input it had
+    # during calibration (upstream was calibrated by then); re-initialising from both must agree.
+    seen = first_inputs(det, inputs)
+    one = quantize(copy.deepcopy(float_detector), inputs[:1], 4, 4, reparam=False, integer_bias=False,
+                   fold_bn=False, progress=False)
+    differs_from_one_image = 0
+    for (name, q), (_, q1) in zip(named_quantizers(det), named_quantizers(one)):
+        fresh = copy.deepcopy(q)
+        fresh.initialized.fill_(False)
+        initialize_from_many(fresh, seen[name])
+        assert torch.equal(fresh.scale, q.scale), name
+        if isinstance(q, UniformQuantizer):
+            assert torch.equal(fresh.zero_point, q.zero_point), name
+        differs_from_one_image += not torch.equal(q.scale, q1.scale)
+    assert differs_from_one_image > 20  # the second image changed most activation ranges
+
+
+def test_two_image_calibration_is_deterministic(float_detector):
+    inputs = [(IMG, IMG_HW), (IMG2, IMG2_HW)]
+    a = quantize(copy.deepcopy(float_detector), inputs, 4, 4, progress=False).state_dict()
+    b = quantize(copy.deepcopy(float_detector), inputs, 4, 4, progress=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_calibration_image_is_a_user_error(float_detector):
+    with pytest.raises(UserError, match="none given"):
+        quantize(copy.deepcopy(float_detector), [], 4, 4, progress=False)
 
 
 def test_calibration_without_detections_is_a_user_error(float_detector):

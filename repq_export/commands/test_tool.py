@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    "evaluate fake quant")
     p.add_argument("--a_bits", "--a_bit", "--a-bits", dest="a_bits", type=bits, help="activation bits (2..8)")
     p.add_argument("--calib-images", type=positive_int, default=1, help="calibration images, the first of the "
-                   "dataset in loader order (default 1, as the reference)")
+                   "dataset in loader order (default 1, as the reference; with more, every quantizer calibrates on "
+                   "all of them)")
     p.add_argument("--save-quant", type=Path, help="save the calibrated quantization state to this file")
     p.add_argument("--load-quant", type=Path, help="load a saved quantization state instead of calibrating")
     ref = p.add_argument_group("the reference's behaviour, to measure each of our departures (fake quant only; "

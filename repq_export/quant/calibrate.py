@@ -7,8 +7,9 @@ one more forward to re-initialise the three paired weight quantizers; their init
 depends only on the weights, so ``reparameterize`` re-initialises them directly and the second
 forward is not needed (every other quantizer is already initialised and would not change).
 
-More than one calibration image is not supported yet: doing it right needs every quantizer to
-see the inputs of all images, each produced by already-calibrated upstream quantizers.
+With several calibration images every quantizer initialises from the inputs of all of them, each
+produced by already-calibrated upstream quantizers: one forward per image, in lockstep at each
+quantizer (quant/lockstep.py). One image takes the plain single-forward path (the reference's).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from repq_export.errors import UserError
 from repq_export.quant.assign import check_bits, quantize_modules
 from repq_export.quant.layers import calibration_mode, named_quantizers
+from repq_export.quant.lockstep import run_lockstep
 from repq_export.quant.bn_fold import fold_batchnorms
 from repq_export.quant.integer_bias import snap_biases
 from repq_export.quant.reparam import reparameterize
@@ -76,7 +78,8 @@ def quantize(
     integer_bias: bool = True,
     fold_bn: bool = True,
 ) -> QuantDetector:
-    """Quantize ``detector`` in place (W``w_bits``/A``a_bits``) and calibrate it on one image.
+    """Quantize ``detector`` in place (W``w_bits``/A``a_bits``) and calibrate it on ``calib_images``
+    (one in the reference; several see quant/lockstep.py).
 
     ``reparam=False`` skips the reparameterization; ``integer_zero_point=False`` and
     ``exact_padding=False`` select the reference's fractional zero point and zero padding;
@@ -84,31 +87,30 @@ def quantize(
     BatchNorm after a quantized conv is folded into it, codes unchanged (quant/bn_fold.py).
     """
     w_bits, a_bits = check_bits("w_bits", w_bits), check_bits("a_bits", a_bits)
-    if len(calib_images) != 1:
-        raise UserError(
-            f"calibration images: exactly one image is supported (the reference's setting), got {len(calib_images)}"
-        )
-    img, img_hw = network_input(calib_images[0])
+    if len(calib_images) == 0:
+        raise UserError("calibration images: none given")
     device = next(detector.parameters()).device
-    img, img_hw = img.to(device), img_hw.to(device)
+    inputs = [tuple(t.to(device) for t in network_input(image)) for image in calib_images]
     detector.eval()
     quantize_modules(detector, w_bits, a_bits)
-    calibrate(detector, img, img_hw, progress)
+    calibrate(detector, inputs, progress)
     if reparam:
         reparameterize(detector, integer_zero_point, exact_padding)
     bn_folded = fold_bn and fold_batchnorms(detector) > 0
     if integer_bias:
         snap_biases(detector)
     detector.quant_settings = QuantSettings(
-        w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding, (tensor_sha256(img),),
+        w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding,
+        tuple(tensor_sha256(img) for img, _ in inputs),
         integer_bias, bn_folded,
     )
     return detector
 
 
 @torch.no_grad()
-def calibrate(detector: nn.Module, img: Tensor, img_hw: Tensor, progress: bool = True) -> None:
-    """One forward in calibration mode; every quantizer must have initialised afterwards."""
+def calibrate(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], progress: bool = True) -> None:
+    """One forward per ``(img, img_hw)`` in calibration mode (in lockstep if several); every
+    quantizer must have initialised afterwards."""
     quantizers = list(named_quantizers(detector))
     bar = tqdm(total=len(quantizers), desc="calibrating", unit="quantizer", disable=not progress)
     counted: set[int] = set()
@@ -121,7 +123,10 @@ def calibrate(detector: nn.Module, img: Tensor, img_hw: Tensor, progress: bool =
     hooks = [q.register_forward_hook(count) for _, q in quantizers]
     try:
         with calibration_mode(detector):
-            detector(img, img_hw)
+            if len(inputs) == 1:
+                detector(*inputs[0])
+            else:
+                run_lockstep(detector, [q for _, q in quantizers], inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -129,6 +134,6 @@ def calibrate(detector: nn.Module, img: Tensor, img_hw: Tensor, progress: bool =
     missing = [name for name, q in quantizers if not bool(q.initialized)]
     if missing:
         raise UserError(
-            f"calibration image: {len(missing)} quantizers saw no data (first: {missing[0]}); the image "
-            "probably gives no detection above the score threshold, so the mask head never ran: use another image"
+            f"calibration images: {len(missing)} quantizers saw no data (first: {missing[0]}); the image(s) "
+            "probably give no detection above the score threshold, so the mask head never ran: use other images"
         )
