@@ -16,7 +16,7 @@ def test_bundled_checkpoint_round_trips_byte_identically(name, ckpt, config, tmp
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert set(raw) == {"meta", "state_dict"} and raw["meta"]["mmdet_version"] == "2.11.0"
     assert raw["meta"]["CLASSES"] == ("ellipse", "rectangle", "triangle", "star")
-    assert ckpt.stat().st_size < 20 * 2**20
+    assert ckpt.stat().st_size < 32 * 2**20
     copy = save_checkpoint(raw, tmp_path / "copy.pth")
     assert copy.read_bytes() == ckpt.read_bytes()
     detector, info = load_checkpoint(copy, config)

@@ -33,7 +33,7 @@ def calibrated() -> nn.Module:
                 m.weight.copy_(1 + 0.5 * torch.randn_like(m.weight))
                 m.bias.copy_(0.5 * torch.randn_like(m.bias))
     quantize_modules(det, 4, 4)
-    calibrate(det, IMG, IMG_HW, progress=False)
+    calibrate(det, [(IMG, IMG_HW)], progress=False)
     return det
 
 
