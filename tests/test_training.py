@@ -201,6 +201,10 @@ def test_init_from_checkpoint_copies_backbone_neck_and_rpn_only(train_dir, tmp_p
     wide.neck.fpn_convs[0].conv = torch.nn.Conv2d(wide.neck.fpn_convs[0].conv.in_channels, 8, 3)
     with pytest.raises(UserError, match="same shape for neck.fpn_convs.0.conv.weight"):
         init_from_checkpoint(wide, path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for bad in (tmp_path / "missing.pth", tmp_path / "notes.txt"):
+        with pytest.raises(UserError, match="cannot read the checkpoint"):
+            init_from_checkpoint(wide, bad)
 
 
 def test_batches_keep_aspect_groups_apart_and_cover_each_epoch():

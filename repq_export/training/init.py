@@ -73,8 +73,8 @@ def init_from_checkpoint(detector: Detector, path: str | Path, parts: tuple[str,
     Returns the number of tensors copied."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise UserError(f"{path}: cannot read the checkpoint ({err})") from None
+    except Exception as err:  # missing, truncated, not a checkpoint, or objects weights_only refuses
+        raise UserError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from None
     source = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
     target = detector.state_dict()
     wanted = [k for k in target if k.startswith(parts)]
