@@ -4,7 +4,8 @@
 # and onnxruntime with the parity check at W6A6 and W4A4 (W8 is not exported).
 # Usage: benchmarks/synthetic_ap.sh [OUT_DIR] [VAL_SEED] [NUM_IMAGES]   (about 30-40 min on 2 cores)
 # Runs whose JSON is already in OUT_DIR are not repeated, so an interrupted run can be resumed;
-# STEPS picks what runs: any of float w8 w6 w4 departures parity (default: all).
+# STEPS picks what runs: any of float w8 w6 w4 departures parity (default: all; STEPS=none prints
+# the tables of what OUT_DIR holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/synthetic_ap}; seed=${2:-2}; n=${3:-200}
