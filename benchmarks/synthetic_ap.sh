@@ -4,7 +4,7 @@
 # and onnxruntime with the parity check at W6A6 and W4A4 (W8 is not exported).
 # Usage: benchmarks/synthetic_ap.sh [OUT_DIR] [VAL_SEED] [NUM_IMAGES]   (about 30-40 min on 2 cores)
 # Runs whose JSON is already in OUT_DIR are not repeated, so an interrupted run can be resumed;
-# STEPS picks what runs: any of float w8 w6 w4 departures parity (default: all; STEPS=none prints
+# STEPS picks what runs: any of float w8 w6 w4 departures calib parity (default: all; STEPS=none prints
 # the tables of what OUT_DIR holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ data="$out/val-seed$seed"
 [ -f "$data/annotations/instances_val.json" ] || $py tools/make_synthetic_coco.py --out "$data" --split val --num-images "$n" --seed "$seed"
 ann="$data/annotations/instances_val.json"; img="$data/val"
 models=${MODELS:-mask_rcnn_swin_synthetic cascade_mask_rcnn_swin_synthetic}
-want() { [[ " ${STEPS:-float w8 w6 w4 departures parity} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-float w8 w6 w4 departures calib parity} " == *" $1 "* ]]; }
 for model in $models; do
   cfg=configs/synthetic/$model.py; ckpt=repq_export/assets/$model.pth
   run() { tag=$1; shift; [ -f "$out/$model-$tag.json" ] && return 0  # done in an earlier, interrupted run
@@ -31,6 +31,7 @@ for model in $models; do
       run "w${b}a${b}-float-bias" --w_bits $b --a_bits $b --float-bias
       run "w${b}a${b}-reference" --w_bits $b --a_bits $b --fractional-zero-point --zero-padding --float-bias --float-bn
     fi
+    if [ "$b" = 4 ] && want calib; then run "w${b}a${b}-calib4" --w_bits $b --a_bits $b --calib-images 4; fi
     art="$out/$model-w${b}a${b}-artifact"
     { want parity && [ ! -f "$out/$model-w${b}a${b}-parity-ort.json" ]; } || continue
     $py -m repq_export.cli --ckpt "$ckpt" --config "$cfg" --bits $b --calib-ann "$ann" --calib-img-dir "$img" \
