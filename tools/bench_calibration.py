@@ -31,16 +31,9 @@ ARCH = "mask_rcnn_swin_t"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--size", type=bc.parse_size, default=bc.DEFAULT_SIZE,
-                        help="resized image HxW before padding to 32 (default %(default)s, padded to 800x1216)")
+    parser = bc.bench_parser(__doc__, "torch intra-op threads")
     parser.add_argument("--w-bits", type=int, default=4, help="weight bits (default 4)")
     parser.add_argument("--a-bits", type=int, default=4, help="activation bits (default 4)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads (default 2; use 1 when other jobs keep the cores busy)")
-    parser.add_argument("--seed", type=int, default=0, help="random-weight seed (default 0)")
     parser.add_argument("--skip-calibration", action="store_true", help="only part 2 (the search comparison)")
     parser.add_argument("--skip-search", action="store_true", help="only part 1 (calibration)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -125,6 +125,21 @@ def peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- inputs and models
 
 
+def bench_parser(doc: str, threads_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script has: the module docstring as help, ``--size``,
+    ``--threads`` (default 2) and ``--seed``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(doc.splitlines()[1:]))
+    parser.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
+                        help="resized image HxW before padding to 32 (default %(default)s: 800x1199, padded to "
+                             "800x1216, as the reference's first COCO val image)")
+    parser.add_argument("--threads", type=int, default=2, help=threads_help + " (default 2, this machine's cores; "
+                        "use 1 when other jobs keep the cores busy: oversubscribed threads wait on each other)")
+    parser.add_argument("--seed", type=int, default=0, help="random-weight seed (default 0)")
+    return parser
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'HxW' -> (h, w) of the resized image before padding."""
     try:

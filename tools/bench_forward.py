@@ -31,20 +31,11 @@ VARIANTS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--size", type=bc.parse_size, default=bc.DEFAULT_SIZE,
-                        help="resized image HxW before padding to 32 (default %(default)s: "
-                             "800x1199, padded to 800x1216, as the reference's first COCO val image)")
+    parser = bc.bench_parser(__doc__, "torch intra-op threads")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="what to run (default: all three)")
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per variant (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards first (default 1)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads (default 2, this machine's cores; use 1 when other jobs "
-                             "keep the cores busy: oversubscribed threads wait on each other)")
-    parser.add_argument("--seed", type=int, default=0, help="random-weight seed (default 0)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

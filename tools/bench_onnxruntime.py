@@ -48,17 +48,9 @@ KERNEL_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQu
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--size", type=bc.parse_size, default=bc.DEFAULT_SIZE,
-                        help="resized image HxW before padding to 32 (default %(default)s, padded to 800x1216)")
+    parser = bc.bench_parser(__doc__, "onnxruntime intra-op threads and torch threads for export/calibration")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (default 1)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="onnxruntime intra-op threads and torch threads for export/calibration "
-                             "(default 2; use 1 when other jobs keep the cores busy)")
-    parser.add_argument("--seed", type=int, default=0, help="random-weight seed (default 0)")
     parser.add_argument("--ort-calib-images", type=int, default=1,
                         help="images for quantize_static's calibration (default 1, as ours)")
     parser.add_argument("--ort-per-tensor", action="store_true",
