@@ -216,7 +216,8 @@ def test_calibration_without_detections_is_a_user_error(float_detector):
         quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
 
 
-def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detector):
+@pytest.mark.parametrize("sample", [0, 1, 2])
+def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detector, sample):
     from repq_export.evaluation.noise_floor import nudged_activations
 
     activations = [(n, q) for n, q in named_quantizers(quant_detector) if not n.endswith("weight_quantizer")]
@@ -228,14 +229,24 @@ def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detecto
     with torch.no_grad():
         plain = quant_detector(IMG, IMG_HW)
         hooks = [q.register_forward_pre_hook(record(before, n)) for n, q in activations]
-        with nudged_activations(quant_detector) as count:  # pre-hooks run in registration order
+        with nudged_activations(quant_detector, sample) as count:  # pre-hooks run in registration order
             hooks += [q.register_forward_pre_hook(record(after, n)) for n, q in activations]
             quant_detector(IMG, IMG_HW)
         for hook in hooks:
             hook.remove()
         again = quant_detector(IMG, IMG_HW)
     assert count == len(activations) > 20 and before.keys() == after.keys() == {n for n, _ in activations}
+    ups = downs = 0
     for name in before:
         for x, y in zip(before[name], after[name]):
-            assert torch.equal(y, torch.nextafter(x, torch.full_like(x, float("inf")))), name
+            up, down = torch.nextafter(x, torch.full_like(x, float("inf"))), torch.nextafter(x, torch.full_like(x, -float("inf")))
+            assert bool(((y == up) | (y == down)).all()), name  # every value exactly one ulp away
+            ups, downs = ups + int((y == up).sum()), downs + int((y == down).sum())
+    total = ups + downs
+    if sample == 0:
+        assert ups == total  # sample 0: all up
+    elif sample == 1:
+        assert downs == total  # sample 1: all down
+    else:
+        assert 0.45 < ups / total < 0.55  # later samples: each value up or down at random
     assert all(torch.equal(a, b) for a, b in zip(plain, again))  # the nudge is gone after the block

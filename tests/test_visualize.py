@@ -189,9 +189,14 @@ def test_parity_check_saves_pictures_and_plot(art, tmp_path, capsys):
 def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
     report = tmp_path / "parity.json"
     result = call_main(parity_tool.main, [art.path, "--ann", art.ann, "--img-dir", art.img_dir, "--max-images", 2,
-                                          "--quiet", "--noise-floor", "--json-out", report], capsys)
+                                          "--quiet", "--noise-floor", "3", "--json-out", report], capsys)
     assert result.rc in (0, 1), result.err
-    assert "noise floor (fake quant against itself" in result.out
+    assert "noise floor over 3 sample(s)" in result.out and "ort is with" in result.out
     floor = json.loads(report.read_text())["noise_floor"]
-    assert floor["nudged_quantizers"] > 20 and 0.0 <= floor["match_rate"] <= 1.0
-    assert abs(floor["bbox_mAP_delta"]) <= 1.0 and abs(floor["segm_mAP_delta"]) <= 1.0
+    assert [s["direction"] for s in floor["samples"]] == ["up", "down", "random"]
+    for s in floor["samples"]:
+        assert s["nudged_quantizers"] > 20 and 0.0 <= s["match_rate"] <= 1.0
+        assert abs(s["bbox_mAP_delta"]) <= 1.0 and abs(s["segm_mAP_delta"]) <= 1.0
+    assert floor["lowest_match_rate"] == min(s["match_rate"] for s in floor["samples"])
+    assert floor["largest_bbox_mAP_delta"] == max(abs(s["bbox_mAP_delta"]) for s in floor["samples"])
+    assert isinstance(floor["backend_within"], bool)

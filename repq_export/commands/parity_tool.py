@@ -43,9 +43,12 @@ def parser() -> argparse.ArgumentParser:
                    "relative error ||q(x) - x|| / ||x|| on the first image, layers whose tier-1 codes differ marked")
     p.add_argument("--score-thr", type=fraction, default=0.3, help="score threshold of the --save-images pictures "
                    "(default 0.3)")
-    p.add_argument("--noise-floor", action="store_true", help="also rerun fake quant with every activation "
-                   "quantizer's input moved by one float32 ulp and report how far its detections and AP move: the "
-                   "floor below which tier 2/3 differences are float rounding (does not change the verdict)")
+    p.add_argument("--noise-floor", type=positive_int, nargs="?", const=1, metavar="SAMPLES",
+                   help="also rerun fake quant SAMPLES times (default 1) with every activation quantizer's input "
+                   "moved by one float32 ulp (sample 1 all up, 2 all down, later ones each value up or down at "
+                   "random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
+                   "figures lie within that range: the floor below which differences are float rounding (does "
+                   "not change the verdict)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -68,9 +71,14 @@ def run(argv: list[str] | None) -> int:
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
-        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, progress=not args.quiet)
-        print(floor.line())
-        result["noise_floor"] = floor.as_dict()
+        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, args.noise_floor,
+                                    progress=not args.quiet)
+        for sample in floor.samples:
+            print(sample.line())
+        inside = floor.contains(report.detections.match_rate, report.ap_delta("bbox"), report.ap_delta("segm"),
+                                args.min_match_rate, args.ap_tolerance)
+        print(f"{floor.summary()}; {args.backend} is {'within' if inside else 'outside'} it")
+        result["noise_floor"] = {**floor.as_dict(), "backend_within": inside}
     if args.json_out:
         write_json(args.json_out, result)
     precision = f"W{manifest['w_bits']}A{manifest['a_bits']}"

@@ -26,16 +26,37 @@ from .evaluate import DatasetRun, ImageResult, run_image, score_run
 from .parity import DetectionSummary, match_detections
 
 
-def _nudge(module: nn.Module, args: tuple) -> tuple:
-    x = args[0]
-    return (torch.nextafter(x, torch.full_like(x, math.inf)), *args[1:])
+class _Nudge:
+    """Forward pre-hook moving a quantizer's input one ulp: all up, all down, or each value up or down
+    at random (one seeded generator shared by all hooks of a sample, so a sample is reproducible)."""
+
+    def __init__(self, direction: str, generator: torch.Generator | None = None) -> None:
+        self.direction, self.generator = direction, generator
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if self.direction == "random":
+            up = torch.rand(x.shape, generator=self.generator) < 0.5
+            target = torch.where(up.to(x.device), math.inf, -math.inf).to(x.dtype)
+        else:
+            target = torch.full_like(x, math.inf if self.direction == "up" else -math.inf)
+        return (torch.nextafter(x, target), *args[1:])
+
+
+def sample_direction(sample: int) -> str:
+    """Sample 0 moves every input up, sample 1 down, later samples at random (seed = sample)."""
+    return ("up", "down")[sample] if sample < 2 else "random"
 
 
 @contextmanager
-def nudged_activations(model: nn.Module) -> Iterator[int]:
-    """Inside the block every activation quantizer of ``model`` sees its input one ulp up (forward
-    pre-hooks, removed on exit); yields how many quantizers are nudged. Weights are left alone."""
-    hooks = [q.register_forward_pre_hook(_nudge) for name, q in named_quantizers(model)
+def nudged_activations(model: nn.Module, sample: int = 0) -> Iterator[int]:
+    """Inside the block every activation quantizer of ``model`` sees its input one ulp off (forward
+    pre-hooks, removed on exit; direction by ``sample_direction``); yields how many quantizers are
+    nudged. Weights are left alone."""
+    direction = sample_direction(sample)
+    generator = torch.Generator().manual_seed(sample) if direction == "random" else None
+    nudge = _Nudge(direction, generator)
+    hooks = [q.register_forward_pre_hook(nudge) for name, q in named_quantizers(model)
              if not name.endswith("weight_quantizer")]
     try:
         yield len(hooks)
@@ -46,8 +67,9 @@ def nudged_activations(model: nn.Module) -> Iterator[int]:
 
 @dataclass
 class NoiseFloor:
-    """Fake quant against itself nudged: tier-2 matching and the AP deltas (fractions)."""
+    """One sample: fake quant against itself nudged, tier-2 matching and the AP deltas (fractions)."""
 
+    sample: int
     quantizers: int
     detections: DetectionSummary
     bbox_delta: float
@@ -55,23 +77,66 @@ class NoiseFloor:
 
     def as_dict(self) -> dict:
         d = self.detections
-        return {"nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
+        return {"sample": self.sample, "direction": sample_direction(self.sample),
+                "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
                 "max_score_diff": d.max_score_diff, "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
 
     def line(self) -> str:
-        return (f"noise floor (fake quant against itself, {self.quantizers} activation inputs moved by 1 ulp): "
-                f"{100 * self.detections.match_rate:.1f}% of detections matched, AP delta box "
-                f"{100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
+        return (f"noise floor sample {self.sample} ({sample_direction(self.sample)}, {self.quantizers} activation "
+                f"inputs moved by 1 ulp): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
+                f"box {100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
+
+
+@dataclass
+class NoiseFloorSpread:
+    """All samples of the floor, and whether a backend's tier-2/3 figures lie inside their range."""
+
+    samples: list[NoiseFloor]
+
+    def lowest_match_rate(self) -> float:
+        return min(s.detections.match_rate for s in self.samples)
+
+    def largest_delta(self, metric: str) -> float:
+        """The largest |AP delta| of any sample, ``metric`` 'bbox' or 'segm' (a fraction)."""
+        return max(abs(s.bbox_delta if metric == "bbox" else s.segm_delta) for s in self.samples)
+
+    def contains(self, match_rate: float, bbox_delta: float, segm_delta: float, min_match_rate: float = 1.0,
+                 ap_tolerance: float = 0.0) -> bool:
+        """Whether a backend matches at least as many detections as the worst sample (or the tier-2 tolerance)
+        and moves each AP by no more than the largest sample did (or the tier-3 tolerance): then its
+        differences are no larger than float rounding makes them."""
+        return (match_rate >= min(self.lowest_match_rate(), min_match_rate)
+                and abs(bbox_delta) <= max(self.largest_delta("bbox"), ap_tolerance)
+                and abs(segm_delta) <= max(self.largest_delta("segm"), ap_tolerance))
+
+    def as_dict(self) -> dict:
+        return {"samples": [s.as_dict() for s in self.samples], "lowest_match_rate": self.lowest_match_rate(),
+                "largest_bbox_mAP_delta": self.largest_delta("bbox"),
+                "largest_segm_mAP_delta": self.largest_delta("segm")}
+
+    def summary(self) -> str:
+        rates = [100 * s.detections.match_rate for s in self.samples]
+        box = [100 * s.bbox_delta for s in self.samples]
+        mask = [100 * s.segm_delta for s in self.samples]
+        return (f"noise floor over {len(self.samples)} sample(s): {min(rates):.1f}-{max(rates):.1f}% matched, "
+                f"AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
 
 
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
-                        settings: PreprocessSettings, progress: bool = True) -> NoiseFloor:
-    """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) with nudged activations and compare."""
-    nudged_run, summary = DatasetRun(f"{ref.name}+1ulp"), DetectionSummary()
-    with nudged_activations(qmodel) as count:
-        for image in tqdm(ref_run.images, desc="noise floor", unit="img", disable=not progress, leave=False):
-            prep, net, dets = run_image(ref, image.path, settings)
-            nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
-            summary.add(match_detections(image.net, net))
-    ap_ref, ap = score_run(ref_run, dataset), score_run(nudged_run, dataset)
-    return NoiseFloor(count, summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"], ap["segm_mAP"] - ap_ref["segm_mAP"])
+                        settings: PreprocessSettings, samples: int = 1, progress: bool = True) -> NoiseFloorSpread:
+    """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) once per sample with nudged activations
+    and compare each rerun with ``ref_run``."""
+    ap_ref = score_run(ref_run, dataset)
+    floors = []
+    for sample in range(samples):
+        nudged_run, summary = DatasetRun(f"{ref.name}+1ulp#{sample}"), DetectionSummary()
+        with nudged_activations(qmodel, sample) as count:
+            for image in tqdm(ref_run.images, desc=f"noise floor {sample + 1}/{samples}", unit="img",
+                              disable=not progress, leave=False):
+                prep, net, dets = run_image(ref, image.path, settings)
+                nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
+                summary.add(match_detections(image.net, net))
+        ap = score_run(nudged_run, dataset)
+        floors.append(NoiseFloor(sample, count, summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
+                                 ap["segm_mAP"] - ap_ref["segm_mAP"]))
+    return NoiseFloorSpread(floors)
