@@ -1,11 +1,15 @@
 """The noise-floor spread: its range over samples and the 'backend within the floor' rule."""
 
-from repq_export.evaluation.noise_floor import NoiseFloor, NoiseFloorSpread, sample_direction
-from repq_export.evaluation.parity import DetectionSummary
+import math
+
+import torch
+
+from repq_export.evaluation.noise_floor import NoiseFloor, NoiseFloorSpread, move_ulps, sample_direction
+from repq_export.evaluation.parity import CodeReport, DetectionSummary, add_float_difference
 
 
 def floor(sample: int, matched: int, bbox: float, segm: float) -> NoiseFloor:
-    return NoiseFloor(sample, 50, DetectionSummary(images=1, ref=100, got=100, matched=matched), bbox, segm)
+    return NoiseFloor(sample, 1, 50, DetectionSummary(images=1, ref=100, got=100, matched=matched), bbox, segm)
 
 
 SPREAD = NoiseFloorSpread([floor(0, 95, -0.004, 0.001), floor(1, 93, 0.002, -0.003), floor(2, 96, 0.0, 0.0)])
@@ -29,3 +33,25 @@ def test_tolerances_widen_a_floor_that_never_moved():
     still = NoiseFloorSpread([floor(0, 100, 0.0, 0.0)])
     assert not still.contains(0.995, 0.0005, 0.0)
     assert still.contains(0.995, 0.0005, 0.0, min_match_rate=0.99, ap_tolerance=0.001)
+
+
+def test_move_ulps_equals_repeated_nextafter():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=gen) * torch.exp(4 * torch.randn(20000, generator=gen))
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1e-45, -1e-45, 2e-45, 1.0, -1.0])])  # zero crossings, exponent edges
+    for k in (1, 3, 17):
+        up, down = x, x
+        for _ in range(k):
+            up = torch.nextafter(up, torch.full_like(x, math.inf))
+            down = torch.nextafter(down, torch.full_like(x, -math.inf))
+        assert torch.equal(move_ulps(x, torch.full(x.shape, k)), up)
+        assert torch.equal(move_ulps(x, torch.full(x.shape, -k)), down)
+
+
+def test_float_difference_counts_values_and_equivalent_ulps():
+    x = torch.tensor([1.0, 1.25, 1.5, 1.75])  # one binade: ulp 2^-23 each
+    moved = torch.tensor([0, 2, 2, -2])
+    report = CodeReport("call", "uniform")
+    add_float_difference(report, x.numpy(), move_ulps(x, moved).numpy())
+    assert (report.float_values, report.float_differ) == (4, 3)
+    assert report.float_abs_diff / report.float_ulp_sum == 1.5  # 6 ulps moved over 4 values

@@ -216,8 +216,8 @@ def test_calibration_without_detections_is_a_user_error(float_detector):
         quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
 
 
-@pytest.mark.parametrize("sample", [0, 1, 2])
-def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detector, sample):
+@pytest.mark.parametrize("sample, ulps", [(0, 1), (1, 1), (2, 1), (2, 5)])
+def test_nudged_activations_move_every_activation_input_by_k_ulps(quant_detector, sample, ulps):
     from repq_export.evaluation.noise_floor import nudged_activations
 
     activations = [(n, q) for n, q in named_quantizers(quant_detector) if not n.endswith("weight_quantizer")]
@@ -229,7 +229,7 @@ def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detecto
     with torch.no_grad():
         plain = quant_detector(IMG, IMG_HW)
         hooks = [q.register_forward_pre_hook(record(before, n)) for n, q in activations]
-        with nudged_activations(quant_detector, sample) as count:  # pre-hooks run in registration order
+        with nudged_activations(quant_detector, sample, ulps) as count:  # pre-hooks run in registration order
             hooks += [q.register_forward_pre_hook(record(after, n)) for n, q in activations]
             quant_detector(IMG, IMG_HW)
         for hook in hooks:
@@ -239,8 +239,10 @@ def test_nudged_activations_move_every_activation_input_by_one_ulp(quant_detecto
     ups = downs = 0
     for name in before:
         for x, y in zip(before[name], after[name]):
-            up, down = torch.nextafter(x, torch.full_like(x, float("inf"))), torch.nextafter(x, torch.full_like(x, -float("inf")))
-            assert bool(((y == up) | (y == down)).all()), name  # every value exactly one ulp away
+            up, down = x, x
+            for _ in range(ulps):
+                up, down = torch.nextafter(up, torch.full_like(x, float("inf"))), torch.nextafter(down, torch.full_like(x, -float("inf")))
+            assert bool(((y == up) | (y == down)).all()), name  # every value exactly `ulps` ulps away
             ups, downs = ups + int((y == up).sum()), downs + int((y == down).sum())
     total = ups + downs
     if sample == 0:

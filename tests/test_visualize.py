@@ -192,7 +192,11 @@ def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
                                           "--quiet", "--noise-floor", "3", "--json-out", report], capsys)
     assert result.rc in (0, 1), result.err
     assert "noise floor over 3 sample(s)" in result.out and "ort is with" in result.out
-    floor = json.loads(report.read_text())["noise_floor"]
+    parity = json.loads(report.read_text())
+    floor = parity["noise_floor"]
+    diff = parity["tier1_codes"]["float_difference"]  # torch vs onnxruntime inputs before the first flip
+    assert diff["values"] > 100_000 and 0 <= diff["differ"] <= diff["values"] and diff["equivalent_ulps"] >= 0
+    assert "float parts        before the first flip" in result.out
     assert [s["direction"] for s in floor["samples"]] == ["up", "down", "random"]
     for s in floor["samples"]:
         assert s["nudged_quantizers"] > 20 and 0.0 <= s["match_rate"] <= 1.0

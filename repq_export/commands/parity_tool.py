@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    "random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
                    "figures lie within that range: the floor below which differences are float rounding (does "
                    "not change the verdict)")
+    p.add_argument("--noise-ulps", type=positive_int, default=1, metavar="K", help="move each input by K ulps "
+                   "instead of 1 (the check prints how many ulps the backend's float parts differ by before the "
+                   "first flipped code: pick K from that line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -71,7 +74,7 @@ def run(argv: list[str] | None) -> int:
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
-        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, args.noise_floor,
+        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, args.noise_floor, args.noise_ulps,
                                     progress=not args.quiet)
         for sample in floor.samples:
             print(sample.line())

@@ -1,21 +1,20 @@
 """The noise floor of parity tiers 2 and 3: how far fake quant moves from itself when the input of
-every activation quantizer moves by one float32 ulp.
+every activation quantizer moves by a few float32 ulps.
 
 Two float implementations of the same network (torch and onnxruntime or TensorRT kernels) differ
-by about that much before each quantizer; in a 4-bit network the values that sit on a rounding
+by that much before each quantizer (the parity check measures how many ulps); in a 4-bit network the values that sit on a rounding
 boundary then flip a code and the flips propagate. A backend whose detections and AP differ from
 fake quant by about as much as this floor differs by float rounding, not by its quantization.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.coco import CocoDataset
@@ -26,21 +25,34 @@ from .evaluate import DatasetRun, ImageResult, run_image, score_run
 from .parity import DetectionSummary, match_detections
 
 
-class _Nudge:
-    """Forward pre-hook moving a quantizer's input one ulp: all up, all down, or each value up or down
-    at random (one seeded generator shared by all hooks of a sample, so a sample is reproducible)."""
+def move_ulps(x: Tensor, steps: Tensor) -> Tensor:
+    """``x`` (float32) moved by ``steps`` float32 ulps each (positive = up in value), exactly: on the bit
+    pattern, whose magnitude part counts ulps; magnitudes stop at 0 and at the largest finite float."""
+    bits = x.contiguous().view(torch.int32)
+    negative = bits < 0
+    magnitude = (bits & 0x7FFFFFFF).to(torch.int64) + torch.where(negative, -steps, steps)
+    crossed = magnitude < 0  # moved through zero: continue on the other side
+    magnitude = torch.clamp(magnitude.abs(), 0, 0x7F7FFFFF)
+    sign = (negative ^ crossed) & (magnitude > 0)
+    moved = (magnitude | (sign.long() << 31)).to(torch.int64)
+    return torch.where(moved >= 2**31, moved - 2**32, moved).to(torch.int32).view(torch.float32)
 
-    def __init__(self, direction: str, generator: torch.Generator | None = None) -> None:
-        self.direction, self.generator = direction, generator
+
+class _Nudge:
+    """Forward pre-hook moving a quantizer's input ``ulps`` ulps: all up, all down, or each value up or
+    down at random (one seeded generator shared by all hooks of a sample, so a sample is reproducible)."""
+
+    def __init__(self, direction: str, ulps: int = 1, generator: torch.Generator | None = None) -> None:
+        self.direction, self.ulps, self.generator = direction, ulps, generator
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         if self.direction == "random":
-            up = torch.rand(x.shape, generator=self.generator) < 0.5
-            target = torch.where(up.to(x.device), math.inf, -math.inf).to(x.dtype)
+            up = (torch.rand(x.shape, generator=self.generator) < 0.5).to(x.device)
+            steps = torch.where(up, self.ulps, -self.ulps)
         else:
-            target = torch.full_like(x, math.inf if self.direction == "up" else -math.inf)
-        return (torch.nextafter(x, target), *args[1:])
+            steps = torch.full(x.shape, self.ulps if self.direction == "up" else -self.ulps, device=x.device)
+        return (move_ulps(x.float(), steps.long()).to(x.dtype), *args[1:])
 
 
 def sample_direction(sample: int) -> str:
@@ -49,13 +61,13 @@ def sample_direction(sample: int) -> str:
 
 
 @contextmanager
-def nudged_activations(model: nn.Module, sample: int = 0) -> Iterator[int]:
-    """Inside the block every activation quantizer of ``model`` sees its input one ulp off (forward
-    pre-hooks, removed on exit; direction by ``sample_direction``); yields how many quantizers are
-    nudged. Weights are left alone."""
+def nudged_activations(model: nn.Module, sample: int = 0, ulps: int = 1) -> Iterator[int]:
+    """Inside the block every activation quantizer of ``model`` sees its input ``ulps`` float32 ulps off
+    (forward pre-hooks, removed on exit; direction by ``sample_direction``); yields how many quantizers
+    are nudged. Weights are left alone."""
     direction = sample_direction(sample)
     generator = torch.Generator().manual_seed(sample) if direction == "random" else None
-    nudge = _Nudge(direction, generator)
+    nudge = _Nudge(direction, ulps, generator)
     hooks = [q.register_forward_pre_hook(nudge) for name, q in named_quantizers(model)
              if not name.endswith("weight_quantizer")]
     try:
@@ -70,6 +82,7 @@ class NoiseFloor:
     """One sample: fake quant against itself nudged, tier-2 matching and the AP deltas (fractions)."""
 
     sample: int
+    ulps: int
     quantizers: int
     detections: DetectionSummary
     bbox_delta: float
@@ -77,13 +90,13 @@ class NoiseFloor:
 
     def as_dict(self) -> dict:
         d = self.detections
-        return {"sample": self.sample, "direction": sample_direction(self.sample),
+        return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps,
                 "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
                 "max_score_diff": d.max_score_diff, "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
 
     def line(self) -> str:
         return (f"noise floor sample {self.sample} ({sample_direction(self.sample)}, {self.quantizers} activation "
-                f"inputs moved by 1 ulp): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
+                f"inputs moved by {self.ulps} ulp): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
                 f"box {100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
 
 
@@ -118,25 +131,26 @@ class NoiseFloorSpread:
         rates = [100 * s.detections.match_rate for s in self.samples]
         box = [100 * s.bbox_delta for s in self.samples]
         mask = [100 * s.segm_delta for s in self.samples]
-        return (f"noise floor over {len(self.samples)} sample(s): {min(rates):.1f}-{max(rates):.1f}% matched, "
+        return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps} ulp: {min(rates):.1f}-{max(rates):.1f}% matched, "
                 f"AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
 
 
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
-                        settings: PreprocessSettings, samples: int = 1, progress: bool = True) -> NoiseFloorSpread:
-    """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) once per sample with nudged activations
-    and compare each rerun with ``ref_run``."""
+                        settings: PreprocessSettings, samples: int = 1, ulps: int = 1,
+                        progress: bool = True) -> NoiseFloorSpread:
+    """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) once per sample with activations nudged
+    by ``ulps`` ulps and compare each rerun with ``ref_run``."""
     ap_ref = score_run(ref_run, dataset)
     floors = []
     for sample in range(samples):
-        nudged_run, summary = DatasetRun(f"{ref.name}+1ulp#{sample}"), DetectionSummary()
-        with nudged_activations(qmodel, sample) as count:
+        nudged_run, summary = DatasetRun(f"{ref.name}+{ulps}ulp#{sample}"), DetectionSummary()
+        with nudged_activations(qmodel, sample, ulps) as count:
             for image in tqdm(ref_run.images, desc=f"noise floor {sample + 1}/{samples}", unit="img",
                               disable=not progress, leave=False):
                 prep, net, dets = run_image(ref, image.path, settings)
                 nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
                 summary.add(match_detections(image.net, net))
         ap = score_run(nudged_run, dataset)
-        floors.append(NoiseFloor(sample, count, summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
+        floors.append(NoiseFloor(sample, ulps, count, summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
                                  ap["segm_mAP"] - ap_ref["segm_mAP"]))
     return NoiseFloorSpread(floors)

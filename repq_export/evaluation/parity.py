@@ -47,6 +47,11 @@ class CodeReport:
     mismatches: int = 0
     tie_mismatches: int = 0
     drift: int | None = None  # codes that differ between the torch run and the backend's own run
+    # float inputs of the two runs where no earlier call flipped a code (see `compare_drift`):
+    float_values: int = 0  # values compared
+    float_differ: int = 0  # values that differ at all
+    float_abs_diff: float = 0.0  # sum of |x_torch - x_backend|
+    float_ulp_sum: float = 0.0  # sum of ulp(x_torch)
 
 
 def _codes(q: nn.Module, x: torch.Tensor, shifted: bool) -> np.ndarray:
@@ -78,10 +83,12 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
     Tier 1 proves each lowering exact on the same input; this shows where float differences
     between the two runs (LayerNorm, GELU, softmax, accumulation order) first flip a code, and how
     the flips grow downstream. It covers the backbone, neck and RPN: RoI-head inputs follow the
-    proposals, whose order may differ even where their number agrees.
+    proposals, whose order may differ even where their number agrees. Up to the first call that
+    flips a code, the two runs' inputs differ by float rounding alone; their size is recorded.
     """
     quantizers = dict(named_quantizers(qmodel))
     calls: dict[str, int] = {}
+    flipped = False
     for probe in probes:
         index = calls.get(probe.quantizer, 0)
         calls[probe.quantizer] = index + 1
@@ -95,7 +102,21 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         a = _codes(q, x_torch[0].float().cpu(), probe.kind == "shifted")
         b = _codes(q, torch.from_numpy(x_backend), probe.kind == "shifted")
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
-        report.drift = (report.drift or 0) + int((a != b).sum())
+        flips = int((a != b).sum())
+        report.drift = (report.drift or 0) + flips
+        if not flipped:  # inputs differ by float rounding alone: measure by how much
+            add_float_difference(report, x_torch[0].float().cpu().numpy(), x_backend)
+        flipped = flipped or flips > 0
+
+
+def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.ndarray) -> None:
+    """Add how far two runs' float inputs of a quantizer differ: count, and |difference| against ulp(x)."""
+    x_torch, x_backend = x_torch.reshape(-1), x_backend.reshape(-1)
+    diff = np.abs(x_torch.astype(np.float64) - x_backend.astype(np.float64))
+    report.float_values += int(diff.size)
+    report.float_differ += int((diff > 0).sum())
+    report.float_abs_diff += float(diff.sum())
+    report.float_ulp_sum += float(np.spacing(np.abs(x_torch)).astype(np.float64).sum())
 
 
 def _scope_to_module(scope: str) -> str:

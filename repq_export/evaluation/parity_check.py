@@ -59,6 +59,17 @@ class ParityReport:
         return next(((r.call, r.drift) for r in self.codes if r.drift), None)
 
     @property
+    def float_difference(self) -> tuple[int, int, float] | None:
+        """Before the first flipped code: (values compared, values that differ, equivalent ulps), where
+        equivalent ulps = sum |x_torch - x_backend| / sum ulp(x_torch): a noise floor that moves every
+        input by that many ulps moves the inputs as far in total (and flips as many codes, to first order)."""
+        values = sum(r.float_values for r in self.codes)
+        if not values:
+            return None
+        ulps = sum(r.float_ulp_sum for r in self.codes)
+        return values, sum(r.float_differ for r in self.codes), sum(r.float_abs_diff for r in self.codes) / ulps
+
+    @property
     def tier1_ok(self) -> bool | None:
         return None if not self.codes else self.first_bad_layer is None
 
@@ -86,6 +97,8 @@ class ParityReport:
                             "mismatches": self.code_mismatches, "tie_mismatches": self.code_tie_mismatches,
                             "first_bad_layer": self.first_bad_layer,
                             "first_drift": self.first_drift,
+                            "float_difference": None if self.float_difference is None else dict(
+                                zip(("values", "differ", "equivalent_ulps"), self.float_difference)),
                             "per_call": [asdict(r) for r in self.codes]},
             "tier2_detections": {"pass": self.tier2_ok, "ref": d.ref, "backend": d.got, "matched": d.matched,
                                  "match_rate": d.match_rate, "min_iou": d.min_iou,
@@ -110,6 +123,10 @@ class ParityReport:
             total = sum(r.drift or 0 for r in self.codes)
             drift = (f"\n  drift              float differences between the two runs first flip {self.first_drift[1]} "
                      f"code(s) at {self.first_drift[0]}; {total} flips in backbone, neck and RPN")
+        if self.float_difference:
+            values, differ, ulps = self.float_difference
+            drift += (f"\n  float parts        before the first flip {100 * differ / values:.1f}% of {values} quantizer "
+                      f"input values differ between the runs, {ulps:.2f} ulp on average (--noise-ulps)")
         lines = [
             f"parity: fake quant vs {self.backend} on {self.images} images",
             f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}{drift}",
