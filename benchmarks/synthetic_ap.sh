@@ -5,7 +5,8 @@
 # Usage: benchmarks/synthetic_ap.sh [OUT_DIR] [VAL_SEED] [NUM_IMAGES]   (about 30-40 min on 2 cores)
 # Runs whose JSON is already in OUT_DIR are not repeated, so an interrupted run can be resumed;
 # STEPS picks what runs: any of float w8 w6 w4 departures calib parity (default: all; STEPS=none prints
-# the tables of what OUT_DIR holds). NOISE_SAMPLES: samples of the parity noise floor (default 4).
+# the tables of what OUT_DIR holds). NOISE_SAMPLES / NOISE_ULPS: samples and
+# step of the parity noise floor (default 3, auto: the backend's measured float difference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/synthetic_ap}; seed=${2:-2}; n=${3:-200}
@@ -36,7 +37,8 @@ for model in $models; do
     { want parity && [ ! -f "$out/$model-w${b}a${b}-parity-ort.json" ]; } || continue
     $py -m repq_export.cli --ckpt "$ckpt" --config "$cfg" --bits $b --calib-ann "$ann" --calib-img-dir "$img" \
         --out "$art" --force --quiet | tail -1
-    $py tools/parity_check.py "$art" --ann "$ann" --img-dir "$img" --quiet --noise-floor "${NOISE_SAMPLES:-4}" \
+    $py tools/parity_check.py "$art" --ann "$ann" --img-dir "$img" --quiet --noise-floor "${NOISE_SAMPLES:-3}" \
+        --noise-ulps "${NOISE_ULPS:-auto}" \
         --json-out "$out/$model-w${b}a${b}-parity-ort.json" || true
   done
 done
@@ -57,8 +59,9 @@ for model in models:
             f"{100 * (r['bbox_mAP'] - base['bbox_mAP']):+.1f} / {100 * (r['segm_mAP'] - base['segm_mAP']):+.1f}"
         print(f"| {model} | {tag} | {100 * r['bbox_mAP']:.1f} | {100 * r['segm_mAP']:.1f} | {delta} |")
 print("\n| model | precision | tier 1: codes differing | tier 2: matched | tier 3: box / mask AP delta (points) "
-      "| verdict | noise floor: samples, matched, box / mask AP delta | within the floor |")
-print("|---|---|---|---|---|---|---|---|")
+      "| verdict | float parts differ by (ulp) | noise floor: samples x step, matched, box / mask AP delta "
+      "| within the floor |")
+print("|---|---|---|---|---|---|---|---|---|")
 span = lambda values, fmt: fmt.format(min(values)) if min(values) == max(values) else \
     f"{fmt.format(min(values))}..{fmt.format(max(values))}"
 for model in models:
@@ -68,12 +71,14 @@ for model in models:
         d = [100 * (t3[f"{m}_mAP_backend"] - t3[f"{m}_mAP_fake_quant"]) for m in ("bbox", "segm")]
         precision = p.name[len(model) + 1:].split("-")[0].upper()
         nf, floor, within = r.get("noise_floor"), "-", "-"
+        fd = t1.get("float_difference")
+        ulps = "-" if not fd else f"{fd['equivalent_ulps']:.2f}"
         if nf is not None:
             s = nf["samples"]
-            floor = (f"{len(s)}, {span([100 * x['match_rate'] for x in s], '{:.1f}%')}, "
+            floor = (f"{len(s)} x {s[0].get('ulps', 1)} ulp, {span([100 * x['match_rate'] for x in s], '{:.1f}%')}, "
                      f"{span([100 * x['bbox_mAP_delta'] for x in s], '{:+.2f}')} / "
                      f"{span([100 * x['segm_mAP_delta'] for x in s], '{:+.2f}')}")
             within = "yes" if nf["backend_within"] else "no"
         print(f"| {model} | {precision} | {t1['mismatches']} of {t1['elements']} | {100 * t2['match_rate']:.1f}% "
-              f"| {d[0]:+.2f} / {d[1]:+.2f} | {'PASS' if r['pass'] else 'FAIL'} | {floor} | {within} |")
+              f"| {d[0]:+.2f} / {d[1]:+.2f} | {'PASS' if r['pass'] else 'FAIL'} | {ulps} | {floor} | {within} |")
 PY

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import cv2
 import numpy as np
@@ -189,7 +190,8 @@ def test_parity_check_saves_pictures_and_plot(art, tmp_path, capsys):
 def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
     report = tmp_path / "parity.json"
     result = call_main(parity_tool.main, [art.path, "--ann", art.ann, "--img-dir", art.img_dir, "--max-images", 2,
-                                          "--quiet", "--noise-floor", "3", "--json-out", report], capsys)
+                                          "--quiet", "--noise-floor", "3", "--noise-ulps", "auto", "--json-out", report],
+                       capsys)
     assert result.rc in (0, 1), result.err
     assert "noise floor over 3 sample(s)" in result.out and "ort is with" in result.out
     parity = json.loads(report.read_text())
@@ -198,6 +200,7 @@ def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
     assert diff["values"] > 100_000 and 0 <= diff["differ"] <= diff["values"] and diff["equivalent_ulps"] >= 0
     assert "float parts        before the first flip" in result.out
     assert [s["direction"] for s in floor["samples"]] == ["up", "down", "random"]
+    assert {s["ulps"] for s in floor["samples"]} == {max(1, math.ceil(diff["equivalent_ulps"]))}  # auto
     for s in floor["samples"]:
         assert s["nudged_quantizers"] > 20 and 0.0 <= s["match_rate"] <= 1.0
         assert abs(s["bbox_mAP_delta"]) <= 1.0 and abs(s["segm_mAP_delta"]) <= 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..data.coco import CocoDataset
@@ -49,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    "random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
                    "figures lie within that range: the floor below which differences are float rounding (does "
                    "not change the verdict)")
-    p.add_argument("--noise-ulps", type=positive_int, default=1, metavar="K", help="move each input by K ulps "
-                   "instead of 1 (the check prints how many ulps the backend's float parts differ by before the "
-                   "first flipped code: pick K from that line)")
+    p.add_argument("--noise-ulps", type=ulps_option, default=1, metavar="K", help="move each input by K ulps "
+                   "instead of 1; 'auto': by the backend's own measured float difference (the 'float parts' line: "
+                   "average ulps before the first flipped code, rounded up; needs the tier-1 probe)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -74,8 +75,8 @@ def run(argv: list[str] | None) -> int:
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
-        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, args.noise_floor, args.noise_ulps,
-                                    progress=not args.quiet)
+        floor = measure_noise_floor(qmodel, ref, ref_run, dataset, settings, args.noise_floor,
+                                    floor_ulps(args.noise_ulps, report), progress=not args.quiet)
         for sample in floor.samples:
             print(sample.line())
         inside = floor.contains(report.detections.match_rate, report.ap_delta("bbox"), report.ap_delta("segm"),
@@ -97,6 +98,21 @@ def run(argv: list[str] | None) -> int:
                           f"{ref_run.images[0].path.name}")
         print(f"wrote {args.save_plot}")
     return 0 if report.ok else 1
+
+
+def ulps_option(text: str) -> int | str:
+    """--noise-ulps: a positive integer or 'auto'."""
+    return text if text == "auto" else positive_int(text)
+
+
+def floor_ulps(option: int | str, report) -> int:
+    """The noise floor's step in ulps: as given, or for 'auto' the measured float difference rounded up."""
+    if option != "auto":
+        return option
+    if report.float_difference is None:
+        print("--noise-ulps auto: no float difference was measured (no tier-1 probe); using 1 ulp")
+        return 1
+    return max(1, math.ceil(report.float_difference[2]))
 
 
 def check_picture_paths(args: argparse.Namespace) -> None:
