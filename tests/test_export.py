@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from repq_export.evaluation.parity import compare_codes, find_code_probes, match_detections, with_probe_outputs
+from repq_export.evaluation.parity import (_backend_output, compare_codes, compare_float_parts, find_code_probes,
+                                          match_detections, with_probe_outputs)
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.build import build_detector
@@ -93,6 +94,32 @@ def test_codes_of_every_quantizer_equal_fake_quant(exported):
     compare_codes(qmodel, probes, values, reports)
     assert sum(r.elements for r in reports.values()) > 1_000_000
     assert sum(r.mismatches - r.tie_mismatches for r in reports.values()) == 0
+
+
+def test_float_parts_fed_the_backend_codes(exported):
+    """The teacher-forced torch run behind the parity check's 'float parts' line: each quantizer's
+    forced output is exactly what fake quant makes of the backend's input (tier 1 makes them equal),
+    the image enters both runs identically, and later inputs differ by float rounding only."""
+    _, qmodel, img, path, proto = exported
+    quantizers = dict(named_quantizers(qmodel))
+    probes = find_code_probes(proto, set(quantizers))
+    debug = ort.InferenceSession(with_probe_outputs(proto, probes).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in debug.get_outputs()],
+                      debug.run(None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})))
+    for probe in probes:
+        q = quantizers[probe.quantizer]
+        with torch.no_grad():
+            want = q(torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32)))
+        assert torch.equal(_backend_output(q, probe, values).reshape(want.shape), want), probe.call
+    reports = {}
+    compare_float_parts(qmodel, probes, values, img, IMG_HW, reports)
+    first = reports[probes[0].call]
+    assert first.float_values > 0 and first.float_differ == 0  # the normalized image itself
+    measured = [r for r in reports.values() if r.float_values]
+    assert len(measured) > 20 and not any(r.call.startswith("/roi_head") for r in measured)
+    ulps = sum(r.float_abs_diff for r in measured) / sum(r.float_ulp_sum for r in measured)
+    assert 0 < ulps < 16  # rounding-sized: a wrongly forced output would move later inputs by whole steps
 
 
 def test_default_optimization_level_equals_unoptimized(exported):

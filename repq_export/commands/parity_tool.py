@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    "not change the verdict)")
     p.add_argument("--noise-ulps", type=ulps_option, default=1, metavar="K", help="move each input by K ulps "
                    "instead of 1; 'auto': by the backend's own measured float difference (the 'float parts' line: "
-                   "average ulps before the first flipped code, rounded up; needs the tier-1 probe)")
+                   "average ulps with both runs fed the same codes, rounded up; needs the tier-1 probe)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

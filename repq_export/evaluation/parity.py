@@ -47,7 +47,7 @@ class CodeReport:
     mismatches: int = 0
     tie_mismatches: int = 0
     drift: int | None = None  # codes that differ between the torch run and the backend's own run
-    # float inputs of the two runs where no earlier call flipped a code (see `compare_drift`):
+    # the call's float input in both runs, every earlier quantizer fed the backend's codes (`compare_float_parts`):
     float_values: int = 0  # values compared
     float_differ: int = 0  # values that differ at all
     float_abs_diff: float = 0.0  # sum of |x_torch - x_backend|
@@ -83,12 +83,10 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
     Tier 1 proves each lowering exact on the same input; this shows where float differences
     between the two runs (LayerNorm, GELU, softmax, accumulation order) first flip a code, and how
     the flips grow downstream. It covers the backbone, neck and RPN: RoI-head inputs follow the
-    proposals, whose order may differ even where their number agrees. Up to the first call that
-    flips a code, the two runs' inputs differ by float rounding alone; their size is recorded.
+    proposals, whose order may differ even where their number agrees.
     """
     quantizers = dict(named_quantizers(qmodel))
     calls: dict[str, int] = {}
-    flipped = False
     for probe in probes:
         index = calls.get(probe.quantizer, 0)
         calls[probe.quantizer] = index + 1
@@ -102,11 +100,55 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         a = _codes(q, x_torch[0].float().cpu(), probe.kind == "shifted")
         b = _codes(q, torch.from_numpy(x_backend), probe.kind == "shifted")
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
-        flips = int((a != b).sum())
-        report.drift = (report.drift or 0) + flips
-        if not flipped:  # inputs differ by float rounding alone: measure by how much
-            add_float_difference(report, x_torch[0].float().cpu().numpy(), x_backend)
-        flipped = flipped or flips > 0
+        report.drift = (report.drift or 0) + int((a != b).sum())
+
+
+def _backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]) -> torch.Tensor:
+    """What quantizer ``q`` outputs in fake quant for the codes the backend computed at this call."""
+    got = torch.from_numpy(np.asarray(values[probe.codes]))
+    if isinstance(q, LogSqrt2Quantizer):
+        return got.float()  # the lowering's output is the table value itself
+    offset = 2 ** (q.bits - 1) - q.zero_point.item() if probe.kind == "shifted" else 0.0
+    return (got.float() + offset) * q.scale  # (q - zp) * d, as fake quant computes it
+
+
+@torch.no_grad()
+def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+                        img: torch.Tensor, img_hw: torch.Tensor, reports: dict[str, CodeReport]) -> None:
+    """How far the two runs' float parts differ, segment by segment: a torch forward in which every
+    quantizer call outputs the backend's codes for that call, so that each quantizer's input differs
+    between the runs only by the float ops since the previous quantizers (the size a noise floor
+    should nudge by). Backbone, neck and RPN, as `compare_drift`.
+    """
+    quantizers = dict(named_quantizers(qmodel))
+    by_call: dict[tuple[str, int], CodeProbe] = {}
+    for probe in probes:
+        index = sum(1 for name, _ in by_call if name == probe.quantizer)
+        by_call[(probe.quantizer, index)] = probe
+    counts: dict[str, int] = {}
+
+    def force(name: str):
+        def hook(module, args, out):
+            index = counts.get(name, 0)
+            counts[name] = index + 1
+            probe = by_call.get((name, index))
+            if probe is None or name.startswith("roi_head."):
+                return None
+            x_backend = np.asarray(values[probe.x], dtype=np.float32)
+            if tuple(args[0].shape) != x_backend.shape:
+                return None
+            report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
+            add_float_difference(report, args[0].float().cpu().numpy(), x_backend)
+            return _backend_output(module, probe, values).reshape(out.shape).to(out.dtype)
+        return hook
+
+    hooks = [q.register_forward_hook(force(name)) for name, q in quantizers.items()
+             if any(name == n for n, _ in by_call)]
+    try:
+        qmodel(img, img_hw)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.ndarray) -> None:

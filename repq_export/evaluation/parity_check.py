@@ -14,8 +14,8 @@ from ..models.build import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
-from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift, find_code_probes,
-                     match_detections, record_quantizer_inputs, with_probe_outputs)
+from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift, compare_float_parts,
+                     find_code_probes, match_detections, record_quantizer_inputs, with_probe_outputs)
 
 AP_TOLERANCE = 0.001  # 0.1 AP points, as a fraction
 MATCH_RATE_MIN = 0.99  # tier 2: matched detections over the larger count
@@ -60,9 +60,10 @@ class ParityReport:
 
     @property
     def float_difference(self) -> tuple[int, int, float] | None:
-        """Before the first flipped code: (values compared, values that differ, equivalent ulps), where
-        equivalent ulps = sum |x_torch - x_backend| / sum ulp(x_torch): a noise floor that moves every
-        input by that many ulps moves the inputs as far in total (and flips as many codes, to first order)."""
+        """The float parts' difference, both runs fed the backend's codes (`compare_float_parts`):
+        (values compared, values that differ, equivalent ulps), where equivalent ulps =
+        sum |x_torch - x_backend| / sum ulp(x_torch): a noise floor that moves every input by that many
+        ulps moves the inputs as far in total (and flips as many codes, to first order)."""
         values = sum(r.float_values for r in self.codes)
         if not values:
             return None
@@ -125,8 +126,8 @@ class ParityReport:
                      f"code(s) at {self.first_drift[0]}; {total} flips in backbone, neck and RPN")
         if self.float_difference:
             values, differ, ulps = self.float_difference
-            drift += (f"\n  float parts        before the first flip {100 * differ / values:.1f}% of {values} quantizer "
-                      f"input values differ between the runs, {ulps:.2f} ulp on average (--noise-ulps)")
+            drift += (f"\n  float parts        fed the same codes, {100 * differ / values:.1f}% of {values} quantizer "
+                      f"input values differ between the runs, by {ulps:.2f} ulp on average (--noise-ulps)")
         lines = [
             f"parity: fake quant vs {self.backend} on {self.images} images",
             f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}{drift}",
@@ -155,6 +156,7 @@ def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult]) ->
         compare_codes(qmodel, probes, values, reports)
         inputs = record_quantizer_inputs(qmodel, image.prep.tensor, image.prep.img_hw_tensor)
         compare_drift(qmodel, probes, values, inputs, reports)
+        compare_float_parts(qmodel, probes, values, image.prep.tensor, image.prep.img_hw_tensor, reports)
     return list(reports.values())
 
 
