@@ -4,12 +4,13 @@ import math
 
 import torch
 
-from repq_export.evaluation.noise_floor import NoiseFloor, NoiseFloorSpread, move_ulps, sample_direction
+from repq_export.evaluation.noise_floor import (NoiseFloor, NoiseFloorSpread, move_ulps, sample_direction, step_of,
+                                               ulp_steps)
 from repq_export.evaluation.parity import CodeReport, DetectionSummary, add_float_difference
 
 
 def floor(sample: int, matched: int, bbox: float, segm: float) -> NoiseFloor:
-    return NoiseFloor(sample, 1, 50, DetectionSummary(images=1, ref=100, got=100, matched=matched), bbox, segm)
+    return NoiseFloor(sample, 1.0, False, 50, DetectionSummary(images=1, ref=100, got=100, matched=matched), bbox, segm)
 
 
 SPREAD = NoiseFloorSpread([floor(0, 95, -0.004, 0.001), floor(1, 93, 0.002, -0.003), floor(2, 96, 0.0, 0.0)])
@@ -55,3 +56,14 @@ def test_float_difference_counts_values_and_equivalent_ulps():
     add_float_difference(report, x.numpy(), move_ulps(x, moved).numpy())
     assert (report.float_values, report.float_differ) == (4, 3)
     assert report.float_abs_diff / report.float_ulp_sum == 1.5  # 6 ulps moved over 4 values
+
+
+def test_fractional_steps_average_the_step_and_unmeasured_quantizers_take_the_mean():
+    gen = torch.Generator().manual_seed(0)
+    steps = ulp_steps(torch.Size([100000]), 0.25, "random", gen)
+    assert set(steps.unique().tolist()) == {-1, 0, 1}
+    assert abs(steps.abs().float().mean().item() - 0.25) < 0.01 and abs(steps.float().mean().item()) < 0.01
+    assert torch.equal(ulp_steps(torch.Size([3]), 2.0, "down", gen), torch.tensor([-2, -2, -2]))
+    measured = {"a.input_quantizer": 0.5, "b.input_quantizer": 1.5}
+    assert step_of("a.input_quantizer", measured) == 0.5 and step_of("roi_head.x", measured) == 1.0
+    assert step_of("anything", 3.0) == 3.0

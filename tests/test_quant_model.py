@@ -1,6 +1,7 @@
 """Quantized layers, the reference's module assignment over a tiny detector, and the calibration flow."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,7 @@ def test_calibration_without_detections_is_a_user_error(float_detector):
         quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
 
 
-@pytest.mark.parametrize("sample, ulps", [(0, 1), (1, 1), (2, 1), (2, 5)])
+@pytest.mark.parametrize("sample, ulps", [(0, 1), (1, 1), (2, 1), (2, 5), (0, 1.5)])
 def test_nudged_activations_move_every_activation_input_by_k_ulps(quant_detector, sample, ulps):
     from repq_export.evaluation.noise_floor import nudged_activations
 
@@ -229,26 +230,37 @@ def test_nudged_activations_move_every_activation_input_by_k_ulps(quant_detector
     with torch.no_grad():
         plain = quant_detector(IMG, IMG_HW)
         hooks = [q.register_forward_pre_hook(record(before, n)) for n, q in activations]
-        with nudged_activations(quant_detector, sample, ulps) as count:  # pre-hooks run in registration order
+        with nudged_activations(quant_detector, sample, ulps) as steps:  # pre-hooks run in registration order
             hooks += [q.register_forward_pre_hook(record(after, n)) for n, q in activations]
             quant_detector(IMG, IMG_HW)
         for hook in hooks:
             hook.remove()
         again = quant_detector(IMG, IMG_HW)
-    assert count == len(activations) > 20 and before.keys() == after.keys() == {n for n, _ in activations}
-    ups = downs = 0
+    assert len(steps) == len(activations) > 20 and before.keys() == after.keys() == {n for n, _ in activations}
+    assert steps == [ulps] * len(activations)
+    inf = torch.tensor(float("inf"))
+    moved = {}  # signed ulps -> values moved so
     for name in before:
         for x, y in zip(before[name], after[name]):
-            up, down = x, x
-            for _ in range(ulps):
-                up, down = torch.nextafter(up, torch.full_like(x, float("inf"))), torch.nextafter(down, torch.full_like(x, -float("inf")))
-            assert bool(((y == up) | (y == down)).all()), name  # every value exactly `ulps` ulps away
-            ups, downs = ups + int((y == up).sum()), downs + int((y == down).sum())
-    total = ups + downs
+            up, down, seen = x, x, torch.zeros_like(x, dtype=torch.bool)
+            for k in range(1, math.floor(ulps) + 2):
+                up, down = torch.nextafter(up, inf.expand_as(x)), torch.nextafter(down, -inf.expand_as(x))
+                for signed, target in ((k, up), (-k, down)):
+                    hit = (y == target) & ~seen
+                    moved[signed] = moved.get(signed, 0) + int(hit.sum())
+                    seen |= hit
+            assert bool(seen.all()), name  # every value moved a whole number of ulps near `ulps`
+    total = sum(moved.values())
+    ups = sum(n for k, n in moved.items() if k > 0)
+    sizes = {abs(k) for k, n in moved.items() if n}
+    if ulps == int(ulps):
+        assert sizes == {ulps}  # exactly `ulps` ulps each
+    else:  # 1.5: one or two ulps, half each
+        assert sizes == {1, 2} and 0.45 < sum(n for k, n in moved.items() if abs(k) == 2) / total < 0.55
     if sample == 0:
         assert ups == total  # sample 0: all up
     elif sample == 1:
-        assert downs == total  # sample 1: all down
+        assert ups == 0  # sample 1: all down
     else:
         assert 0.45 < ups / total < 0.55  # later samples: each value up or down at random
     assert all(torch.equal(a, b) for a, b in zip(plain, again))  # the nudge is gone after the block

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import cv2
 import numpy as np
@@ -17,9 +16,9 @@ from repq_export.commands import parity_tool
 from repq_export.data.coco import mask_to_rle
 from repq_export.data.postprocess import Detections
 from repq_export.errors import UserError
-from repq_export.evaluation.layer_errors import (LayerError, attach_code_mismatches, call_to_quantizer,
+from repq_export.evaluation.layer_errors import (LayerError, attach_code_mismatches,
                                                  measure_layer_errors)
-from repq_export.evaluation.parity import CodeReport
+from repq_export.evaluation.parity import CodeReport, call_to_quantizer
 from repq_export.evaluation.visualize import (ROLE_COLORS, _nice_ceiling, class_color, detector_part,
                                               draw_detections, plot_layer_errors, render_layer_errors,
                                               side_by_side, write_image)
@@ -200,7 +199,7 @@ def test_parity_check_noise_floor_is_reported(art, tmp_path, capsys):
     assert diff["values"] > 100_000 and 0 <= diff["differ"] <= diff["values"] and diff["equivalent_ulps"] >= 0
     assert "float parts        fed the same codes" in result.out
     assert [s["direction"] for s in floor["samples"]] == ["up", "down", "random"]
-    assert {s["ulps"] for s in floor["samples"]} == {max(1, math.ceil(diff["equivalent_ulps"]))}  # auto
+    assert all(s["per_quantizer"] and 0 < s["ulps"] < 16 for s in floor["samples"])  # auto: as measured
     for s in floor["samples"]:
         assert s["nudged_quantizers"] > 20 and 0.0 <= s["match_rate"] <= 1.0
         assert abs(s["bbox_mAP_delta"]) <= 1.0 and abs(s["segm_mAP_delta"]) <= 1.0

@@ -11,8 +11,8 @@ from ..data.images import read_image
 from ..errors import UserError
 from ..evaluation.evaluate import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
-from ..evaluation.noise_floor import measure_noise_floor
-from ..evaluation.parity_check import check_parity
+from ..evaluation.noise_floor import Ulps, measure_noise_floor
+from ..evaluation.parity_check import ParityReport, check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
 from .common import CommandParser, device, fraction, positive_int, run_command
@@ -50,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
                    "random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
                    "figures lie within that range: the floor below which differences are float rounding (does "
                    "not change the verdict)")
-    p.add_argument("--noise-ulps", type=ulps_option, default=1, metavar="K", help="move each input by K ulps "
-                   "instead of 1; 'auto': by the backend's own measured float difference (the 'float parts' line: "
-                   "average ulps with both runs fed the same codes, rounded up; needs the tier-1 probe)")
+    p.add_argument("--noise-ulps", type=ulps_option, default=1.0, metavar="K", help="move each input by K ulps "
+                   "on average instead of 1 (fractions: some values one ulp more); 'auto': each quantizer by the "
+                   "backend's own float difference there (the 'float parts' line, measured with both runs fed the "
+                   "backend's codes on the tier-1 images; unmeasured quantizers take the mean)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -100,19 +101,28 @@ def run(argv: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
-def ulps_option(text: str) -> int | str:
-    """--noise-ulps: a positive integer or 'auto'."""
-    return text if text == "auto" else positive_int(text)
+def ulps_option(text: str) -> float | str:
+    """--noise-ulps: a positive number or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number of ulps or 'auto', got {text!r}")
+    return value
 
 
-def floor_ulps(option: int | str, report) -> int:
-    """The noise floor's step in ulps: as given, or for 'auto' the measured float difference rounded up."""
+def floor_ulps(option: float | str, report: ParityReport) -> Ulps:
+    """The noise floor's step: as given, or for 'auto' each quantizer's measured float difference."""
     if option != "auto":
         return option
-    if report.float_difference is None:
+    steps = report.float_ulps_by_quantizer()
+    if not steps:
         print("--noise-ulps auto: no float difference was measured (no tier-1 probe); using 1 ulp")
-        return 1
-    return max(1, math.ceil(report.float_difference[2]))
+        return 1.0
+    return steps
 
 
 def check_picture_paths(args: argparse.Namespace) -> None:

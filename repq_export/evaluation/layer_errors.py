@@ -7,7 +7,6 @@ tier-1 code mismatches (parity) can be attached to the same rows.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
-from .parity import CodeReport
+from .parity import CodeReport, call_to_quantizer
 
 
 @dataclass
@@ -67,12 +66,6 @@ def measure_layer_errors(qmodel: nn.Module, images: Iterable[tuple[Tensor, Tenso
     return [LayerError(name, quantizer_role(name, quantizers[name]), quantizers[name].bits,
                        (err / ref) ** 0.5 if ref > 0 else 0.0, int(calls))
             for name, (err, ref, calls) in sums.items()]
-
-
-def call_to_quantizer(call: str) -> str:
-    """The quantizer module of a tier-1 call name ('/rpn_head/rpn_conv/input_quantizer_2' ->
-    'rpn_head.rpn_conv.input_quantizer'): ONNX scopes number the repeated calls of a shared module."""
-    return re.sub(r"_\d+$", "", call.strip("/")).replace("/", ".")
 
 
 def attach_code_mismatches(errors: Sequence[LayerError], reports: Sequence[CodeReport]) -> None:

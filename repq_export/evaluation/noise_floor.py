@@ -10,6 +10,7 @@ fake quant by about as much as this floor differs by float rounding, not by its 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,21 +39,32 @@ def move_ulps(x: Tensor, steps: Tensor) -> Tensor:
     return torch.where(moved >= 2**31, moved - 2**32, moved).to(torch.int32).view(torch.float32)
 
 
-class _Nudge:
-    """Forward pre-hook moving a quantizer's input ``ulps`` ulps: all up, all down, or each value up or
-    down at random (one seeded generator shared by all hooks of a sample, so a sample is reproducible)."""
+Ulps = float | dict[str, float]  # one step for every quantizer, or a step per quantizer name
 
-    def __init__(self, direction: str, ulps: int = 1, generator: torch.Generator | None = None) -> None:
+
+def ulp_steps(shape: torch.Size, ulps: float, direction: str, generator: torch.Generator) -> Tensor:
+    """Signed whole-ulp steps (int64) averaging ``ulps`` in size: each value moves floor(ulps) ulps, or one
+    more with probability frac(ulps); up, down, or (``direction`` 'random') each way with probability 1/2."""
+    whole = math.floor(ulps)
+    size = torch.full(shape, whole, dtype=torch.int64)
+    if ulps > whole:
+        size += (torch.rand(shape, generator=generator) < ulps - whole).long()
+    if direction == "random":
+        return torch.where(torch.rand(shape, generator=generator) < 0.5, size, -size)
+    return size if direction == "up" else -size
+
+
+class _Nudge:
+    """Forward pre-hook moving a quantizer's input by ``ulps`` ulps on average (see `ulp_steps`); the
+    generator is shared by all hooks of a sample, so a sample is reproducible."""
+
+    def __init__(self, direction: str, ulps: float, generator: torch.Generator) -> None:
         self.direction, self.ulps, self.generator = direction, ulps, generator
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        if self.direction == "random":
-            up = (torch.rand(x.shape, generator=self.generator) < 0.5).to(x.device)
-            steps = torch.where(up, self.ulps, -self.ulps)
-        else:
-            steps = torch.full(x.shape, self.ulps if self.direction == "up" else -self.ulps, device=x.device)
-        return (move_ulps(x.float(), steps.long()).to(x.dtype), *args[1:])
+        steps = ulp_steps(x.shape, self.ulps, self.direction, self.generator).to(x.device)
+        return (move_ulps(x.float(), steps).to(x.dtype), *args[1:])
 
 
 def sample_direction(sample: int) -> str:
@@ -60,18 +72,26 @@ def sample_direction(sample: int) -> str:
     return ("up", "down")[sample] if sample < 2 else "random"
 
 
+def step_of(name: str, ulps: Ulps) -> float:
+    """The step of quantizer ``name``: ``ulps`` itself, its entry, or (not measured) the entries' mean."""
+    if not isinstance(ulps, dict):
+        return float(ulps)
+    return ulps.get(name, sum(ulps.values()) / len(ulps) if ulps else 1.0)
+
+
 @contextmanager
-def nudged_activations(model: nn.Module, sample: int = 0, ulps: int = 1) -> Iterator[int]:
-    """Inside the block every activation quantizer of ``model`` sees its input ``ulps`` float32 ulps off
-    (forward pre-hooks, removed on exit; direction by ``sample_direction``); yields how many quantizers
-    are nudged. Weights are left alone."""
-    direction = sample_direction(sample)
-    generator = torch.Generator().manual_seed(sample) if direction == "random" else None
-    nudge = _Nudge(direction, ulps, generator)
-    hooks = [q.register_forward_pre_hook(nudge) for name, q in named_quantizers(model)
-             if not name.endswith("weight_quantizer")]
+def nudged_activations(model: nn.Module, sample: int = 0, ulps: Ulps = 1.0) -> Iterator[list[float]]:
+    """Inside the block every activation quantizer of ``model`` sees its input moved by its step of
+    ``ulps`` float32 ulps (forward pre-hooks, removed on exit; direction by ``sample_direction``);
+    yields the step of each nudged quantizer. Weights are left alone."""
+    generator = torch.Generator().manual_seed(sample)
+    steps, hooks = [], []
+    for name, q in named_quantizers(model):
+        if not name.endswith("weight_quantizer"):
+            steps.append(step_of(name, ulps))
+            hooks.append(q.register_forward_pre_hook(_Nudge(sample_direction(sample), steps[-1], generator)))
     try:
-        yield len(hooks)
+        yield steps
     finally:
         for hook in hooks:
             hook.remove()
@@ -82,7 +102,8 @@ class NoiseFloor:
     """One sample: fake quant against itself nudged, tier-2 matching and the AP deltas (fractions)."""
 
     sample: int
-    ulps: int
+    ulps: float  # mean step over the nudged quantizers
+    per_quantizer: bool  # steps measured per quantizer (--noise-ulps auto) rather than one for all
     quantizers: int
     detections: DetectionSummary
     bbox_delta: float
@@ -90,13 +111,14 @@ class NoiseFloor:
 
     def as_dict(self) -> dict:
         d = self.detections
-        return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps,
+        return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps, "per_quantizer": self.per_quantizer,
                 "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
                 "max_score_diff": d.max_score_diff, "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
 
     def line(self) -> str:
+        how = " on average, per quantizer as measured" if self.per_quantizer else ""
         return (f"noise floor sample {self.sample} ({sample_direction(self.sample)}, {self.quantizers} activation "
-                f"inputs moved by {self.ulps} ulp): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
+                f"inputs moved by {self.ulps:.2f} ulp{how}): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
                 f"box {100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
 
 
@@ -131,26 +153,26 @@ class NoiseFloorSpread:
         rates = [100 * s.detections.match_rate for s in self.samples]
         box = [100 * s.bbox_delta for s in self.samples]
         mask = [100 * s.segm_delta for s in self.samples]
-        return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps} ulp: {min(rates):.1f}-{max(rates):.1f}% matched, "
+        return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps:.2f} ulp: {min(rates):.1f}-{max(rates):.1f}% matched, "
                 f"AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
 
 
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
-                        settings: PreprocessSettings, samples: int = 1, ulps: int = 1,
+                        settings: PreprocessSettings, samples: int = 1, ulps: Ulps = 1.0,
                         progress: bool = True) -> NoiseFloorSpread:
     """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) once per sample with activations nudged
-    by ``ulps`` ulps and compare each rerun with ``ref_run``."""
+    by ``ulps`` ulps (one step, or one per quantizer name) and compare each rerun with ``ref_run``."""
     ap_ref = score_run(ref_run, dataset)
     floors = []
     for sample in range(samples):
-        nudged_run, summary = DatasetRun(f"{ref.name}+{ulps}ulp#{sample}"), DetectionSummary()
-        with nudged_activations(qmodel, sample, ulps) as count:
+        nudged_run, summary = DatasetRun(f"{ref.name}+ulps#{sample}"), DetectionSummary()
+        with nudged_activations(qmodel, sample, ulps) as steps:
             for image in tqdm(ref_run.images, desc=f"noise floor {sample + 1}/{samples}", unit="img",
                               disable=not progress, leave=False):
                 prep, net, dets = run_image(ref, image.path, settings)
                 nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
                 summary.add(match_detections(image.net, net))
         ap = score_run(nudged_run, dataset)
-        floors.append(NoiseFloor(sample, ulps, count, summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
+        floors.append(NoiseFloor(sample, sum(steps) / len(steps), isinstance(ulps, dict), len(steps), summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
                                  ap["segm_mAP"] - ap_ref["segm_mAP"]))
     return NoiseFloorSpread(floors)

@@ -161,10 +161,10 @@ def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.
     report.float_ulp_sum += float(np.spacing(np.abs(x_torch)).astype(np.float64).sum())
 
 
-def _scope_to_module(scope: str) -> str:
-    parts = scope.strip("/").split("/")
-    parts[-1] = re.sub(r"_\d+$", "", parts[-1])
-    return ".".join(parts)
+def call_to_quantizer(call: str) -> str:
+    """The quantizer module of a tier-1 call name ('/rpn_head/rpn_conv/input_quantizer_2' ->
+    'rpn_head.rpn_conv.input_quantizer'): ONNX scopes number the repeated calls of a shared module."""
+    return re.sub(r"_\d+$", "", call.strip("/")).replace("/", ".")
 
 
 def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[CodeProbe]:
@@ -175,7 +175,7 @@ def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[
     for node in proto.graph.node:
         by_scope.setdefault(node.name.rsplit("/", 1)[0], []).append(node)
     for scope, nodes in by_scope.items():
-        name = _scope_to_module(scope)
+        name = call_to_quantizer(scope)
         if name not in quantizer_names:
             continue
         qs = [n for n in nodes if n.op_type == "QuantizeLinear"]

@@ -14,8 +14,9 @@ from ..models.build import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
-from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift, compare_float_parts,
-                     find_code_probes, match_detections, record_quantizer_inputs, with_probe_outputs)
+from .parity import (CodeReport, DetectionSummary, call_to_quantizer, compare_codes, compare_drift,
+                     compare_float_parts, find_code_probes, match_detections, record_quantizer_inputs,
+                     with_probe_outputs)
 
 AP_TOLERANCE = 0.001  # 0.1 AP points, as a fraction
 MATCH_RATE_MIN = 0.99  # tier 2: matched detections over the larger count
@@ -69,6 +70,17 @@ class ParityReport:
             return None
         ulps = sum(r.float_ulp_sum for r in self.codes)
         return values, sum(r.float_differ for r in self.codes), sum(r.float_abs_diff for r in self.codes) / ulps
+
+    def float_ulps_by_quantizer(self) -> dict[str, float]:
+        """Equivalent ulps of the float parts' difference (see `float_difference`) per quantizer module,
+        summed over its calls."""
+        sums: dict[str, list[float]] = {}
+        for r in self.codes:
+            if r.float_values:
+                acc = sums.setdefault(call_to_quantizer(r.call), [0.0, 0.0])
+                acc[0] += r.float_abs_diff
+                acc[1] += r.float_ulp_sum
+        return {name: diff / ulp for name, (diff, ulp) in sums.items()}
 
     @property
     def tier1_ok(self) -> bool | None:
