@@ -46,8 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default 0.3)")
     p.add_argument("--noise-floor", type=positive_int, nargs="?", const=1, metavar="SAMPLES",
                    help="also rerun fake quant SAMPLES times (default 1) with every activation quantizer's input "
-                   "moved by one float32 ulp (sample 1 all up, 2 all down, later ones each value up or down at "
-                   "random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
+                   "moved by float32 ulps (--noise-ulps; sample 1 all up, 2 all down, later ones each value up or "
+                   "down at random) and report how far its detections and AP move, and whether the backend's tier-2/3 "
                    "figures lie within that range: the floor below which differences are float rounding (does "
                    "not change the verdict)")
     p.add_argument("--noise-ulps", type=ulps_option, default=1.0, metavar="K", help="move each input by K ulps "

@@ -2,8 +2,8 @@
 every activation quantizer moves by a few float32 ulps.
 
 Two float implementations of the same network (torch and onnxruntime or TensorRT kernels) differ
-by that much before each quantizer (the parity check measures how many ulps); in a 4-bit network the values that sit on a rounding
-boundary then flip a code and the flips propagate. A backend whose detections and AP differ from
+by that much before each quantizer (the parity check measures how many ulps); in a 4-bit network
+the values that sit on a rounding boundary then flip a code and the flips propagate. A backend whose detections and AP differ from
 fake quant by about as much as this floor differs by float rounding, not by its quantization.
 """
 
@@ -111,15 +111,15 @@ class NoiseFloor:
 
     def as_dict(self) -> dict:
         d = self.detections
-        return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps, "per_quantizer": self.per_quantizer,
-                "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
+        return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps,
+                "per_quantizer": self.per_quantizer, "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
                 "max_score_diff": d.max_score_diff, "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
 
     def line(self) -> str:
         how = " on average, per quantizer as measured" if self.per_quantizer else ""
         return (f"noise floor sample {self.sample} ({sample_direction(self.sample)}, {self.quantizers} activation "
-                f"inputs moved by {self.ulps:.2f} ulp{how}): {100 * self.detections.match_rate:.1f}% of detections matched, AP delta "
-                f"box {100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
+                f"inputs moved by {self.ulps:.2f} ulp{how}): {100 * self.detections.match_rate:.1f}% of detections "
+                f"matched, AP delta box {100 * self.bbox_delta:+.2f} / mask {100 * self.segm_delta:+.2f} points")
 
 
 @dataclass
@@ -153,8 +153,8 @@ class NoiseFloorSpread:
         rates = [100 * s.detections.match_rate for s in self.samples]
         box = [100 * s.bbox_delta for s in self.samples]
         mask = [100 * s.segm_delta for s in self.samples]
-        return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps:.2f} ulp: {min(rates):.1f}-{max(rates):.1f}% matched, "
-                f"AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
+        return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps:.2f} ulp: "
+                f"{min(rates):.1f}-{max(rates):.1f}% matched, AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
 
 
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
@@ -173,6 +173,6 @@ def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dat
                 nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
                 summary.add(match_detections(image.net, net))
         ap = score_run(nudged_run, dataset)
-        floors.append(NoiseFloor(sample, sum(steps) / len(steps), isinstance(ulps, dict), len(steps), summary, ap["bbox_mAP"] - ap_ref["bbox_mAP"],
-                                 ap["segm_mAP"] - ap_ref["segm_mAP"]))
+        floors.append(NoiseFloor(sample, sum(steps) / len(steps), isinstance(ulps, dict), len(steps), summary,
+                                 ap["bbox_mAP"] - ap_ref["bbox_mAP"], ap["segm_mAP"] - ap_ref["segm_mAP"]))
     return NoiseFloorSpread(floors)
