@@ -3,8 +3,9 @@ every activation quantizer moves by a few float32 ulps.
 
 Two float implementations of the same network (torch and onnxruntime or TensorRT kernels) differ
 by that much before each quantizer (the parity check measures how many ulps); in a 4-bit network
-the values that sit on a rounding boundary then flip a code and the flips propagate. A backend whose detections and AP differ from
-fake quant by about as much as this floor differs by float rounding, not by its quantization.
+the values that sit on a rounding boundary then flip a code and the flips propagate. A backend
+whose detections and AP differ from fake quant by about as much as this floor differs by float
+rounding, not by its quantization.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ class NoiseFloor:
     def as_dict(self) -> dict:
         d = self.detections
         return {"sample": self.sample, "direction": sample_direction(self.sample), "ulps": self.ulps,
-                "per_quantizer": self.per_quantizer, "nudged_quantizers": self.quantizers, "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou,
-                "max_score_diff": d.max_score_diff, "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
+                "per_quantizer": self.per_quantizer, "nudged_quantizers": self.quantizers,
+                "match_rate": d.match_rate, "mean_mask_iou": d.mean_mask_iou, "max_score_diff": d.max_score_diff,
+                "bbox_mAP_delta": self.bbox_delta, "segm_mAP_delta": self.segm_delta}
 
     def line(self) -> str:
         how = " on average, per quantizer as measured" if self.per_quantizer else ""
@@ -154,7 +156,8 @@ class NoiseFloorSpread:
         box = [100 * s.bbox_delta for s in self.samples]
         mask = [100 * s.segm_delta for s in self.samples]
         return (f"noise floor over {len(self.samples)} sample(s) of {self.samples[0].ulps:.2f} ulp: "
-                f"{min(rates):.1f}-{max(rates):.1f}% matched, AP delta box {min(box):+.2f}..{max(box):+.2f} / mask {min(mask):+.2f}..{max(mask):+.2f} points")
+                f"{min(rates):.1f}-{max(rates):.1f}% matched, AP delta box {min(box):+.2f}..{max(box):+.2f} / "
+                f"mask {min(mask):+.2f}..{max(mask):+.2f} points")
 
 
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
