@@ -45,3 +45,13 @@ def test_extractor_zero_boxes_and_no_parameters():
     feats = [torch.randn(1, 5, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
     assert ext(feats, torch.zeros(0, 4)).shape == (0, 5, 14, 14)
     assert ext.state_dict() == {}
+
+
+def test_box_inverted_by_rounding_maps_to_level_0():
+    """x2 one ulp below x1 (a clipped zero-width box after float rounding) must not turn into NaN."""
+    x = torch.tensor(300.0)
+    below = torch.nextafter(x, torch.tensor(0.0)).item()
+    boxes = torch.tensor([[300.0, 10.0, below, 200.0], [10.0, 10.0, 200.0, 200.0]])
+    assert map_roi_levels(boxes, 4).tolist() == [0, 2]
+    feats = [torch.randn(1, 2, 512 // s, 512 // s) for s in (4, 8, 16, 32)]
+    assert MultiLevelRoIAlign(7)(feats, boxes).shape == (2, 2, 7, 7)

@@ -16,8 +16,10 @@ from repq_export.errors import UserError
 
 
 def map_roi_levels(boxes: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
-    """Level index (n,) int64 of each x1y1x2y2 box (n, 4) by its scale sqrt(w * h)."""
-    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    """Level index (n,) int64 of each x1y1x2y2 box (n, 4) by its scale sqrt(w * h). Width and height
+    are floored at 0, so that a box inverted by float rounding (x2 a hair below x1) maps to level 0
+    instead of NaN, which has no level."""
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
     return levels.clamp(min=0, max=num_levels - 1).long()
 
