@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from repq_export.evaluation.parity import (_backend_output, compare_codes, compare_float_parts, find_code_probes,
+from repq_export.evaluation.parity import (backend_output, compare_codes, compare_float_parts, find_code_probes,
                                           match_detections, with_probe_outputs)
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
@@ -111,7 +111,7 @@ def test_float_parts_fed_the_backend_codes(exported):
         q = quantizers[probe.quantizer]
         with torch.no_grad():
             want = q(torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32)))
-        assert torch.equal(_backend_output(q, probe, values).reshape(want.shape), want), probe.call
+        assert torch.equal(backend_output(q, probe, values).reshape(want.shape), want), probe.call
     reports = {}
     compare_float_parts(qmodel, probes, values, img, IMG_HW, reports)
     first = reports[probes[0].call]

@@ -103,7 +103,7 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         report.drift = (report.drift or 0) + int((a != b).sum())
 
 
-def _backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]) -> torch.Tensor:
+def backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]) -> torch.Tensor:
     """What quantizer ``q`` outputs in fake quant for the codes the backend computed at this call."""
     got = torch.from_numpy(np.asarray(values[probe.codes]))
     if isinstance(q, LogSqrt2Quantizer):
@@ -122,9 +122,10 @@ def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict
     """
     quantizers = dict(named_quantizers(qmodel))
     by_call: dict[tuple[str, int], CodeProbe] = {}
-    for probe in probes:
-        index = sum(1 for name, _ in by_call if name == probe.quantizer)
-        by_call[(probe.quantizer, index)] = probe
+    seen: dict[str, int] = {}
+    for probe in probes:  # graph order = call order of each quantizer
+        by_call[(probe.quantizer, seen.get(probe.quantizer, 0))] = probe
+        seen[probe.quantizer] = seen.get(probe.quantizer, 0) + 1
     counts: dict[str, int] = {}
 
     def force(name: str):
@@ -139,11 +140,10 @@ def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict
                 return None
             report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
             add_float_difference(report, args[0].float().cpu().numpy(), x_backend)
-            return _backend_output(module, probe, values).reshape(out.shape).to(out.dtype)
+            return backend_output(module, probe, values).reshape(out.shape).to(out.dtype)
         return hook
 
-    hooks = [q.register_forward_hook(force(name)) for name, q in quantizers.items()
-             if any(name == n for n, _ in by_call)]
+    hooks = [q.register_forward_hook(force(name)) for name, q in quantizers.items() if name in seen]
     try:
         qmodel(img, img_hw)
     finally:
