@@ -75,7 +75,8 @@ for model in models:
         ulps = "-" if not fd else f"{fd['equivalent_ulps']:.2f}"
         if nf is not None:
             s = nf["samples"]
-            floor = (f"{len(s)} x {s[0].get('ulps', 1):.2f} ulp, {span([100 * x['match_rate'] for x in s], '{:.1f}%')}, "
+            floor = (f"{len(s)} x {s[0].get('ulps', 1):.2f} ulp, "
+                     f"{span([100 * x['match_rate'] for x in s], '{:.1f}%')}, "
                      f"{span([100 * x['bbox_mAP_delta'] for x in s], '{:+.2f}')} / "
                      f"{span([100 * x['segm_mAP_delta'] for x in s], '{:+.2f}')}")
             within = "yes" if nf["backend_within"] else "no"

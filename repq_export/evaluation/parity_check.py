@@ -73,7 +73,7 @@ class ParityReport:
 
     def float_ulps_by_quantizer(self) -> dict[str, float]:
         """Equivalent ulps of the float parts' difference (see `float_difference`) per quantizer module,
-        summed over its calls."""
+        pooled over its calls (sum of |differences| over sum of ulps)."""
         sums: dict[str, list[float]] = {}
         for r in self.codes:
             if r.float_values:
