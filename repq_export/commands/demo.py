@@ -19,17 +19,16 @@ from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.parity_check import check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
 from ..models.checkpoint import load_checkpoint
+from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
 from .common import CommandParser, bits, positive_int
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED = (
-    ("mask_rcnn_swin_synthetic", ASSETS / "mask_rcnn_swin_synthetic.pth",
-     ROOT / "configs/synthetic/mask_rcnn_swin_synthetic.py"),
-    ("cascade_mask_rcnn_swin_synthetic", ASSETS / "cascade_mask_rcnn_swin_synthetic.pth",
-     ROOT / "configs/synthetic/cascade_mask_rcnn_swin_synthetic.py"),
+    ("mask_rcnn_swin_synthetic", ASSETS_DIR / "mask_rcnn_swin_synthetic.pth",
+     CONFIGS_DIR / "synthetic/mask_rcnn_swin_synthetic.py"),
+    ("cascade_mask_rcnn_swin_synthetic", ASSETS_DIR / "cascade_mask_rcnn_swin_synthetic.pth",
+     CONFIGS_DIR / "synthetic/cascade_mask_rcnn_swin_synthetic.py"),
 )
 DEMO_SEED = 2026  # the validation split's seed; the bundled detectors were trained on another
 
@@ -125,7 +124,7 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
         if trt_ok:
             from ..deploy_config import load_deploy_config
 
-            deploy = load_deploy_config(ROOT / "deploy_configs/instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
+            deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
             build_engine(out / "model.onnx", out / "model.engine", deploy)
             trt_runner = make_runner("trt", model_path=out)
             report, _, _ = check_parity(qmodel, ref, trt_runner, dataset, settings, args.num_images, None,

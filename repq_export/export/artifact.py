@@ -29,11 +29,12 @@ from ..quant.calibrate import quantize
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
+from ..resources import DEFAULT_DEPLOY_CONFIG
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_DEPLOY = Path(__file__).resolve().parents[2] / "deploy_configs" / "instance-seg_onnxruntime_cpu.py"
+DEFAULT_DEPLOY = DEFAULT_DEPLOY_CONFIG
 MANIFEST = "repq.json"
 
 
