@@ -67,7 +67,7 @@ class OnnxRuntimeConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     #: at 'extended'/'all' onnxruntime fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat,
     #: exact for the exporter's <= 7-bit weight codes but saturating full-range int8 weights on
-    #: AVX2 CPUs (REFERENCE.md section 4): 'basic' avoids the fusion for such graphs.
+    #: AVX2 CPUs without VNNI (docs/numerics.md): 'basic' avoids the fusion for such graphs.
     graph_optimization_level: str = "all"
     type: str = "onnxruntime"
 

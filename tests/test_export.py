@@ -123,7 +123,7 @@ def test_float_parts_fed_the_backend_codes(exported):
 
 
 def test_default_optimization_level_equals_unoptimized(exported):
-    """The onnxruntime hazard (REFERENCE.md 4): fused integer kernels must not change the result."""
+    """The onnxruntime hazard (int16 saturation on AVX2 without VNNI): fused integer kernels must not change the result."""
     _, _, _, path, _ = exported
     torch.manual_seed(3)
     feeds = {"img": torch.randn(1, 3, 192, 256).numpy(), "img_hw": np.array([185.0, 250.0], np.float32)}

@@ -27,7 +27,7 @@ def by_rule(model, rule):
 
 def conv_model(act_scale=0.02, act_zp=np.int8(0), w_scale=None, w_zp="int8", w_axis=0, opset=17,
                act_axis=None, consumer="Conv"):
-    """img -> Q -> DQ -> Conv(DQ(int8 weight)) -> Relu: the lowering DESIGN.md prescribes."""
+    """img -> Q -> DQ -> Conv(DQ(int8 weight)) -> Relu: the TensorRT-form lowering (docs/numerics.md)."""
     rng = np.random.default_rng(0)
     w_scale = np.array([0.01, 0.02, 0.03, 0.04], np.float32) if w_scale is None else w_scale
     inits = [("act_scale", np.asarray(act_scale, np.float32)),

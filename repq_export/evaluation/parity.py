@@ -1,4 +1,4 @@
-"""Parity between fake quant and a backend, in three tiers (DESIGN.md): codes, detections, AP.
+"""Parity between fake quant and a backend, in three tiers (docs/design.md): codes, detections, AP.
 
 Tier 1 feeds each quantizer's ONNX input (as onnxruntime computed it) to the fake quantizer and
 compares integer codes, so it tests the lowering itself; float drift between backends is what

@@ -1,9 +1,9 @@
 """The ONNX forms of the quantizers: one traceable torch function per quantizer kind.
 
 Each function computes in torch exactly what its ONNX nodes compute, so the exported graph and
-the fake-quant model give the same integer codes (DESIGN.md, the numerics contract). They are
-written as autograd Functions with a `symbolic` because torch.onnx has no lowering for
-sub-8-bit fake quantization (REFERENCE.md section 4).
+the fake-quant model give the same integer codes (docs/numerics.md). They are written as
+autograd Functions with a `symbolic` because torch.onnx has no lowering for sub-8-bit fake
+quantization (it accepts only the 8-bit ranges).
 """
 
 from __future__ import annotations

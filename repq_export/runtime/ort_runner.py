@@ -34,7 +34,7 @@ class OrtRunner:
     """An onnxruntime session over `onnx_path`; `opt_level` is onnxruntime's graph optimization level.
 
     The default ('all') is what a user gets without asking; the exporter guarantees that the graph
-    is exact at that level (see README, 'onnxruntime on AVX2').
+    is exact at that level (docs/numerics.md, 'Backend rules').
     """
 
     def __init__(self, onnx_path: str | Path, device: str = "cpu", opt_level: str = "all",
