@@ -63,7 +63,9 @@ def run_export(argv: list[str]) -> int:
     if not args.ckpt.is_file():
         raise UserError(f"{args.ckpt}: checkpoint not found")
     artifact = export_artifact(req, progress=not args.quiet)
-    print(f"wrote {artifact}/model.onnx, quant.pth, repq.json")
+    from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
+
+    print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")
     if args.engine:
         from .export.tensorrt_builder import build_engine, tensorrt_available
         from .deploy_config import load_deploy_config
@@ -72,9 +74,9 @@ def run_export(argv: list[str]) -> int:
         ok, why = tensorrt_available()
         if not ok:
             raise UserError(f"--engine: {why}; the ONNX artifact was written to {artifact}")
-        build_engine(artifact / "model.onnx", artifact / "model.engine",
-                     load_deploy_config(args.deploy_config or DEFAULT_DEPLOY))
-        print(f"wrote {artifact}/model.engine")
+        engine = artifact_engine_file(artifact)
+        build_engine(artifact_onnx_file(artifact), engine, load_deploy_config(args.deploy_config or DEFAULT_DEPLOY))
+        print(f"wrote {engine}")
     return 0
 
 
@@ -89,7 +91,9 @@ def run_check(argv: list[str]) -> int:
 
     from .export.trt_check import check_tensorrt_compat, format_report
 
-    path = args.model / "model.onnx" if args.model.is_dir() else args.model
+    from .export.deploy_settings import artifact_onnx_file
+
+    path = artifact_onnx_file(args.model) if args.model.is_dir() else args.model
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
     try:

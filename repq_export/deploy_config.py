@@ -52,7 +52,7 @@ class OnnxConfig:
     """How the detector is exported to ONNX (passed to ``torch.onnx.export``)."""
 
     opset_version: int = MIN_OPSET
-    save_file: str = "end2end.onnx"
+    save_file: str = "model.onnx"  # the ONNX file's name in the artifact; the engine gets its stem
     input_names: tuple[str, ...] = INPUT_NAMES
     output_names: tuple[str, ...] = OUTPUT_NAMES
     #: static export size as mmdeploy writes it, (width, height); None = dynamic
@@ -271,7 +271,10 @@ class _Reader:
         if opset < MIN_OPSET:
             raise self.fail(f"{key}.opset_version", f"{opset} < {MIN_OPSET}: LayerNorm must export as one "
                             "LayerNormalization op (opset 17), or FP16 engines overflow")
-        save_file = self.expect(f"{key}.save_file", raw.get("save_file", "end2end.onnx"), "str")
+        save_file = self.expect(f"{key}.save_file", raw.get("save_file", "model.onnx"), "str")
+        if Path(save_file).name != save_file or not save_file.endswith(".onnx") or save_file.startswith("."):
+            raise self.fail(f"{key}.save_file", f"must be a plain file name ending in .onnx (it is written "
+                            f"inside the artifact folder), got {save_file!r}")
         names = {}
         for name_key, expected in (("input_names", INPUT_NAMES), ("output_names", OUTPUT_NAMES)):
             got = self.string_list(f"{key}.{name_key}", raw.get(name_key, list(expected)))

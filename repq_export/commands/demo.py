@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.parity_check import check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
+from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
 from ..models.checkpoint import load_checkpoint
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
 from .common import CommandParser, bits, positive_int
@@ -125,7 +126,7 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
             from ..deploy_config import load_deploy_config
 
             deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
-            build_engine(out / "model.onnx", out / "model.engine", deploy)
+            build_engine(artifact_onnx_file(out), artifact_engine_file(out), deploy)
             trt_runner = make_runner("trt", model_path=out)
             report, _, _ = check_parity(qmodel, ref, trt_runner, dataset, settings, args.num_images, None,
                                         progress=not args.quiet)

@@ -12,6 +12,7 @@ from ..data.transforms import preprocess
 from ..errors import UserError
 from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
 from ..export.artifact import artifact_preprocess, load_artifact_model, read_artifact
+from ..export.deploy_settings import post_processing_of
 from ..models.build import PreprocessSettings
 from ..runtime.base import Runner
 from .common import CommandParser, fraction
@@ -65,7 +66,8 @@ def run_predict(argv: list[str]) -> int:
     img = read_image(args.image)
     runner, manifest, settings = artifact_runner(args.artifact, args.backend)
     prep = preprocess(img, **vars(settings))
-    dets = postprocess(*runner(prep.tensor, prep.img_hw_tensor), prep, keep_binary=True)
+    mask_thr = post_processing_of(manifest).mask_thr_binary
+    dets = postprocess(*runner(prep.tensor, prep.img_hw_tensor), prep, mask_thr=mask_thr, keep_binary=True)
     classes = manifest.get("classes")
     write_image(out, draw_detections(img, dets, classes, args.score_thr))
     shown = [i for i in dets.scores.argsort(kind="stable")[::-1] if dets.scores[i] >= args.score_thr]

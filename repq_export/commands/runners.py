@@ -8,7 +8,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..runtime.base import Runner
-from ..runtime.ort_runner import OrtRunner
+from ..export.deploy_settings import (artifact_engine_file, artifact_onnx_file, checked_providers,
+                                      ort_session_settings)
+from ..runtime.ort_runner import OrtRunner, ort_providers
 from ..runtime.torch_runner import TorchRunner
 
 BACKENDS = ("torch", "quant", "ort", "trt")
@@ -17,15 +19,18 @@ BACKENDS = ("torch", "quant", "ort", "trt")
 def model_file(path: Path, backend: str) -> Path:
     """The ONNX file or engine for `backend`: `path` itself, or the right file in an artifact directory."""
     if path.is_dir():
-        path = path / ("model.onnx" if backend == "ort" else "model.engine")
+        path = artifact_onnx_file(path) if backend == "ort" else artifact_engine_file(path)
     if not path.is_file():
         raise UserError(f"{path}: not found (--model must name an .onnx file, an engine or an artifact directory)")
     return path
 
 
 def make_runner(backend: str, model: nn.Module | None = None, model_path: Path | None = None,
-                device: str = "cpu", ort_opt_level: str = "all") -> Runner:
-    """The runner of `backend`; torch/quant take the (fake-quant) module, ort/trt a file."""
+                device: str = "cpu", ort_opt_level: str | None = None) -> Runner:
+    """The runner of `backend`; torch/quant take the (fake-quant) module, ort/trt a file.
+
+    onnxruntime over an artifact uses the providers and optimization level its deploy config
+    recorded (`ort_opt_level` overrides the level; `device='cuda'` asks for CUDA explicitly)."""
     if backend in ("torch", "quant"):
         if model is None:
             raise ValueError("torch/quant backends need a model")
@@ -33,7 +38,7 @@ def make_runner(backend: str, model: nn.Module | None = None, model_path: Path |
     if model_path is None:
         raise UserError(f"--backend {backend} needs --model (ONNX file, engine or artifact directory)")
     if backend == "ort":
-        return OrtRunner(model_file(model_path, "ort"), device=device, opt_level=ort_opt_level)
+        return ort_runner(model_path, device, ort_opt_level)
     if backend == "trt":
         from ..export.tensorrt_builder import tensorrt_available
         from ..runtime.trt_runner import TensorRTRunner
@@ -43,3 +48,16 @@ def make_runner(backend: str, model: nn.Module | None = None, model_path: Path |
             raise UserError(f"--backend trt: {why}")
         return TensorRTRunner(model_file(model_path, "trt"))
     raise UserError(f"--backend: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def ort_runner(model_path: Path, device: str, opt_level: str | None) -> OrtRunner:
+    """onnxruntime over an ONNX file or an artifact, with the session settings the artifact records."""
+    import onnxruntime as ort
+
+    providers, recorded_level = ort_session_settings(model_path)
+    if device == "cuda" or providers is None:
+        providers = ort_providers(device)
+    else:
+        providers = checked_providers(providers, ort.get_available_providers(), f"{model_path}")
+    return OrtRunner(model_file(model_path, "ort"), providers=providers,
+                     opt_level=opt_level or recorded_level or "all")

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 COCO_SCALE = (1333, 800)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -87,8 +89,12 @@ def preprocess(
     std: Sequence[float] = IMAGENET_STD,
     to_rgb: bool = True,
     size_divisor: int = 32,
+    pad_to: tuple[int, int] | None = None,
 ) -> Preprocessed:
-    """Resize, normalize and zero-pad an (H, W, 3) uint8 BGR image into a [1, 3, Hp, Wp] tensor."""
+    """Resize, normalize and zero-pad an (H, W, 3) uint8 BGR image into a [1, 3, Hp, Wp] tensor.
+
+    `pad_to` (h, w) pads to that fixed size instead (a graph exported at a static size).
+    """
     if img_bgr.ndim != 3 or img_bgr.shape[2] != 3 or img_bgr.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {img_bgr.shape} {img_bgr.dtype}")
     if len(scale) != 2 or min(scale) <= 0 or size_divisor <= 0:
@@ -97,7 +103,10 @@ def preprocess(
     resized, scale_factor = resize_keep_ratio(img_bgr, scale)
     chw = normalize(resized, mean, std, to_rgb).transpose(2, 0, 1)
     h, w = chw.shape[1:]
-    pad_h, pad_w = padded_size(h, w, size_divisor)
+    pad_h, pad_w = padded_size(h, w, size_divisor) if pad_to is None else pad_to
+    if h > pad_h or w > pad_w:
+        raise UserError(f"image resized to {h}x{w} (h x w) does not fit the graph's static input size "
+                        f"{pad_h}x{pad_w}; export with a dynamic-shape deploy config")
     tensor = torch.zeros((1, 3, pad_h, pad_w), dtype=torch.float32)
     tensor[0, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(chw))
     return Preprocessed(tensor, (h, w), (ori_h, ori_w), scale_factor)

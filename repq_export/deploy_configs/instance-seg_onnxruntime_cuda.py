@@ -10,7 +10,7 @@ saturate in that kernel on AVX2 CPUs without VNNI).
 onnx_config = dict(
     type='onnx',
     opset_version=17,
-    save_file='end2end.onnx',
+    save_file='model.onnx',
     input_names=['img', 'img_hw'],
     output_names=['boxes', 'scores', 'labels', 'masks'],
     input_shape=None,

@@ -11,7 +11,7 @@ The profile is tuned (opt) for the COCO test size, 800 x 1344 after padding to 3
 onnx_config = dict(
     type='onnx',
     opset_version=17,
-    save_file='end2end.onnx',
+    save_file='model.onnx',
     input_names=['img', 'img_hw'],
     output_names=['boxes', 'scores', 'labels', 'masks'],
     input_shape=None,

@@ -8,7 +8,7 @@ float parts run in FP32 (see the dynamic config for fp16_mode).
 onnx_config = dict(
     type='onnx',
     opset_version=17,
-    save_file='end2end.onnx',
+    save_file='model.onnx',
     input_names=['img', 'img_hw'],
     output_names=['boxes', 'scores', 'labels', 'masks'],
     input_shape=[1344, 800],

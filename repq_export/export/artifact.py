@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -30,12 +30,13 @@ from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
+from .deploy_settings import (MANIFEST, apply_post_processing, backend_entry, post_processing_entry,
+                              post_processing_of)
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_DEPLOY = DEFAULT_DEPLOY_CONFIG
-MANIFEST = "repq.json"
 
 
 @dataclass
@@ -115,12 +116,13 @@ def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
 
 
 def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[Path], prep: Preprocessed,
-                   proto: onnx.ModelProto, deploy: DeployConfig, out: Path) -> dict:
+                   proto: onnx.ModelProto, deploy: DeployConfig, out: Path, pre: PreprocessSettings) -> dict:
     """repq.json: provenance, preprocessing, classes, graph facts, the quantizer table, versions."""
     import onnxruntime
     import torchvision
 
     settings = qmodel.quant_settings
+    onnx_file = deploy.onnx.save_file
     return {
         "format": "repq-export-artifact",
         "version": 1,
@@ -137,10 +139,12 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
                          "num_classes": info.arch.num_classes},
         "classes": list(info.classes) if info.classes else None,
         "calibration_images": [{"name": p.name, "sha256": file_sha256(p)} for p in calib],
-        "preprocess": {"scale": list(info.preprocess.scale), "mean": list(info.preprocess.mean),
-                       "std": list(info.preprocess.std), "to_rgb": info.preprocess.to_rgb,
-                       "size_divisor": info.preprocess.size_divisor},
-        "onnx": {"file": "model.onnx", "sha256": file_sha256(out / "model.onnx"), "opset": deploy.onnx.opset_version,
+        "preprocess": {"scale": list(pre.scale), "mean": list(pre.mean), "std": list(pre.std),
+                       "to_rgb": pre.to_rgb, "size_divisor": pre.size_divisor,
+                       "pad_to": list(pre.pad_to) if pre.pad_to else None},
+        "post_processing": post_processing_entry(deploy.codebase.post_processing),
+        "backend": backend_entry(deploy),
+        "onnx": {"file": onnx_file, "sha256": file_sha256(out / onnx_file), "opset": deploy.onnx.opset_version,
                  "inputs": ["img [1,3,H,W] float32", "img_hw [2] float32 (h, w) before padding"],
                  "outputs": ["boxes [N,4]", "scores [N]", "labels [N] int64", "masks [N,28,28]"],
                  "export_shape": list(prep.tensor.shape), "qdq": count_qdq(proto)},
@@ -158,9 +162,11 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
     detector, info = load_checkpoint(req.ckpt, req.config)
+    apply_post_processing(detector, deploy.codebase.post_processing)
+    pre = static_preprocess(info.preprocess, deploy)
     paths = calibration_paths(req)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess(read_image(p), **vars(info.preprocess)) for p in paths]
+    preps = [preprocess(read_image(p), **vars(pre)) for p in paths]
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
     qmodel = qmodel.cpu()
@@ -173,11 +179,12 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     try:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
         log("exporting ONNX (QDQ) ...")
-        proto = export_onnx(qmodel, tmp / "model.onnx", preps[0].tensor, preps[0].img_hw_tensor, deploy.onnx)
+        proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
+                            deploy.onnx)
         issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
         if issues:
             raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
-        manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp)
+        manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if req.out.exists():
             shutil.rmtree(req.out)
@@ -195,6 +202,7 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
     artifact = Path(artifact)
     manifest = read_artifact(artifact)
     detector = build_detector(manifest["model_config"])
+    apply_post_processing(detector, post_processing_of(manifest))
     qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"], manifest["w_bits"],
                               manifest["a_bits"])
     return qmodel, manifest, artifact_preprocess(manifest)
@@ -203,8 +211,18 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
 def artifact_preprocess(manifest: dict) -> PreprocessSettings:
     """The host-side preprocessing recorded in an artifact's manifest (what every backend is fed)."""
     pre = manifest["preprocess"]
+    pad_to = pre.get("pad_to")
     return PreprocessSettings(scale=tuple(pre["scale"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                              to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"])
+                              to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"],
+                              pad_to=tuple(pad_to) if pad_to else None)
+
+
+def static_preprocess(pre: PreprocessSettings, deploy: DeployConfig) -> PreprocessSettings:
+    """`pre`, padding to the deploy config's static size (onnx_config.input_shape, width first) if it has one."""
+    if deploy.onnx.input_shape is None:
+        return pre
+    width, height = deploy.onnx.input_shape
+    return replace(pre, pad_to=(height, width))
 
 
 def read_artifact(artifact: str | Path) -> dict:

@@ -11,13 +11,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..deploy_config import OnnxConfig
+from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, OnnxConfig
 from ..errors import UserError
 from ..quant.layers import named_quantizers
 from .lowering import lower_for_export
-
-INPUT_NAMES = ("img", "img_hw")
-OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
 
 
 def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg: OnnxConfig) -> onnx.ModelProto:
@@ -28,7 +25,8 @@ def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg
     height and width stay dynamic.
     """
     buffer = io.BytesIO()
-    dynamic_axes = None if cfg.input_shape is not None else {k: dict(v) for k, v in cfg.dynamic_axes.items()}
+    # a static export (input_shape) has no image axes here, yet keeps the detections' count dynamic
+    dynamic_axes = {k: dict(v) for k, v in cfg.dynamic_axes.items()} or None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(

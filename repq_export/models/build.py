@@ -94,6 +94,7 @@ class PreprocessSettings:
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     to_rgb: bool = True
     size_divisor: int = 32
+    pad_to: tuple[int, int] | None = None  # (h, w) of a static graph's input; None: pad to size_divisor
 
 
 # ----------------------------------------------------------------------------- config -> Arch
