@@ -12,7 +12,9 @@ from collections import Counter
 import pytest
 import torch
 
-from repq_export.models.build import ARCHS, build_detector, config_from_arch
+from repq_export.models.arch import ARCHS
+from repq_export.models.build import build_detector
+from repq_export.models.mmdet_config import config_from_arch
 from repq_export.quant.assign import quant_table, quantize_modules
 from repq_export.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from repq_export.errors import UserError
-from repq_export.models.build import arch_from_config, build_detector
+from repq_export.models.arch import arch_from_config
+from repq_export.models.build import build_detector
 from repq_export.models.checkpoint import (COCO_CLASSES, concat_order, config_text, load_checkpoint,
                                            make_random_checkpoint, mmdet3_to_swin_det,
                                            read_checkpoint, save_checkpoint, swin_det_to_mmdet3)

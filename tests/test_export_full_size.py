@@ -12,7 +12,9 @@ import torch
 from repq_export.evaluation.parity import compare_codes, find_code_probes, match_detections, with_probe_outputs
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
-from repq_export.models.build import ARCHS, build_detector, config_from_arch
+from repq_export.models.arch import ARCHS
+from repq_export.models.build import build_detector
+from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repq_export.models.build import ARCHS, Arch, config_from_arch
+from repq_export.models.arch import ARCHS, Arch
+from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.checkpoint import load_checkpoint, make_random_checkpoint, save_checkpoint
 from repq_export.models.config import load_config
 

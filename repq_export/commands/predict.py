@@ -8,12 +8,11 @@ from pathlib import Path
 
 from ..data.images import read_image
 from ..data.postprocess import postprocess
-from ..data.transforms import preprocess
+from ..data.transforms import PreprocessSettings, preprocess
 from ..errors import UserError
 from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
 from ..export.artifact import artifact_preprocess, load_artifact_model, read_artifact
 from ..export.deploy_settings import post_processing_of
-from ..models.build import PreprocessSettings
 from ..runtime.base import Runner
 from .common import CommandParser, fraction
 from .runners import make_runner

@@ -19,6 +19,31 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
+class PreprocessSettings:
+    """A config's test-pipeline settings; the fields are ``preprocess``'s keyword arguments
+    (``preprocess(img, **vars(settings))``) and ``repq.json``'s ``preprocess`` entry."""
+
+    scale: tuple[int, int] = COCO_SCALE
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    to_rgb: bool = True
+    size_divisor: int = 32
+    pad_to: tuple[int, int] | None = None  # (h, w) of a static graph's input; None: pad to size_divisor
+
+    def as_dict(self) -> dict:
+        """Plain JSON-ready values (lists for tuples)."""
+        return {"scale": list(self.scale), "mean": list(self.mean), "std": list(self.std), "to_rgb": self.to_rgb,
+                "size_divisor": self.size_divisor, "pad_to": list(self.pad_to) if self.pad_to else None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PreprocessSettings:
+        """The inverse of ``as_dict`` (a missing ``pad_to`` means none)."""
+        pad_to = raw.get("pad_to")
+        return cls(scale=tuple(raw["scale"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
+                   to_rgb=raw["to_rgb"], size_divisor=raw["size_divisor"], pad_to=tuple(pad_to) if pad_to else None)
+
+
+@dataclass(frozen=True)
 class Preprocessed:
     """One image ready for the network, plus what postprocessing needs to undo the resize."""
 

@@ -10,8 +10,7 @@ from tqdm import tqdm
 from ..data.coco import CocoDataset, to_coco_results
 from ..data.images import read_image
 from ..data.postprocess import Detections, postprocess
-from ..data.transforms import Preprocessed, preprocess
-from ..models.build import PreprocessSettings
+from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
 from ..runtime.base import NetOutput, Runner
 from .coco_eval import evaluate_coco
 

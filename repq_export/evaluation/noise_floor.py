@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.coco import CocoDataset
-from ..models.build import PreprocessSettings
+from ..data.transforms import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .evaluate import DatasetRun, ImageResult, run_image, score_run

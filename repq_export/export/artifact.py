@@ -20,10 +20,10 @@ import repq_export
 
 from ..data.coco import CocoDataset
 from ..data.images import read_image
-from ..data.transforms import Preprocessed, preprocess
+from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
-from ..models.build import PreprocessSettings, build_detector
+from ..models.build import build_detector
 from ..models.checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint
 from ..quant.calibrate import quantize
 from ..quant.layers import named_quantizers
@@ -139,9 +139,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
                          "num_classes": info.arch.num_classes},
         "classes": list(info.classes) if info.classes else None,
         "calibration_images": [{"name": p.name, "sha256": file_sha256(p)} for p in calib],
-        "preprocess": {"scale": list(pre.scale), "mean": list(pre.mean), "std": list(pre.std),
-                       "to_rgb": pre.to_rgb, "size_divisor": pre.size_divisor,
-                       "pad_to": list(pre.pad_to) if pre.pad_to else None},
+        "preprocess": pre.as_dict(),
         "post_processing": post_processing_entry(deploy.codebase.post_processing),
         "backend": backend_entry(deploy),
         "onnx": {"file": onnx_file, "sha256": file_sha256(out / onnx_file), "opset": deploy.onnx.opset_version,
@@ -210,11 +208,7 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
 
 def artifact_preprocess(manifest: dict) -> PreprocessSettings:
     """The host-side preprocessing recorded in an artifact's manifest (what every backend is fed)."""
-    pre = manifest["preprocess"]
-    pad_to = pre.get("pad_to")
-    return PreprocessSettings(scale=tuple(pre["scale"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                              to_rgb=pre["to_rgb"], size_divisor=pre["size_divisor"],
-                              pad_to=tuple(pad_to) if pad_to else None)
+    return PreprocessSettings.from_dict(manifest["preprocess"])
 
 
 def static_preprocess(pre: PreprocessSettings, deploy: DeployConfig) -> PreprocessSettings:

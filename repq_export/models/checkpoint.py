@@ -24,13 +24,15 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
-from repq_export.models.build import (Arch, PreprocessSettings, arch_from_config,
-                                      arch_from_state_dict, build_detector, config_from_arch,
-                                      preprocess_settings)
+from repq_export.models.arch import Arch, arch_from_config, arch_from_state_dict
+from repq_export.models.build import build_detector
 from repq_export.models.config import load_config
 from repq_export.models.detector import Detector
+from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.swin import WindowAttention
+from repq_export.models.test_pipeline import preprocess_settings
 
 LAYOUTS = ("swin-det", "mmdet3")
 MAX_LISTED_KEYS = 10

@@ -11,9 +11,8 @@ from tqdm import tqdm
 from repq_export.data.coco import CocoDataset, to_coco_results
 from repq_export.data.images import read_image
 from repq_export.data.postprocess import postprocess
-from repq_export.data.transforms import preprocess
+from repq_export.data.transforms import PreprocessSettings, preprocess
 from repq_export.evaluation.coco_eval import evaluate_coco
-from repq_export.models.build import PreprocessSettings
 from repq_export.models.detector import Detector
 
 
