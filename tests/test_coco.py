@@ -9,8 +9,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from repq_export.data.coco import CocoDataset, mask_to_rle, to_coco_results
+from repq_export.data.coco import CocoDataset
+from repq_export.data.coco_results import to_coco_results
 from repq_export.data.postprocess import Detections, postprocess
+from repq_export.data.rle import mask_to_rle
 from repq_export.data.transforms import preprocess
 from repq_export.errors import UserError
 from repq_export.evaluation.coco_eval import evaluate_coco, format_ap_table

@@ -13,7 +13,7 @@ import torch
 from cli_helpers import call_main, tiny_artifact
 from repq_export import cli
 from repq_export.commands import parity_tool
-from repq_export.data.coco import mask_to_rle
+from repq_export.data.rle import mask_to_rle
 from repq_export.data.postprocess import Detections
 from repq_export.errors import UserError
 from repq_export.evaluation.layer_errors import (LayerError, attach_code_mismatches,

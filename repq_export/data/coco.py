@@ -1,5 +1,4 @@
-"""COCO-format datasets as the reference's test loader sees them (mmdet 2.11 CocoDataset, test
-mode), mask RLE, and detections turned into COCO result records in mmdet's format.
+"""COCO-format datasets as the reference's test loader sees them (mmdet 2.11 CocoDataset, test mode).
 
 Order matters for exactness: mmdet iterates ``coco.getImgIds()``, which is the order of
 ``images`` in the file (the reference calibrates on the first one), and labels index the
@@ -10,19 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 
 from repq_export.errors import UserError
-
-if TYPE_CHECKING:  # postprocess imports this module (and torch); the types only are needed here
-    from repq_export.data.postprocess import Detections
-
 
 def load_coco(ann_file: str | Path) -> COCO:
     """Read and check a COCO annotation file; return a pycocotools COCO index (quietly)."""
@@ -89,42 +81,3 @@ class CocoDataset:
 
     def __iter__(self) -> Iterator[tuple[dict, Path]]:
         return (self[i] for i in range(len(self)))
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """COCO RLE of a binary (H, W) mask with a str ``counts``, ready for JSON."""
-    rle = mask_util.encode(np.asfortranarray(mask[:, :, None], dtype=np.uint8))[0]
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def xyxy_to_xywh(box: np.ndarray) -> list[float]:
-    """[x1, y1, x2, y2] -> COCO [x, y, w, h], subtracting in double precision as mmdet does."""
-    x1, y1, x2, y2 = (float(v) for v in box[:4])
-    return [x1, y1, x2 - x1, y2 - y1]
-
-
-def to_coco_results(
-    dets: Detections, image_id: int, cat_ids: Sequence[int]
-) -> tuple[list[dict], list[dict]]:
-    """COCO result records (bbox, segm) of one image, in mmdet's format and order.
-
-    Like mmdet's: grouped by class, detection order kept within a class (COCOeval breaks score
-    ties by it); w = x2 - x1 in double precision; segm records carry the box and its score too
-    (pycocotools then takes a segm detection's area from that box, as in the reference).
-    """
-    bbox_results, segm_results = [], []
-    for i in np.argsort(dets.labels, kind="stable"):
-        label = int(dets.labels[i])
-        if not 0 <= label < len(cat_ids):
-            raise ValueError(f"label {label} outside the {len(cat_ids)} categories")
-        record = {
-            "image_id": image_id,
-            "bbox": xyxy_to_xywh(dets.boxes[i]),
-            "score": float(dets.scores[i]),
-            "category_id": int(cat_ids[label]),
-        }
-        bbox_results.append(record)
-        if dets.masks:
-            segm = {**record, "bbox": list(record["bbox"]), "segmentation": dict(dets.masks[i])}
-            segm_results.append(segm)
-    return bbox_results, segm_results

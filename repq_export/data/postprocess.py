@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repq_export.data.coco import mask_to_rle
+from repq_export.data.rle import mask_to_rle
 from repq_export.data.transforms import Preprocessed
 
 Array = torch.Tensor | np.ndarray

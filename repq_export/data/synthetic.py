@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from repq_export.data.coco import mask_to_rle
+from repq_export.data.rle import mask_to_rle
 from repq_export.errors import UserError
 
 CATEGORIES = ("ellipse", "rectangle", "triangle", "star")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data.coco import CocoDataset, to_coco_results
+from ..data.coco import CocoDataset
+from ..data.coco_results import to_coco_results
 from ..data.images import read_image
 from ..data.postprocess import Detections, postprocess
 from ..data.transforms import Preprocessed, PreprocessSettings, preprocess

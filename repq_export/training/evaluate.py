@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from repq_export.data.coco import CocoDataset, to_coco_results
+from repq_export.data.coco import CocoDataset
+from repq_export.data.coco_results import to_coco_results
 from repq_export.data.images import read_image
 from repq_export.data.postprocess import postprocess
 from repq_export.data.transforms import PreprocessSettings, preprocess
