@@ -126,12 +126,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
     return {
         "format": "repq-export-artifact",
         "version": 1,
-        "w_bits": settings.w_bits,
-        "a_bits": settings.a_bits,
-        "reparam": settings.reparam,
-        "integer_zero_point": settings.integer_zero_point,
-        "exact_padding": settings.exact_padding,
-        "integer_bias": settings.integer_bias,
+        **settings.as_dict(),  # the quantization recipe's settings, as quant.pth's manifest has them
         "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
         "config": str(info.config_path) if info.config_path else None,
         "model_config": info.cfg,

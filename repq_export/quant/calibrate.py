@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,28 +23,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from repq_export.errors import UserError
-from repq_export.quant.assign import check_bits, quantize_modules
+from repq_export.quant.assign import check_bits
 from repq_export.quant.layers import calibration_mode, named_quantizers
 from repq_export.quant.lockstep import run_lockstep
-from repq_export.quant.bn_fold import fold_batchnorms
-from repq_export.quant.integer_bias import snap_biases
-from repq_export.quant.reparam import reparameterize
+from repq_export.quant.recipe import QuantSettings, apply_steps
 
 QuantDetector = nn.Module  # the Detector itself, with quantized modules and a ``quant_settings`` attribute
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """How a detector was quantized (recorded in the saved state's manifest)."""
-
-    w_bits: int
-    a_bits: int
-    reparam: bool
-    integer_zero_point: bool
-    exact_padding: bool
-    calibration_tensor_sha256: tuple[str, ...] = field(default=())
-    integer_bias: bool = False
-    bn_folded: bool = False
 
 
 def network_input(image: Any) -> tuple[Tensor, Tensor]:
@@ -91,19 +74,13 @@ def quantize(
         raise UserError("calibration images: none given")
     device = next(detector.parameters()).device
     inputs = [tuple(t.to(device) for t in network_input(image)) for image in calib_images]
+    settings = QuantSettings(w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding,
+                             tuple(tensor_sha256(img) for img, _ in inputs), integer_bias, fold_bn)
     detector.eval()
-    quantize_modules(detector, w_bits, a_bits)
+    apply_steps(detector, settings, after_calibration=False)
     calibrate(detector, inputs, progress)
-    if reparam:
-        reparameterize(detector, integer_zero_point, exact_padding)
-    bn_folded = fold_bn and fold_batchnorms(detector) > 0
-    if integer_bias:
-        snap_biases(detector)
-    detector.quant_settings = QuantSettings(
-        w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding,
-        tuple(tensor_sha256(img) for img, _ in inputs),
-        integer_bias, bn_folded,
-    )
+    apply_steps(detector, settings, after_calibration=True)
+    detector.quant_settings = settings
     return detector
 
 

@@ -21,11 +21,10 @@ from torch import Tensor, nn
 import repq_export
 from repq_export.errors import UserError
 from repq_export.models.checkpoint import file_sha256
-from repq_export.quant.assign import check_bits, quant_counts, quant_table, quantize_modules
-from repq_export.quant.calibrate import QuantDetector, QuantSettings
+from repq_export.quant.assign import quant_counts, quant_table
+from repq_export.quant.calibrate import QuantDetector
 from repq_export.quant.layers import named_quantizers
-from repq_export.quant.bn_fold import prepare_folded_structure
-from repq_export.quant.reparam import prepare_reparam_structure
+from repq_export.quant.recipe import QuantSettings, prepare_steps
 
 FORMAT = "repq-export-quant-state"
 VERSION = 1
@@ -42,14 +41,7 @@ def build_manifest(
     return {
         "format": FORMAT,
         "version": VERSION,
-        "w_bits": settings.w_bits,
-        "a_bits": settings.a_bits,
-        "reparam": settings.reparam,
-        "integer_zero_point": settings.integer_zero_point,
-        "exact_padding": settings.exact_padding,
-        "integer_bias": settings.integer_bias,
-        "bn_folded": settings.bn_folded,
-        "calibration_tensor_sha256": list(settings.calibration_tensor_sha256),
+        **settings.as_dict(),
         "calibration_images": [{"name": Path(p).name, "sha256": file_sha256(p)} for p in calibration_files],
         "source_checkpoint_sha256": file_sha256(source_checkpoint) if source_checkpoint is not None else None,
         "quantizers": quant_counts(quant_table(detector)),
@@ -123,11 +115,7 @@ def load_quant_state(
             raise UserError(f"{path}: holds {option}={saved}, but {option}={wanted} was asked for")
     if any(True for _ in named_quantizers(detector)):
         raise ValueError("load_quant_state: the detector is already quantized; pass a float detector")
-    quantize_modules(detector, settings.w_bits, settings.a_bits)
-    if settings.reparam:
-        prepare_reparam_structure(detector, settings.exact_padding)
-    if settings.bn_folded:
-        prepare_folded_structure(detector)
+    prepare_steps(detector, settings)
     expected_bits = {name: q.bits for name, q in named_quantizers(detector)}
     _check_keys_and_shapes(detector, state, path)
     try:
@@ -148,16 +136,11 @@ def load_quant_state(
 def _settings_from_manifest(manifest: Mapping[str, Any], path: Path) -> QuantSettings:
     """QuantSettings recorded in a manifest, validated."""
     try:
-        flags = [manifest[k] for k in ("reparam", "integer_zero_point", "exact_padding")]
-        w_bits = check_bits("w_bits", manifest["w_bits"])
-        a_bits = check_bits("a_bits", manifest["a_bits"])
-        sha = tuple(manifest.get("calibration_tensor_sha256", ()))
-    except (KeyError, TypeError, UserError) as exc:
-        raise UserError(f"{path}: manifest is incomplete or invalid ({exc})") from None
-    if not all(isinstance(f, bool) for f in flags):
-        raise UserError(f"{path}: manifest flags reparam/integer_zero_point/exact_padding must be true or false")
-    return QuantSettings(w_bits, a_bits, *flags, sha, bool(manifest.get("integer_bias", False)),
-                         bool(manifest.get("bn_folded", False)))
+        return QuantSettings.from_dict(manifest)
+    except KeyError as exc:
+        raise UserError(f"{path}: manifest is incomplete (no {exc})") from None
+    except (TypeError, ValueError, UserError) as exc:
+        raise UserError(f"{path}: manifest is invalid ({exc})") from None
 
 
 def _check_keys_and_shapes(detector: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
