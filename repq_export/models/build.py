@@ -12,7 +12,7 @@ from repq_export.models.config_fields import expect_value, get_field, model_sect
 from repq_export.models.detector import Detector
 from repq_export.models.fpn import FPN
 from repq_export.models.mask_head import FCNMaskHead
-from repq_export.models.roi_heads import CascadeRoIHead, StandardRoIHead
+from repq_export.models.roi_heads import CascadeRoIHead, RoITestSettings, StandardRoIHead
 from repq_export.models.rpn_head import RPNHead
 from repq_export.models.swin import SwinTransformer
 
@@ -76,7 +76,7 @@ def _build_rpn(arch: Arch, rpn: Mapping, test_cfg: Mapping) -> RPNHead:
         max_proposals=int(get_field(cfg, "max_per_img", "model.test_cfg.rpn")))
 
 
-def _roi_settings(roi: Mapping, test_cfg: Mapping) -> dict:
+def _roi_settings(roi: Mapping, test_cfg: Mapping) -> RoITestSettings:
     """RoIAlign sizes / strides and the test_cfg.rcnn detection settings."""
     settings = {}
     for name, size_key, expected in (("bbox_roi_extractor", "bbox_roi_size", 7),
@@ -97,7 +97,7 @@ def _roi_settings(roi: Mapping, test_cfg: Mapping) -> dict:
         score_thr=float(get_field(rcnn, "score_thr", "model.test_cfg.rcnn")),
         nms_iou=_nms_iou(rcnn, "model.test_cfg.rcnn"),
         max_per_img=int(get_field(rcnn, "max_per_img", "model.test_cfg.rcnn")))
-    return settings
+    return RoITestSettings(**settings)
 
 
 def _build_roi_head(arch: Arch, roi: Mapping, test_cfg: Mapping) -> StandardRoIHead | CascadeRoIHead:
@@ -108,8 +108,8 @@ def _build_roi_head(arch: Arch, roi: Mapping, test_cfg: Mapping) -> StandardRoIH
     mask_heads = [_mask_head(arch) for _ in range(arch.num_stages)]
     settings = _roi_settings(roi, test_cfg)
     if arch.kind == "cascade":
-        return CascadeRoIHead(box_heads, mask_heads, stage_stds=stds, **settings)
-    return StandardRoIHead(box_heads[0], mask_heads[0], target_stds=stds[0], **settings)
+        return CascadeRoIHead(box_heads, mask_heads, stage_stds=stds, settings=settings)
+    return StandardRoIHead(box_heads[0], mask_heads[0], target_stds=stds[0], settings=settings)
 
 
 def _box_head(arch: Arch) -> ConvFCBBoxHead:

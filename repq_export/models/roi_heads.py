@@ -7,6 +7,7 @@ sigmoid probabilities of the predicted class, N <= max_per_img.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -27,6 +28,19 @@ CASCADE_STDS = (
 )
 
 
+@dataclass
+class RoITestSettings:
+    """RoI feature sizes, FPN level mapping and the R-CNN test_cfg (mmdet 2.11 names)."""
+
+    featmap_strides: Sequence[int] = (4, 8, 16, 32)
+    bbox_roi_size: int = 7
+    mask_roi_size: int = 14
+    finest_scale: float = 56.0
+    score_thr: float = 0.05
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+
+
 def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
     """The (n, 4) deltas of each RoI's label from class-specific (n, 4C) deltas."""
     idx = (labels * 4)[:, None] + torch.arange(4, device=labels.device)
@@ -36,22 +50,14 @@ def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
 class _RoIHeadBase(nn.Module):
     """Shared test settings and the two RoI feature extractors (which hold no parameters)."""
 
-    def __init__(
-        self,
-        featmap_strides: Sequence[int],
-        bbox_roi_size: int,
-        mask_roi_size: int,
-        finest_scale: float,
-        score_thr: float,
-        nms_iou: float,
-        max_per_img: int,
-    ) -> None:
+    def __init__(self, settings: RoITestSettings) -> None:
         super().__init__()
-        self.bbox_roi_extractor = MultiLevelRoIAlign(bbox_roi_size, featmap_strides, 0, finest_scale)
-        self.mask_roi_extractor = MultiLevelRoIAlign(mask_roi_size, featmap_strides, 0, finest_scale)
-        self.score_thr = float(score_thr)
-        self.nms_iou = float(nms_iou)
-        self.max_per_img = int(max_per_img)
+        s = settings
+        self.bbox_roi_extractor = MultiLevelRoIAlign(s.bbox_roi_size, s.featmap_strides, 0, s.finest_scale)
+        self.mask_roi_extractor = MultiLevelRoIAlign(s.mask_roi_size, s.featmap_strides, 0, s.finest_scale)
+        self.score_thr = float(s.score_thr)
+        self.nms_iou = float(s.nms_iou)
+        self.max_per_img = int(s.max_per_img)
 
     def _detect(
         self,
@@ -81,17 +87,9 @@ class StandardRoIHead(_RoIHeadBase):
         bbox_head: ConvFCBBoxHead,
         mask_head: FCNMaskHead,
         target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        featmap_strides: Sequence[int] = (4, 8, 16, 32),
-        bbox_roi_size: int = 7,
-        mask_roi_size: int = 14,
-        finest_scale: float = 56.0,
-        score_thr: float = 0.05,
-        nms_iou: float = 0.5,
-        max_per_img: int = 100,
+        settings: RoITestSettings | None = None,
     ) -> None:
-        super().__init__(
-            featmap_strides, bbox_roi_size, mask_roi_size, finest_scale, score_thr, nms_iou, max_per_img
-        )
+        super().__init__(settings or RoITestSettings())
         self.bbox_head = bbox_head
         self.mask_head = mask_head
         self.bbox_coder = DeltaXYWHBoxCoder(stds=target_stds)
@@ -122,17 +120,9 @@ class CascadeRoIHead(_RoIHeadBase):
         bbox_heads: Sequence[ConvFCBBoxHead],
         mask_heads: Sequence[FCNMaskHead],
         stage_stds: Sequence[Sequence[float]] = CASCADE_STDS,
-        featmap_strides: Sequence[int] = (4, 8, 16, 32),
-        bbox_roi_size: int = 7,
-        mask_roi_size: int = 14,
-        finest_scale: float = 56.0,
-        score_thr: float = 0.05,
-        nms_iou: float = 0.5,
-        max_per_img: int = 100,
+        settings: RoITestSettings | None = None,
     ) -> None:
-        super().__init__(
-            featmap_strides, bbox_roi_size, mask_roi_size, finest_scale, score_thr, nms_iou, max_per_img
-        )
+        super().__init__(settings or RoITestSettings())
         if not bbox_heads or len(stage_stds) != len(bbox_heads) or len(mask_heads) != len(bbox_heads):
             raise UserError(
                 f"roi_head: cascade needs as many bbox heads ({len(bbox_heads)}), mask heads "
