@@ -16,7 +16,7 @@ import torch
 
 from repq_export.deploy_config import INPUT_NAMES, OUTPUT_NAMES
 from repq_export.errors import UserError
-from repq_export.export.tensorrt_builder import tensorrt_available
+from repq_export.runtime.tensorrt_support import tensorrt_available
 from repq_export.runtime.base import NetOutput, as_net_output
 
 
