@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from repq_export.errors import UserError
+from repq_export.models import reference_settings as ref
 
 #: The network boundary (contract): the exporter and every runner use these names.
 INPUT_NAMES = ("img", "img_hw")
@@ -86,10 +87,10 @@ class TensorRTConfig:
 class PostProcessing:
     """R-CNN test settings the graph is exported with (mmdet 2.11 test_cfg names in brackets)."""
 
-    score_threshold: float = 0.05  # score_thr
-    iou_threshold: float = 0.5  # nms.iou_threshold
-    keep_top_k: int = 100  # max_per_img
-    mask_thr_binary: float = 0.5  # host-side mask threshold
+    score_threshold: float = ref.RCNN_SCORE_THR  # score_thr
+    iou_threshold: float = ref.RCNN_NMS_IOU  # nms.iou_threshold
+    keep_top_k: int = ref.RCNN_MAX_PER_IMG  # max_per_img
+    mask_thr_binary: float = ref.MASK_THR_BINARY  # host-side mask threshold
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from repq_export.data.rle import mask_to_rle
 from repq_export.data.transforms import Preprocessed
+from repq_export.models.reference_settings import MASK_THR_BINARY
 
 Array = torch.Tensor | np.ndarray
 
@@ -72,7 +73,7 @@ def postprocess(
     labels: Array,
     masks: Array,
     prep: Preprocessed,
-    mask_thr: float = 0.5,
+    mask_thr: float = MASK_THR_BINARY,
     keep_binary: bool = False,
 ) -> Detections:
     """Turn network outputs (torch or numpy, resized-image coordinates) into Detections.

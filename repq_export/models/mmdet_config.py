@@ -10,7 +10,7 @@ from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
 from repq_export.models.arch import KINDS, Arch
 from repq_export.models.config_fields import expect_value
-from repq_export.models.roi_heads import CASCADE_STDS
+from repq_export.models import reference_settings as ref
 
 
 def config_from_arch(arch: Arch, preprocess: PreprocessSettings | None = None) -> dict:
@@ -55,7 +55,7 @@ def _model_dict(arch: Arch) -> dict:
         raise UserError(f"arch: {arch.num_anchors} RPN anchors per location; without a config "
                         "only the reference's 3 (scale 8, ratios 0.5, 1, 2) are known")
     cascade = arch.kind == "cascade"
-    stage_stds = CASCADE_STDS[: arch.num_stages] if cascade else ([0.1, 0.1, 0.2, 0.2],)
+    stage_stds = ref.CASCADE_STDS[: arch.num_stages] if cascade else (ref.BOX_STDS,)
     bbox_heads = [_bbox_head_dict(arch, list(stds)) for stds in stage_stds]
     mask_head = dict(type="FCNMaskHead", num_convs=arch.mask_convs, in_channels=arch.fpn_channels,
                      conv_out_channels=arch.mask_channels, num_classes=arch.num_classes,
@@ -68,11 +68,10 @@ def _model_dict(arch: Arch) -> dict:
     roi_head.update(bbox_roi_extractor=_roi_extractor_dict(arch, 7),
                     bbox_head=bbox_heads if cascade else bbox_heads[0],
                     mask_roi_extractor=_roi_extractor_dict(arch, 14), mask_head=mask_head)
-    rpn_test = dict(nms_pre=1000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7),
-                    min_bbox_size=0)
-    if cascade:
-        rpn_test = dict(nms_across_levels=False, nms_pre=1000, nms_post=1000, max_per_img=1000,
-                        nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0)
+    rpn_test = dict(nms_pre=ref.RPN_NMS_PRE, max_per_img=ref.RPN_MAX_PER_IMG,
+                    nms=dict(type="nms", iou_threshold=ref.RPN_NMS_IOU), min_bbox_size=0)
+    if cascade:  # the cascade configs spell out two more keys, with the same meaning
+        rpn_test = dict(nms_across_levels=False, nms_post=ref.RPN_MAX_PER_IMG, **rpn_test)
     return dict(
         type="CascadeRCNN" if cascade else "MaskRCNN",
         pretrained=None,
@@ -93,8 +92,9 @@ def _model_dict(arch: Arch) -> dict:
             loss_bbox=dict(type="SmoothL1Loss", beta=1.0 / 9.0, loss_weight=1.0) if cascade
             else dict(type="L1Loss", loss_weight=1.0)),
         roi_head=roi_head,
-        test_cfg=dict(rpn=rpn_test, rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5),
-                                             max_per_img=100, mask_thr_binary=0.5)),
+        test_cfg=dict(rpn=rpn_test, rcnn=dict(
+            score_thr=ref.RCNN_SCORE_THR, nms=dict(type="nms", iou_threshold=ref.RCNN_NMS_IOU),
+            max_per_img=ref.RCNN_MAX_PER_IMG, mask_thr_binary=ref.MASK_THR_BINARY)),
     )
 
 

@@ -17,16 +17,11 @@ from repq_export.errors import UserError
 from repq_export.models.bbox_head import ConvFCBBoxHead, multiclass_nms
 from repq_export.models.box_coder import DeltaXYWHBoxCoder
 from repq_export.models.mask_head import FCNMaskHead
+from repq_export.models.reference_settings import (BOX_STDS, CASCADE_STDS, RCNN_MAX_PER_IMG, RCNN_NMS_IOU,
+                                                   RCNN_SCORE_THR)
 from repq_export.models.roi_extractor import MultiLevelRoIAlign
 
 Detections = tuple[Tensor, Tensor, Tensor, Tensor]
-
-CASCADE_STDS = (
-    (0.1, 0.1, 0.2, 0.2),
-    (0.05, 0.05, 0.1, 0.1),
-    (0.033, 0.033, 0.067, 0.067),
-)
-
 
 @dataclass
 class RoITestSettings:
@@ -36,9 +31,9 @@ class RoITestSettings:
     bbox_roi_size: int = 7
     mask_roi_size: int = 14
     finest_scale: float = 56.0
-    score_thr: float = 0.05
-    nms_iou: float = 0.5
-    max_per_img: int = 100
+    score_thr: float = RCNN_SCORE_THR
+    nms_iou: float = RCNN_NMS_IOU
+    max_per_img: int = RCNN_MAX_PER_IMG
 
 
 def select_class_deltas(deltas: Tensor, labels: Tensor) -> Tensor:
@@ -86,7 +81,7 @@ class StandardRoIHead(_RoIHeadBase):
         self,
         bbox_head: ConvFCBBoxHead,
         mask_head: FCNMaskHead,
-        target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        target_stds: Sequence[float] = BOX_STDS,
         settings: RoITestSettings | None = None,
     ) -> None:
         super().__init__(settings or RoITestSettings())

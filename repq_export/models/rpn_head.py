@@ -17,6 +17,7 @@ from repq_export.errors import UserError
 from repq_export.models.anchors import AnchorGenerator
 from repq_export.models.bbox_head import batched_nms
 from repq_export.models.box_coder import DeltaXYWHBoxCoder
+from repq_export.models.reference_settings import RPN_MAX_PER_IMG, RPN_NMS_IOU, RPN_NMS_PRE
 
 
 def topk_count(n_items: Tensor, k: int) -> Tensor | int:
@@ -38,9 +39,9 @@ class RPNHead(nn.Module):
         feat_channels: int = 256,
         anchor_generator: AnchorGenerator | None = None,
         target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-        nms_pre: int = 1000,
-        nms_iou: float = 0.7,
-        max_proposals: int = 1000,
+        nms_pre: int = RPN_NMS_PRE,
+        nms_iou: float = RPN_NMS_IOU,
+        max_proposals: int = RPN_MAX_PER_IMG,
     ) -> None:
         super().__init__()
         if nms_pre < 1 or max_proposals < 1:
