@@ -85,7 +85,7 @@ def run_infer(argv: list[str]) -> int:
             raise UserError(f"{args.url}: no ready repq-export server there")
         try:
             dets = client.detect(args.image.read_bytes(), args.score_thr)
-        except ServerError as exc:
+        except (ServerError, ValueError) as exc:
             raise UserError(f"{args.url}: the server refused {args.image} ({exc})") from None
     names: list[str] = []
     for label, name in zip(dets.labels.tolist(), dets.class_names):

@@ -11,6 +11,7 @@ from ..errors import UserError
 from . import codec
 
 _REASON = re.compile(r"BadRequest: ([^\n\\]*)")
+_ANY_ERROR = re.compile(r"(\w+(?:Error|Exception): [^\n\\]*)")
 
 
 class ServerError(RuntimeError):
@@ -28,8 +29,8 @@ def parse_url(url: str) -> tuple[str, str]:
 def error_reason(exc: Exception) -> str:
     """The one line that says why the server refused a request (Triton wraps it in a traceback)."""
     text = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    found = _REASON.findall(text or "")
-    return found[-1].strip() if found else (text or type(exc).__name__).strip().splitlines()[0][:300]
+    found = _REASON.findall(text or "") or _ANY_ERROR.findall(text or "")
+    return found[-1].strip()[:300] if found else (text or type(exc).__name__).strip().splitlines()[0][:300]
 
 
 class DetectionClient:
@@ -58,6 +59,8 @@ class DetectionClient:
 
     def detect(self, image: bytes, score_thr: float | None = None) -> codec.ServedDetections:
         """Detections of one encoded image (JPEG/PNG bytes); ServerError says why a request was refused."""
+        if not image:
+            raise ValueError("empty image: nothing to send")
         data = np.frombuffer(image, dtype=np.uint8)[None]
         inputs = [self._triton.InferInput(codec.IMAGE, list(data.shape), "UINT8")]
         inputs[0].set_data_from_numpy(data)
