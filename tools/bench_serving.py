@@ -6,7 +6,7 @@
 Starts a Triton server (PyTriton) over the artifact on free loopback ports, then for each client count
 sends a fixed number of requests (the artifact's synthetic test images, in turn) from that many threads,
 each with its own connection, and measures every request's latency. The in-process row runs the same
-requests one after another through the same runner path (decode, preprocess, onnxruntime, postprocess)
+requests one after another (before the server rows and again after them) through the same runner path (decode, preprocess, onnxruntime, postprocess)
 without a server. Every served response is compared with the in-process detections of its image; a
 difference counts as an error. Each image is sent once (twice to the server) before timing. Bounded: at most --requests per row and --max-seconds in all.
 Without --artifact a tiny random-weight artifact is exported first (about half a minute).
@@ -162,6 +162,9 @@ def main() -> int:
                 rows.append((f"served (HTTP, {args.instances} instances)", clients, lat, wall, errors))
         finally:
             triton.stop()
+        # again after the server rows: the difference between the two in-process rows is the machine's noise
+        lat, wall, _ = in_process_row(runner, settings, payloads, args.requests, deadline)
+        rows.append(("in-process runner, again", 1, lat, wall, []))
     print(f"# bench_serving: `python tools/bench_serving.py {' '.join(sys.argv[1:])}`\n")
     print("\n".join(machine_lines(args.threads)) + "\n")
     print("| path | clients | requests | errors | p50 ms | p99 ms | throughput req/s |")
