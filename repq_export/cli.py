@@ -4,6 +4,7 @@
     repq-export check model.onnx                               TensorRT rules, no TensorRT needed
     repq-export demo                                           the whole pipeline on the bundled models
     repq-export predict ARTIFACT IMAGE --save out.png          draw detections
+    repq-export serve ARTIFACT / infer URL IMAGE / triton-repo ARTIFACT OUT   serving ([serve] extra)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from .commands.common import CommandParser, bits, default_device, device, positive_int, run_command
 from .errors import UserError
 
-SUBCOMMANDS = ("export", "check", "demo", "predict")
+SUBCOMMANDS = ("export", "check", "demo", "predict", "serve", "infer", "triton-repo")
 
 
 def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from .commands.demo import run_demo as body
     elif command == "predict":
         from .commands.predict import run_predict as body
+    elif command in ("serve", "infer", "triton-repo"):
+        from .commands import serving
+
+        body = {"serve": serving.run_serve, "infer": serving.run_infer, "triton-repo": serving.run_triton_repo}[command]
     elif command == "check":
         body = run_check
     else:

@@ -12,7 +12,8 @@ from ..data.images import read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
 from ..evaluation.coco_eval import format_ap_table
-from ..evaluation.evaluate import coco_results, run_dataset, score_run
+from ..evaluation import distributed
+from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
 from ..models.checkpoint import load_checkpoint
 from .common import CommandParser, bits, default_device, device, positive_int, run_command
 from .runners import BACKENDS, make_runner
@@ -25,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="tools/test.py", description="Evaluate COCO box and mask AP of a Swin Mask R-CNN / Cascade Mask "
         "R-CNN checkpoint, in float, as RepQ-ViT fake quant (--w_bits/--a_bits), or as an exported graph in "
-        "onnxruntime or TensorRT (--backend ort|trt --model PATH). The reference's interface.")
+        "onnxruntime or TensorRT (--backend ort|trt --model PATH). The reference's interface. Under torchrun (torchrun "
+        "--nproc-per-node N tools/test.py ...) rank 0 calibrates, each process runs a share of the images and rank 0 "
+        "scores them all: the same metrics as one process.")
     p.add_argument("config", type=Path, help="model config (configs/swin/...)")
     p.add_argument("checkpoint", type=Path, help="checkpoint (.pth)")
     p.add_argument("--eval", nargs="+", choices=("bbox", "segm"), default=["bbox", "segm"],
@@ -104,6 +107,26 @@ def check_quant_source(quant_file: Path, checkpoint: Path, checkpoint_sha256: st
                         f"{checkpoint} (sha256 {checkpoint_sha256[:12]}...)")
 
 
+def sharded_run(runner, dataset: CocoDataset, settings, max_images: int | None,
+                group: distributed.ProcessGroup) -> DatasetRun | None:
+    """This rank's share of the images run, gathered on rank 0 in loader order (None on other ranks).
+
+    Only what scoring needs travels: each image's id, path and detections (not the padded tensor)."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    try:
+        mine = []
+        for index in distributed.shard(count, group):
+            info, path = dataset[index]
+            dets = run_image(runner, path, settings)[2]
+            mine.append((index, ImageResult(int(info["id"]), path, None, None, dets)))
+    except UserError as exc:
+        mine = str(exc)
+    parts = distributed.gather_to_main(mine, group)
+    if parts is None:
+        return None
+    return DatasetRun(runner.name, [result for _, result in sorted(pair for part in parts for pair in part)])
+
+
 def run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     backend = args.backend
@@ -112,21 +135,43 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
+    group = distributed.init_from_env(args.device)
+    try:
+        return evaluate(args, backend, group)
+    finally:
+        distributed.close(group)
+
+
+def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
+    """Evaluate in this process, or as one rank of a torchrun job (rank 0 reports)."""
     detector, info = load_checkpoint(args.checkpoint, args.config)
     dataset = CocoDataset(args.ann, args.img_dir)
     if len(dataset.cat_ids) != info.arch.num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
                         f"{info.arch.num_classes} classes")
-    if backend == "quant" and args.load_quant:
-        check_quant_source(args.load_quant, args.checkpoint, info.sha256)
-    model = quantized_model(args, detector, dataset, info.preprocess) if backend == "quant" else detector
-    runner = make_runner(backend, model, args.model, args.device)
-    run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)
+    if backend == "quant":
+        def make():
+            if args.load_quant:
+                check_quant_source(args.load_quant, args.checkpoint, info.sha256)
+            return quantized_model(args, detector, dataset, info.preprocess)
+
+        model = distributed.shared_quant_model(make, detector, group)
+    else:
+        model = detector
+    device = f"cuda:{group.local_rank}" if group and args.device == "cuda" else args.device
+    runner = make_runner(backend, model, args.model, device)
+    if group is None:
+        run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)
+    else:
+        run_ = sharded_run(runner, dataset, info.preprocess, args.max_images, group)
+        if run_ is None:
+            return 0
     metrics = score_run(run_, dataset, tuple(args.eval))
     for metric in args.eval:
         print(f"\nEvaluating {metric}...\n" + format_ap_table(metrics, metric))
     summary = "  ".join(f"{m}_mAP: {metrics[f'{m}_mAP']:.4f}" for m in args.eval)
-    print(f"{backend} on {len(run_.images)} images: {summary}")
+    where = f" ({group.world_size} processes)" if group else ""
+    print(f"{backend} on {len(run_.images)} images{where}: {summary}")
     if args.out:
         bbox, segm = coco_results(run_, dataset)
         write_json(args.out, {"bbox": bbox, "segm": segm})

@@ -1,0 +1,1 @@
+"""Serving an artifact behind Triton Inference Server (PyTriton) and the client that talks to it."""
