@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from ..data.coco import CocoDataset
 from ..data.images import read_image
 from ..errors import UserError
+from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, SAMPLES, Float64Reference
 from ..evaluation.evaluate import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
 from ..evaluation.noise_floor import Ulps, measure_noise_floor
-from ..evaluation.parity_check import ParityReport, check_parity
+from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport, check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
+from ..runtime.base import Runner
 from .common import CommandParser, device, fraction, positive_int, run_command
 from .runners import make_runner, model_file
 from .test_tool import write_json
@@ -24,18 +30,31 @@ def parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="tools/parity_check.py", description="Run the artifact's fake-quant model and a backend on the same "
         "images and report three tiers: integer codes of every quantizer (onnxruntime), matched detections, and "
-        "COCO box/mask AP (|delta| <= 0.1 AP points). Exit 0 when all pass, 1 otherwise.")
+        "COCO box/mask AP. Tiers 2 and 3 are judged against the same fake-quant model run in float64 (ideal "
+        f"arithmetic on the same quantization grid): {RULE} Exit 0 when all pass, 1 otherwise.")
     p.add_argument("artifact", type=Path, help="artifact directory written by repq-export")
     p.add_argument("--ann", type=Path, required=True, help="COCO annotation file")
     p.add_argument("--img-dir", type=Path, required=True, help="image folder")
     p.add_argument("--max-images", type=positive_int, help="only the first N images")
-    p.add_argument("--backend", choices=("ort", "trt"), default="ort", help="onnxruntime (default) or TensorRT")
+    p.add_argument("--backend", choices=("ort", "trt", "quant-cuda"), default="ort", help="onnxruntime (default), "
+                   "TensorRT, or the fake-quant model itself on CUDA (against itself on --device)")
     p.add_argument("--code-images", type=int, default=1, help="images for the tier-1 code probe (default 1; "
                    "0 skips it)")
-    p.add_argument("--ap-tolerance", type=float, default=0.001, help="tier 3: largest |delta AP| allowed, as a "
-                   "fraction (default 0.001 = 0.1 AP points)")
-    p.add_argument("--min-match-rate", type=float, default=0.99, help="tier 2: smallest share of detections "
-                   "matched one to one (same label, IoU >= 0.5; default 0.99)")
+    p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin: how many fewer "
+                   f"detections (a fraction) matched with float64 than torch float32 matches are tolerated (default "
+                   f"{MATCH_MARGIN})")
+    p.add_argument("--ap-margin", type=fraction, default=AP_MARGIN, help="tier 3 margin: how much further from "
+                   f"float64's AP than torch float32's (a fraction of AP) is tolerated (default {AP_MARGIN} = "
+                   f"{100 * AP_MARGIN:g} AP points)")
+    p.add_argument("--bootstrap-samples", type=positive_int, default=SAMPLES, help="resamples of the images for "
+                   f"the 95%% intervals (default {SAMPLES})")
+    p.add_argument("--no-float64", action="store_true", help="skip the float64 run (about 2.5x the time of fake "
+                   "quant); tiers 2 and 3 then use the fixed tolerances")
+    p.add_argument("--ap-tolerance", type=float, help="tier 3 by a fixed tolerance instead: largest |AP delta| "
+                   "against torch fake quant, as a fraction (without the float64 run: 0.001)")
+    p.add_argument("--min-match-rate", type=float, help="tier 2 by a fixed tolerance instead: smallest share of "
+                   "detections matched one to one with torch fake quant (same label, IoU >= 0.5; without the "
+                   "float64 run: 0.99)")
     p.add_argument("--device", type=device, default="cpu", help="device of the fake-quant model (default cpu)")
     p.add_argument("--json-out", type=Path, help="write the report as JSON")
     p.add_argument("--save-images", type=Path, metavar="DIR", help="write, per image, the fake-quant and backend "
@@ -67,12 +86,14 @@ def run(argv: list[str] | None) -> int:
     qmodel, manifest, settings = load_artifact_model(args.artifact)
     dataset = CocoDataset(args.ann, args.img_dir)
     ref = make_runner("quant", qmodel, device=args.device)
-    backend = make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu")
+    backend = make_backend(args, qmodel)
+    ideal = None if args.no_float64 else Float64Reference(qmodel)
     onnx_path = str(model_file(args.artifact, "ort")) if args.backend == "ort" else None
     report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
                                                 onnx_path, args.code_images, progress=not args.quiet,
-                                                ap_tolerance=args.ap_tolerance,
-                                                min_match_rate=args.min_match_rate)
+                                                ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
+                                                ideal=ideal, match_margin=args.match_margin,
+                                                ap_margin=args.ap_margin, samples=args.bootstrap_samples)
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
@@ -81,7 +102,7 @@ def run(argv: list[str] | None) -> int:
         for sample in floor.samples:
             print(sample.line())
         inside = floor.contains(report.detections.match_rate, report.ap_delta("bbox"), report.ap_delta("segm"),
-                                args.min_match_rate, args.ap_tolerance)
+                                args.min_match_rate or MATCH_RATE_MIN, args.ap_tolerance or AP_TOLERANCE)
         print(f"{floor.summary()}; {args.backend} is {'within' if inside else 'outside'} it")
         result["noise_floor"] = {**floor.as_dict(), "backend_within": inside}
     if args.json_out:
@@ -99,6 +120,15 @@ def run(argv: list[str] | None) -> int:
                           f"{ref_run.images[0].path.name}")
         print(f"wrote {args.save_plot}")
     return 0 if report.ok else 1
+
+
+def make_backend(args: argparse.Namespace, qmodel: nn.Module) -> Runner:
+    """The runner --backend names: onnxruntime or TensorRT on the artifact, or fake quant on CUDA."""
+    if args.backend == "quant-cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--backend quant-cuda: no CUDA device is available to torch")
+        return make_runner("quant", copy.deepcopy(qmodel), device="cuda")
+    return make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu")
 
 
 def ulps_option(text: str) -> float | str:

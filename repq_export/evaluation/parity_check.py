@@ -13,14 +13,15 @@ from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
+from .envelope import AP_MARGIN, MATCH_MARGIN, SAMPLES, Envelope, judge_envelope
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
 from .parity import (CodeReport, DetectionSummary, call_to_quantizer, compare_codes, compare_drift,
                      compare_float_parts, find_code_probes, match_detections, record_quantizer_inputs,
                      with_probe_outputs)
 
-AP_TOLERANCE = 0.001  # 0.1 AP points, as a fraction
-MATCH_RATE_MIN = 0.99  # tier 2: matched detections over the larger count
-MASK_IOU_MIN = 0.95  # tier 2: mean IoU of matched RoI masks
+AP_TOLERANCE = 0.001  # fixed tier 3 (no float64 run): 0.1 AP points, as a fraction
+MATCH_RATE_MIN = 0.99  # fixed tier 2: matched detections over the larger count
+MASK_IOU_MIN = 0.95  # fixed tier 2: mean IoU of matched RoI masks
 
 
 @dataclass
@@ -34,8 +35,9 @@ class ParityReport:
     detections: DetectionSummary = field(default_factory=DetectionSummary)
     ap_ref: dict[str, float] = field(default_factory=dict)
     ap_backend: dict[str, float] = field(default_factory=dict)
-    ap_tolerance: float = AP_TOLERANCE
-    min_match_rate: float = MATCH_RATE_MIN
+    ap_tolerance: float | None = None  # fixed tolerances against torch fake quant, instead of the envelope
+    min_match_rate: float | None = None
+    envelope: Envelope | None = None  # tiers 2 and 3 against the float64 run (`envelope.py`)
 
     @property
     def code_elements(self) -> int:
@@ -87,16 +89,30 @@ class ParityReport:
         return None if not self.codes else self.first_bad_layer is None
 
     @property
+    def fixed_tier2(self) -> bool:
+        """Tier 2 judged by the fixed tolerance (given, or no float64 run to judge against)."""
+        return self.min_match_rate is not None or self.envelope is None
+
+    @property
+    def fixed_tier3(self) -> bool:
+        return self.ap_tolerance is not None or self.envelope is None
+
+    @property
     def tier2_ok(self) -> bool:
+        if not self.fixed_tier2:
+            return self.envelope.figure("matched").ok
         d = self.detections
-        return d.match_rate >= self.min_match_rate and d.mean_mask_iou >= MASK_IOU_MIN
+        return d.match_rate >= (self.min_match_rate or MATCH_RATE_MIN) and d.mean_mask_iou >= MASK_IOU_MIN
 
     def ap_delta(self, metric: str) -> float:
         return self.ap_backend[f"{metric}_mAP"] - self.ap_ref[f"{metric}_mAP"]
 
     @property
     def tier3_ok(self) -> bool:
-        return all(abs(self.ap_delta(m)) <= self.ap_tolerance for m in ("bbox", "segm"))
+        if not self.fixed_tier3:
+            return self.envelope.figure("bbox_AP").ok and self.envelope.figure("segm_AP").ok
+        tolerance = AP_TOLERANCE if self.ap_tolerance is None else self.ap_tolerance
+        return all(abs(self.ap_delta(m)) <= tolerance for m in ("bbox", "segm"))
 
     @property
     def ok(self) -> bool:
@@ -113,10 +129,13 @@ class ParityReport:
                             "float_difference": None if self.float_difference is None else dict(
                                 zip(("values", "differ", "equivalent_ulps"), self.float_difference)),
                             "per_call": [asdict(r) for r in self.codes]},
-            "tier2_detections": {"pass": self.tier2_ok, "ref": d.ref, "backend": d.got, "matched": d.matched,
+            "float64_envelope": None if self.envelope is None else self.envelope.as_dict(),
+            "tier2_detections": {"pass": self.tier2_ok, "rule": "fixed" if self.fixed_tier2 else "float64",
+                                 "min_match_rate": self.min_match_rate, "ref": d.ref, "backend": d.got, "matched": d.matched,
                                  "match_rate": d.match_rate, "min_iou": d.min_iou,
                                  "max_score_diff": d.max_score_diff, "mean_mask_iou": d.mean_mask_iou},
-            "tier3_ap": {"pass": self.tier3_ok, "tolerance": self.ap_tolerance,
+            "tier3_ap": {"pass": self.tier3_ok, "rule": "fixed" if self.fixed_tier3 else "float64",
+                         "tolerance": self.ap_tolerance,
                          **{f"{m}_mAP_{side}": v[f"{m}_mAP"] for m in ("bbox", "segm")
                             for side, v in (("fake_quant", self.ap_ref), ("backend", self.ap_backend))}},
         }
@@ -140,21 +159,36 @@ class ParityReport:
             values, differ, ulps = self.float_difference
             drift += (f"\n  float parts        fed the same codes, {100 * differ / values:.1f}% of {values} quantizer "
                       f"input values differ between the runs, by {ulps:.2f} ulp on average (--noise-ulps)")
+        vs_torch = (f"{d.matched} matched of {d.ref} / {d.got} (rate {d.match_rate:.4f}), min IoU {d.min_iou:.4f}, "
+                    f"max |score diff| {d.max_score_diff:.2e}, mask IoU {d.mean_mask_iou:.4f}")
+        ap = (f"box {self.ap_ref['bbox_mAP']:.4f} -> {self.ap_backend['bbox_mAP']:.4f} ({self.ap_delta('bbox'):+.4f}), "
+              f"mask {self.ap_ref['segm_mAP']:.4f} -> {self.ap_backend['segm_mAP']:.4f} ({self.ap_delta('segm'):+.4f})")
+        env = self.envelope
+        if self.fixed_tier2:
+            tier2 = f"{vs_torch}; fixed: rate >= {self.min_match_rate or MATCH_RATE_MIN}, mask IoU >= {MASK_IOU_MIN}"
+        else:
+            tier2 = f"vs float64: {env.figure('matched').text()} points\n{'':21}vs fake quant: {vs_torch}"
+        if self.fixed_tier3:
+            tier3 = f"{ap}; fixed: |delta| <= {AP_TOLERANCE if self.ap_tolerance is None else self.ap_tolerance}"
+        else:
+            tier3 = (f"vs float64: {env.figure('bbox_AP').text()}; {env.figure('segm_AP').text()} points"
+                     f"\n{'':21}vs fake quant: {ap}")
+        rule = ("" if env is None else f"\n  rule               excess = {self.backend}'s distance to float64 minus torch "
+                f"float32's, 95% interval over {env.samples} bootstrap resamples of the {env.images} images; FAIL when "
+                f"its lower end exceeds the margin ({100 * env.figure('matched').margin:.2f} matched points, "
+                f"{100 * env.figure('bbox_AP').margin:.2f} AP points)")
         lines = [
             f"parity: fake quant vs {self.backend} on {self.images} images",
             f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}{drift}",
-            f"  tier 2 detections  {mark(self.tier2_ok)}  {d.matched} matched of {d.ref} / {d.got} "
-            f"(rate {d.match_rate:.4f}), min IoU {d.min_iou:.4f}, max |score diff| {d.max_score_diff:.2e}, "
-            f"mask IoU {d.mean_mask_iou:.4f}",
-            f"  tier 3 AP          {mark(self.tier3_ok)}  box {self.ap_ref['bbox_mAP']:.4f} -> "
-            f"{self.ap_backend['bbox_mAP']:.4f} ({self.ap_delta('bbox'):+.4f}), mask {self.ap_ref['segm_mAP']:.4f}"
-            f" -> {self.ap_backend['segm_mAP']:.4f} ({self.ap_delta('segm'):+.4f}), tolerance {self.ap_tolerance}",
+            f"  tier 2 detections  {mark(self.tier2_ok)}  {tier2}",
+            f"  tier 3 AP          {mark(self.tier3_ok)}  {tier3}{rule}",
             f"  verdict            {'PASS' if self.ok else 'FAIL'}",
         ]
         return "\n".join(lines)
 
 
-def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult]) -> list[CodeReport]:
+def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult],
+                float_parts: bool = True) -> list[CodeReport]:
     """Tier 1 on onnxruntime: every quantizer call's codes, fed the graph's own inputs."""
     proto = onnx.load(onnx_path)
     probes = find_code_probes(proto, {name for name, _ in named_quantizers(qmodel)})
@@ -168,28 +202,35 @@ def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult]) ->
         compare_codes(qmodel, probes, values, reports)
         inputs = record_quantizer_inputs(qmodel, image.prep.tensor, image.prep.img_hw_tensor)
         compare_drift(qmodel, probes, values, inputs, reports)
-        compare_float_parts(qmodel, probes, values, image.prep.tensor, image.prep.img_hw_tensor, reports)
+        if float_parts:
+            compare_float_parts(qmodel, probes, values, image.prep.tensor, image.prep.img_hw_tensor, reports)
     return list(reports.values())
 
 
 def check_parity(qmodel: nn.Module, ref: Runner, backend: Runner, dataset: CocoDataset,
                  settings: PreprocessSettings, max_images: int | None = None, onnx_path: str | None = None,
-                 code_images: int = 1, progress: bool = True, ap_tolerance: float = AP_TOLERANCE,
-                 min_match_rate: float = MATCH_RATE_MIN) -> tuple[ParityReport, DatasetRun, DatasetRun]:
-    """All three tiers; tier 1 only where the backend is the ONNX graph (`onnx_path`)."""
+                 code_images: int = 1, progress: bool = True, ap_tolerance: float | None = None,
+                 min_match_rate: float | None = None, ideal: Runner | None = None,
+                 match_margin: float = MATCH_MARGIN, ap_margin: float = AP_MARGIN, samples: int = SAMPLES,
+                 float_parts: bool = True) -> tuple[ParityReport, DatasetRun, DatasetRun]:
+    """All three tiers; tier 1 only where the backend is the ONNX graph (`onnx_path`); tiers 2 and 3 against
+    the float64 run where ``ideal`` runs it (`envelope.py`), else (or where given) by the fixed tolerances."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     report = ParityReport(backend.name, count, 0, ap_tolerance=ap_tolerance, min_match_rate=min_match_rate)
-    ref_run, backend_run = DatasetRun(ref.name), DatasetRun(backend.name)
+    runners = [ref, backend] + ([ideal] if ideal is not None else [])
+    runs = [DatasetRun(r.name) for r in runners]
     for index in tqdm(range(count), desc="parity", unit="img", disable=not progress, leave=False):
         info, path = dataset[index]
-        for runner, run in ((ref, ref_run), (backend, backend_run)):
+        for runner, run in zip(runners, runs):
             prep, net, dets = run_image(runner, path, settings)
             run.images.append(ImageResult(int(info["id"]), path, prep, net, dets))
-        report.detections.add(match_detections(ref_run.images[-1].net, backend_run.images[-1].net))
+        report.detections.add(match_detections(runs[0].images[-1].net, runs[1].images[-1].net))
+    ref_run, backend_run = runs[:2]
     if onnx_path is not None and code_images > 0:
         report.code_images = min(code_images, count)
-        report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images])
+        report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images], float_parts)
     report.ap_ref = score_run(ref_run, dataset)
     report.ap_backend = score_run(backend_run, dataset)
+    if ideal is not None:
+        report.envelope = judge_envelope(runs[2], ref_run, backend_run, dataset, match_margin, ap_margin, samples)
     return report, ref_run, backend_run
-
