@@ -92,14 +92,18 @@ def normalize(
 ) -> np.ndarray:
     """(img - mean) * (1 / std) as float32, optionally BGR -> RGB (mmcv.imnormalize).
 
-    mmdet stores mean/std as float32; cv2 then does the scalar arithmetic in double and rounds
-    once to float32. Doing the same here reproduces its values bit for bit.
+    Written with the same cv2 calls mmcv makes (in-place subtract and multiply of a float32 image by
+    float32 mean/std held in double), not with numpy: cv2 picks its arithmetic by CPU (on some it
+    rounds in double, on others in float32), and only the same calls give mmcv's values on every CPU.
     """
-    mean64 = np.float64(np.asarray(mean, dtype=np.float32))
-    stdinv64 = 1.0 / np.float64(np.asarray(std, dtype=np.float32))
+    x = np.ascontiguousarray(img, dtype=np.float32)
+    mean64 = np.float64(np.asarray(mean, dtype=np.float32).reshape(1, -1))
+    stdinv64 = 1.0 / np.float64(np.asarray(std, dtype=np.float32).reshape(1, -1))
     if to_rgb:
-        img = img[..., ::-1]
-    return ((img.astype(np.float64) - mean64) * stdinv64).astype(np.float32)
+        cv2.cvtColor(x, cv2.COLOR_BGR2RGB, x)
+    cv2.subtract(x, mean64, x)
+    cv2.multiply(x, stdinv64, x)
+    return x
 
 
 def padded_size(h: int, w: int, divisor: int) -> tuple[int, int]:
