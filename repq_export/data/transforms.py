@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import torch
 
+from repq_export.errors import UserError
+
 COCO_SCALE = (1333, 800)
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -54,7 +56,8 @@ def resize_keep_ratio(img: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarr
     h, w = img.shape[:2]
     new_w, new_h = rescale_size(w, h, scale)
     if new_w < 1 or new_h < 1:
-        raise ValueError(f"image of {w}x{h} pixels shrinks to nothing at scale {scale}")
+        raise UserError(f"image of {w}x{h} pixels shrinks to nothing at scale {scale} (one side would be "
+                        "0 pixels): too thin for this model")
     resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     w_scale, h_scale = new_w / w, new_h / h
     return resized, np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)

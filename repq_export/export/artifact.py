@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +28,12 @@ from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
+from ..output_dir import MANIFEST, check_out_dir, staged_dir
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_DEPLOY = DEFAULT_DEPLOY_CONFIG
-MANIFEST = "repq.json"
 
 
 @dataclass
@@ -73,27 +71,6 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
         dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent)
         return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
-
-
-def check_out_dir(out: Path, force: bool, make_parent: bool = False) -> None:
-    """Refuse to overwrite an artifact without --force, and an --out that cannot be created.
-
-    With `make_parent` (the default --out, repq-out/...) a missing parent folder is created here,
-    after the other checks, instead of being an error."""
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    parent = out.resolve().parent
-    if make_parent and not parent.exists() and parent.parent.is_dir():
-        parent.mkdir()
-    if not parent.is_dir():
-        raise UserError(f"{out}: parent folder {parent} does not exist")
-    # a real probe, not os.access: root passes that check on read-only mounts such as /proc
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe", dir=parent))
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create a directory in {parent} ({exc.strerror or exc})") from None
 
 
 def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
@@ -164,13 +141,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
     qmodel = qmodel.cpu()
-    tmp = req.out.with_name(f".{req.out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise UserError(f"{req.out}: cannot create the artifact directory ({exc.strerror or exc})") from None
-    try:
+    with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
         log("exporting ONNX (QDQ) ...")
         proto = export_onnx(qmodel, tmp / "model.onnx", preps[0].tensor, preps[0].img_hw_tensor, deploy.onnx)
@@ -179,13 +150,6 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
             raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if req.out.exists():
-            shutil.rmtree(req.out)
-        os.replace(tmp, req.out)
-    except OSError as exc:  # disk full, folder removed under us: the artifact is not written
-        raise UserError(f"{req.out}: cannot write the artifact ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return req.out
 
 
