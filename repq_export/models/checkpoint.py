@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import pprint
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +129,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
     if bad:
         raise UserError(f"{path}: not a detector checkpoint (non-tensor state_dict entries: "
                         f"{_list_keys(bad)})")
+    _check_finite(state_dict, path)
     state_dict = _strip_module_prefix({str(k): v for k, v in state_dict.items()})
     layout = detect_layout(state_dict)
     if layout == "mmdet3":
         state_dict = mmdet3_to_swin_det(state_dict)
     return state_dict, _plain(meta) if isinstance(meta, Mapping) else {}, layout
+
+
+def _check_finite(state_dict: Mapping[str, Tensor], path: Path) -> None:
+    """Refuse NaN or Inf in any floating-point tensor, naming the first: nothing sensible comes of them."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{path}: {key} holds {bad} NaN/Inf value(s) of {value.numel()}; the checkpoint "
+                            "is damaged (or diverged in training)")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -193,10 +204,25 @@ def _arch_of(state_dict: Mapping[str, Tensor], path: Path) -> Arch:
             not any(k.startswith("rpn_head.") for k in state_dict):
         raise UserError(f"{path}: another architecture: no rpn_head/roi_head keys (only two-stage "
                         "Mask R-CNN / Cascade Mask R-CNN checkpoints are supported)")
+    missing = [key for key in _ARCH_KEYS if key not in state_dict]
+    if missing:
+        raise UserError(f"{path}: cannot read the architecture off the weights: {len(missing)} key(s) missing: "
+                        f"{_list_keys(missing)}")
     try:
         return arch_from_state_dict(state_dict)
     except UserError as exc:
         raise UserError(f"{path}: not a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint ({exc})") from None
+
+
+# the keys whose shapes give the architecture (models/build.py arch_from_state_dict reads them)
+_ARCH_KEYS = (
+    "backbone.patch_embed.proj.weight",
+    *(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(4)),
+    "backbone.layers.0.blocks.0.mlp.fc1.weight",
+    "neck.lateral_convs.0.conv.weight",
+    "rpn_head.rpn_conv.weight",
+    "rpn_head.rpn_cls.weight",
+)
 
 
 def _classes(meta: Mapping, arch: Arch, path: Path) -> tuple[str, ...] | None:
@@ -265,8 +291,13 @@ def _safe_torch_load(path: Path) -> Any:
 
     Modules torch blocks outright (os, sys, ...) still fail: such a file is refused.
     """
+    kind = _sniff(path)
+    if kind != "torch":
+        raise UserError(f"{path}: not a PyTorch checkpoint ({kind})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first_error = exc
     except Exception as exc:  # zip reader, EOF, bad magic number: not a (whole) torch file
@@ -282,6 +313,25 @@ def _safe_torch_load(path: Path) -> Any:
     except Exception as exc:
         raise UserError(f"{path}: refused: cannot be loaded without running code from it "
                         f"({_reason(exc)})") from None
+
+
+def _sniff(path: Path) -> str:
+    """'torch' for what may be a torch.save file (a zip archive or a legacy pickle stream), else what it is."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty file, 0 bytes"
+    if head.startswith(b"PK"):
+        return "torch"
+    if head.startswith(b"\x80"):  # a pickle; torch's legacy format opens with a pickled magic number
+        return "torch" if head[1:2] == b"\x02" and head[2:3] in (b"\x8a", b"\x8b") else \
+            "a plain Python pickle, not written by torch.save"
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        return "a JSON or text file"
+    if text.startswith((b"#", b"import", b"model", b"_base_")):
+        return "a text file (a config? pass it with --config)"
+    return "unknown content, not a zip archive or a pickle"
 
 
 def _pickled_globals(path: Path) -> set[str]:
@@ -306,11 +356,15 @@ def _pickled_globals(path: Path) -> set[str]:
 
 def _reason(exc: BaseException) -> str:
     """The informative line of a (often multi-paragraph) torch.load error, shortened."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
     pick = next((ln for ln in lines if "GLOBAL" in ln or "blocked" in ln), lines[0] if lines else "")
     pick = pick or type(exc).__name__
-    if len(pick) < 12:  # e.g. pickle's bare "101" for a file that is not a pickle at all
-        pick = f"{type(exc).__name__}: {pick}"
+    if isinstance(exc, EOFError):
+        return "the file ends early"
+    if "zip archive" in pick:
+        return "the zip archive is truncated or corrupt"
+    if isinstance(exc, KeyError) or len(pick) < 12:  # pickle's bare "101": bytes that are not a pickle
+        return f"unreadable bytes ({type(exc).__name__})"
     return pick if len(pick) <= 200 else pick[:197] + "..."
 
 
