@@ -115,8 +115,8 @@ def read_onnx(path: Path):
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # onnx.checker.ValidationError, also for what the C++ side refuses
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise UserError(f"{path}: not a valid ONNX model (onnx.checker: {first[:300]})") from None
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{path}: not a valid ONNX model (onnx.checker: {text[:300]})") from None
     return proto
 
 
@@ -133,8 +133,8 @@ def not_quantized(proto) -> list:
 def unknown_command(word: str) -> UserError:
     """The error for a first word that is neither a command nor an option (a typo such as 'chek')."""
     close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'?" if close else f"commands: {', '.join(SUBCOMMANDS)}; export takes --ckpt"
-    return UserError(f"unknown command '{word}' ({hint}; see repq-export --help)")
+    hint = f"did you mean '{close[0]}'?" if close else f"the commands are {', '.join(SUBCOMMANDS)}"
+    return UserError(f"unknown command '{word}': {hint} (see repq-export --help)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation.evaluate import coco_results, run_dataset, score_run
 from ..models.checkpoint import load_checkpoint
-from .common import CommandParser, bits, default_device, device, positive_int, run_command
+from .common import CommandParser, bits, default_device, device, output_file, positive_int, run_command
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -112,6 +112,8 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
+    output_file(args.out, "--out")
+    output_file(args.json_out, "--json-out")
     detector, info = load_checkpoint(args.checkpoint, args.config)
     dataset = CocoDataset(args.ann, args.img_dir)
     if len(dataset.cat_ids) != info.arch.num_classes:

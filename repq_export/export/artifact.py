@@ -17,8 +17,8 @@ import torch
 import repq_export
 
 from ..data.coco import CocoDataset
-from ..data.images import read_image
-from ..data.transforms import Preprocessed, preprocess
+from ..data.images import check_calibration_image, preprocess_file
+from ..data.transforms import Preprocessed
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
 from ..models.build import PreprocessSettings, build_detector
@@ -29,6 +29,7 @@ from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..output_dir import MANIFEST, check_out_dir, staged_dir
+from .bit_support import check_export_bits
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
@@ -134,10 +135,13 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
-    detector, info = load_checkpoint(req.ckpt, req.config)
+    check_export_bits(req.w_bits, req.a_bits, deploy.backend_type)
     paths = calibration_paths(req)
+    for path in paths:  # cheap checks first: a bad image costs nothing
+        check_calibration_image(path)
+    detector, info = load_checkpoint(req.ckpt, req.config)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess(read_image(p), **vars(info.preprocess)) for p in paths]
+    preps = [preprocess_file(p, info.preprocess) for p in paths]
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
     qmodel = qmodel.cpu()
@@ -194,4 +198,35 @@ def read_artifact(artifact: str | Path) -> dict:
             raise UserError(f"{artifact}: {entry.get('file')} named in {MANIFEST} is missing")
         if file_sha256(path) != entry.get("sha256"):
             raise UserError(f"{path}: does not match the sha256 in {MANIFEST} (file changed or truncated)")
+    check_quantizer_table(manifest, artifact)
     return manifest
+
+
+def check_quantizer_table(manifest: dict, artifact: Path) -> None:
+    """Refuse a manifest whose quantizer table differs from quant.pth (an edited scale or zero point):
+    the table is what a reader trusts, quant.pth and model.onnx what runs."""
+    from ..quant.state import read_quant_state
+
+    table = manifest.get("quantizers")
+    manifest_path = artifact / MANIFEST
+    if not isinstance(table, list):
+        raise UserError(f"{manifest_path}: no quantizer table ('quantizers' list)")
+    _, state = read_quant_state(artifact / manifest["quant_state"]["file"])
+    for row in table:
+        name = row.get("name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or f"{name}.scale" not in state:
+            raise UserError(f"{manifest_path}: quantizer table row {str(name)[:80]!r} is not in quant.pth")
+        for field_name in ("scale", "zero_point"):
+            saved = state.get(f"{name}.{field_name}")
+            recorded = row.get(field_name)
+            if recorded is None and field_name == "zero_point" and saved is not None and row.get("kind") == "log_sqrt2":
+                continue
+            expected = None if saved is None else (saved.item() if saved.dim() == 0 else saved.flatten().tolist())
+            if recorded != expected:
+                raise UserError(f"{manifest_path}: the quantizer table's {field_name} of {name} differs from "
+                                f"quant.pth (edited?): {str(recorded)[:40]} vs {str(expected)[:40]}")
+    names = {row["name"] for row in table}
+    extra = sorted(k[: -len(".scale")] for k in state if k.endswith("_quantizer.scale") and k[: -len(".scale")] not in names)
+    if extra:
+        raise UserError(f"{manifest_path}: quantizer table lacks {len(extra)} quantizer(s) of quant.pth "
+                        f"(first: {extra[0]})")
