@@ -1,8 +1,8 @@
 """Shared by the command-line tests: running a command as a user does, and the small inputs they need.
 
 The tiny artifact is made once per pytest session (it costs a calibration and an ONNX export, about
-half a minute here) by the command line itself, with --engine: where TensorRT is missing that run
-also is the test of '--engine fails after the ONNX artifact was written'.
+half a minute here) by the command line itself, with --engine where TensorRT is available (elsewhere
+--engine is refused before any work, see test_cli.py).
 """
 
 from __future__ import annotations
@@ -86,8 +86,11 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifact:
         root.mkdir(exist_ok=True)
         ckpt = make_checkpoint(root / "tiny_mask.pth")
         _, img_dir = make_coco(root / "coco")
+        from repq_export.export.tensorrt_builder import tensorrt_available
+
+        engine = ("--engine",) if tensorrt_available()[0] else ()  # without TensorRT --engine is refused at once
         result = run_cli(CLI, "--ckpt", ckpt, "--config", TINY_MASK, "--bits", 4, "--calib", img_dir,
-                         "--out", root / "artifact", "--engine", "--quiet")
+                         "--out", root / "artifact", *engine, "--quiet")
         if not (root / "artifact" / "repq.json").is_file():
             pytest.fail(f"repq-export could not write the tiny artifact (rc {result.rc}):\n{result.err[-3000:]}")
         done.write_text(json.dumps(vars(result)))
