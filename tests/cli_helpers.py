@@ -50,6 +50,17 @@ def call_main(main, argv: list, capsys) -> Result:
     return Result(rc, captured.out, captured.err)
 
 
+def one_error(result: Result, *names) -> str:
+    """Exit code 2, one stderr line `error: ...` mentioning each of `names`, no traceback."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.rc == 2, (result.rc, result.err[-2000:])
+    assert "Traceback" not in result.err + result.out
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
 def make_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random tiny Mask R-CNN checkpoint in the Swin-Det layout."""
     from repq_export.models.checkpoint import make_random_checkpoint, save_checkpoint

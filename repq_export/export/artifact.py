@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +61,8 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
     if req.calib_paths:
         return list(req.calib_paths[: req.calib_images])
     if req.calib_dir is not None:
+        if req.calib_dir.is_file():
+            raise UserError(f"--calib {req.calib_dir}: is a file; give the folder of calibration images")
         if not req.calib_dir.is_dir():
             raise UserError(f"{req.calib_dir}: calibration folder not found")
         paths = sorted(p for p in req.calib_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -69,6 +70,8 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
             raise UserError(f"{req.calib_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the calibration folder")
         return paths[: req.calib_images]
     if req.calib_ann is not None:
+        if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
+            raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
         dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent)
         return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")

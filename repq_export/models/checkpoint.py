@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from repq_export.errors import UserError
+from repq_export.models.checkpoint_checks import ARCH_KEYS, check_finite, sniff_file
 from repq_export.models.build import (Arch, PreprocessSettings, arch_from_config,
                                       arch_from_state_dict, build_detector, config_from_arch,
                                       preprocess_settings)
@@ -129,21 +130,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
     if bad:
         raise UserError(f"{path}: not a detector checkpoint (non-tensor state_dict entries: "
                         f"{_list_keys(bad)})")
-    _check_finite(state_dict, path)
+    check_finite(state_dict, path)
     state_dict = _strip_module_prefix({str(k): v for k, v in state_dict.items()})
     layout = detect_layout(state_dict)
     if layout == "mmdet3":
         state_dict = mmdet3_to_swin_det(state_dict)
     return state_dict, _plain(meta) if isinstance(meta, Mapping) else {}, layout
-
-
-def _check_finite(state_dict: Mapping[str, Tensor], path: Path) -> None:
-    """Refuse NaN or Inf in any floating-point tensor, naming the first: nothing sensible comes of them."""
-    for key, value in state_dict.items():
-        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise UserError(f"{path}: {key} holds {bad} NaN/Inf value(s) of {value.numel()}; the checkpoint "
-                            "is damaged (or diverged in training)")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -204,7 +196,7 @@ def _arch_of(state_dict: Mapping[str, Tensor], path: Path) -> Arch:
             not any(k.startswith("rpn_head.") for k in state_dict):
         raise UserError(f"{path}: another architecture: no rpn_head/roi_head keys (only two-stage "
                         "Mask R-CNN / Cascade Mask R-CNN checkpoints are supported)")
-    missing = [key for key in _ARCH_KEYS if key not in state_dict]
+    missing = [key for key in ARCH_KEYS if key not in state_dict]
     if missing:
         raise UserError(f"{path}: cannot read the architecture off the weights: {len(missing)} key(s) missing: "
                         f"{_list_keys(missing)}")
@@ -213,16 +205,6 @@ def _arch_of(state_dict: Mapping[str, Tensor], path: Path) -> Arch:
     except UserError as exc:
         raise UserError(f"{path}: not a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint ({exc})") from None
 
-
-# the keys whose shapes give the architecture (models/build.py arch_from_state_dict reads them)
-_ARCH_KEYS = (
-    "backbone.patch_embed.proj.weight",
-    *(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(4)),
-    "backbone.layers.0.blocks.0.mlp.fc1.weight",
-    "neck.lateral_convs.0.conv.weight",
-    "rpn_head.rpn_conv.weight",
-    "rpn_head.rpn_cls.weight",
-)
 
 
 def _classes(meta: Mapping, arch: Arch, path: Path) -> tuple[str, ...] | None:
@@ -291,7 +273,7 @@ def _safe_torch_load(path: Path) -> Any:
 
     Modules torch blocks outright (os, sys, ...) still fail: such a file is refused.
     """
-    kind = _sniff(path)
+    kind = sniff_file(path)
     if kind != "torch":
         raise UserError(f"{path}: not a PyTorch checkpoint ({kind})")
     try:
@@ -313,25 +295,6 @@ def _safe_torch_load(path: Path) -> Any:
     except Exception as exc:
         raise UserError(f"{path}: refused: cannot be loaded without running code from it "
                         f"({_reason(exc)})") from None
-
-
-def _sniff(path: Path) -> str:
-    """'torch' for what may be a torch.save file (a zip archive or a legacy pickle stream), else what it is."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
-        return "empty file, 0 bytes"
-    if head.startswith(b"PK"):
-        return "torch"
-    if head.startswith(b"\x80"):  # a pickle; torch's legacy format opens with a pickled magic number
-        return "torch" if head[1:2] == b"\x02" and head[2:3] in (b"\x8a", b"\x8b") else \
-            "a plain Python pickle, not written by torch.save"
-    text = head.lstrip()
-    if text[:1] in (b"{", b"["):
-        return "a JSON or text file"
-    if text.startswith((b"#", b"import", b"model", b"_base_")):
-        return "a text file (a config? pass it with --config)"
-    return "unknown content, not a zip archive or a pickle"
 
 
 def _pickled_globals(path: Path) -> set[str]:
