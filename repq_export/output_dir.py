@@ -29,8 +29,13 @@ TOOL_FILE_PATTERN = re.compile(r"parity_[a-z0-9]+\.json")  # written into an art
 _TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)(?P<pid>\d+)")
 
 
+_PARTIAL = re.compile(r"\.?(?P<name>.+?)(?:\.tmp\d*|\.\d+\.tmp)")  # a half-written file of a killed run
+
+
 def written_by_tool(name: str) -> bool:
-    """Whether a file name is one this tool writes into an artifact folder."""
+    """Whether a file name is one this tool writes into an artifact folder (or its half-written form)."""
+    partial = _PARTIAL.fullmatch(name)
+    name = partial["name"] if partial else name
     return name in TOOL_FILES or bool(TOOL_FILE_PATTERN.fullmatch(name))
 
 
@@ -112,7 +117,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         pid = int(match["pid"])
         if pid == os.getpid() or _pid_alive(pid):
             continue
-        if all(written_by_tool(p.name) or p.name.startswith(".") for p in entry.iterdir()):
+        if all(written_by_tool(p.name) for p in entry.iterdir()):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
