@@ -69,8 +69,9 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:  # also on Ctrl-C / SIGTERM: no half-written file left
+        tmp.unlink(missing_ok=True)
 
 
 def quantized_model(args, detector, dataset, settings):
