@@ -57,7 +57,8 @@ def _check_annotations(data: object, ann_file: str | Path) -> None:
     if not data["categories"]:
         raise UserError(f"{ann_file}: the dataset has no categories")
     for img in data["images"]:
-        if not (isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)):
+        if not (isinstance(img, dict) and isinstance(img.get("id"), (int, str)) and not isinstance(img["id"], bool)
+                and isinstance(img.get("file_name"), str)):
             raise UserError(f"{ann_file}: an image record lacks 'id' or 'file_name': {img!r:.80}")
     for cat in data["categories"]:
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
