@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
@@ -54,29 +55,34 @@ def run_export(argv: list[str]) -> int:
     w_bits, a_bits = args.w_bits or args.bits, args.a_bits or args.bits
     if w_bits is None or a_bits is None:
         raise UserError("--bits (or both --w-bits and --a-bits) is required")
-    from .export.artifact import ExportRequest, export_artifact
+    from .deploy_config import load_deploy_config
+    from .export.artifact import DEFAULT_DEPLOY, ExportRequest, export_artifact
+    from .export.bit_support import check_export_bits
+    from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
+    from .export.tensorrt_builder import build_engine, tensorrt_available
+    from .output_dir import check_out_dir
 
+    if not args.ckpt.is_file():
+        raise UserError(f"--ckpt {args.ckpt}: " + ("is a folder, not a checkpoint file" if args.ckpt.is_dir()
+                                                   else "checkpoint not found"))
+    deploy = load_deploy_config(args.deploy_config or DEFAULT_DEPLOY)
+    check_export_bits(w_bits, a_bits, deploy.backend_type, "--w-bits" if args.w_bits else "--bits",
+                      "--a-bits" if args.a_bits else "--bits")
+    if args.engine:
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UserError(f"--engine: {why}; nothing was written (leave out --engine for the ONNX artifact)")
     out = args.out or Path("repq-out") / f"{args.ckpt.stem}-w{w_bits}a{a_bits}"
+    check_out_dir(out, args.force, make_parent=args.out is None)
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
                         force=args.force, make_parent=args.out is None)
-    if not args.ckpt.is_file():
-        raise UserError(f"{args.ckpt}: checkpoint not found")
     artifact = export_artifact(req, progress=not args.quiet)
-    from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
-
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")
     if args.engine:
-        from .export.tensorrt_builder import build_engine, tensorrt_available
-        from .deploy_config import load_deploy_config
-        from .export.artifact import DEFAULT_DEPLOY
-
-        ok, why = tensorrt_available()
-        if not ok:
-            raise UserError(f"--engine: {why}; the ONNX artifact was written to {artifact}")
         engine = artifact_engine_file(artifact)
-        build_engine(artifact_onnx_file(artifact), engine, load_deploy_config(args.deploy_config or DEFAULT_DEPLOY))
+        build_engine(artifact_onnx_file(artifact), engine, deploy)
         print(f"wrote {engine}")
     return 0
 
@@ -88,27 +94,62 @@ def run_check(argv: list[str]) -> int:
                       "any error is found. Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
-    import onnx
-
-    from .export.trt_check import check_tensorrt_compat, format_report
-
     from .export.deploy_settings import artifact_onnx_file
+    from .export.trt_check import check_tensorrt_compat, format_report
 
     path = artifact_onnx_file(args.model) if args.model.is_dir() else args.model
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
+    proto = read_onnx(path)
+    issues = check_tensorrt_compat(proto) + not_quantized(proto)
+    print(format_report(issues))
+    return 1 if any(i.severity == "error" for i in issues) else 0
+
+
+def read_onnx(path: Path):
+    """The ONNX model in `path`, checked by onnx.checker; UserError if it is not a valid ONNX model."""
+    import onnx
+
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise UserError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    issues = check_tensorrt_compat(proto)
-    print(format_report(issues))
-    return 1 if any(i.severity == "error" for i in issues) else 0
+        raise UserError(f"{path}: not an ONNX model (cannot be parsed: {type(exc).__name__})") from None
+    if proto.ir_version == 0 or not proto.graph.node:  # protobuf reads an empty file as an empty model
+        raise UserError(f"{path}: not an ONNX model ({'empty file' if path.stat().st_size == 0 else 'no graph'})")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx.checker.ValidationError, also for what the C++ side refuses
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"{path}: not a valid ONNX model (onnx.checker: {text[:300]})") from None
+    return proto
+
+
+def not_quantized(proto) -> list:
+    """An error where the graph has no Q/DQ node at all: a float model, nothing for int8 to run."""
+    from .export.trt_check import Issue
+
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+        return []
+    return [Issue("(graph)", "-", "not-quantized", "no QuantizeLinear/DequantizeLinear node: a float graph, "
+                  "not a quantized (QDQ) model")]
+
+
+def unknown_command(word: str) -> UserError:
+    """The error for a first word that is neither a command nor an option (a typo such as 'chek')."""
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"the commands are {', '.join(SUBCOMMANDS)}"
+    return UserError(f"unknown command '{word}': {hint} (see repq-export --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `repq-export` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        word = argv[0]
+
+        def refuse() -> int:
+            raise unknown_command(word)
+        return run_command(refuse)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "export"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
     if command == "demo":

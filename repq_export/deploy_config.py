@@ -127,6 +127,8 @@ def load_deploy_config(path: str | Path) -> DeployConfig:
         source = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"{path}: cannot read the deploy config ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a deploy config (not UTF-8 text; deploy configs are .py files)") from None
     try:
         sections = _parse_sections(path, source)
     except (RecursionError, MemoryError):

@@ -1,8 +1,8 @@
 """Shared by the command-line tests: running a command as a user does, and the small inputs they need.
 
 The tiny artifact is made once per pytest session (it costs a calibration and an ONNX export, about
-half a minute here) by the command line itself, with --engine: where TensorRT is missing that run
-also is the test of '--engine fails after the ONNX artifact was written'.
+half a minute here) by the command line itself, with --engine where TensorRT is available (elsewhere
+--engine is refused before any work, see test_cli.py).
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def call_main(main, argv: list, capsys) -> Result:
     return Result(rc, captured.out, captured.err)
 
 
+def one_error(result: Result, *names) -> str:
+    """Exit code 2, one stderr line `error: ...` mentioning each of `names`, no traceback."""
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.rc == 2, (result.rc, result.err[-2000:])
+    assert "Traceback" not in result.err + result.out
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
 def make_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random tiny Mask R-CNN checkpoint in the Swin-Det layout."""
     from repq_export.models.checkpoint import make_random_checkpoint, save_checkpoint
@@ -86,8 +97,11 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifact:
         root.mkdir(exist_ok=True)
         ckpt = make_checkpoint(root / "tiny_mask.pth")
         _, img_dir = make_coco(root / "coco")
+        from repq_export.export.tensorrt_builder import tensorrt_available
+
+        engine = ("--engine",) if tensorrt_available()[0] else ()  # without TensorRT --engine is refused at once
         result = run_cli(CLI, "--ckpt", ckpt, "--config", TINY_MASK, "--bits", 4, "--calib", img_dir,
-                         "--out", root / "artifact", "--engine", "--quiet")
+                         "--out", root / "artifact", *engine, "--quiet")
         if not (root / "artifact" / "repq.json").is_file():
             pytest.fail(f"repq-export could not write the tiny artifact (rc {result.rc}):\n{result.err[-3000:]}")
         done.write_text(json.dumps(vars(result)))

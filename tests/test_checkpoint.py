@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -250,11 +252,20 @@ def test_missing_file(tmp_path):
     expect_error(tmp_path / "absent.pth", "checkpoint file not found")
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n", b"PK\x03\x04broken zip"])
-def test_not_a_torch_file(tmp_path, content):
+@pytest.mark.parametrize("content, detail", [
+    (b"", "empty file, 0 bytes"),
+    (b"hello, not a checkpoint\n", "unknown content"),
+    (b"PK\x03\x04broken zip", "zip archive is truncated or corrupt"),
+    (b'{"state_dict": {}}', "a JSON or text file"),
+    (pickle.dumps({"state_dict": {"a": [1]}}, protocol=5), "plain Python pickle"),
+    (pickle.dumps({"state_dict": {"a": [1]}}, protocol=2), "plain Python pickle"),
+])
+def test_not_a_torch_file(tmp_path, content, detail):
+    """Each kind of wrong file is named as what it is; never torch's advice to turn weights_only off."""
     path = tmp_path / "junk.pth"
     path.write_bytes(content)
-    expect_error(path, "not a PyTorch checkpoint, or truncated")
+    message = expect_error(path, "not a PyTorch checkpoint")
+    assert detail in message and "weights_only" not in message and "EOFError" not in message
 
 
 @pytest.mark.parametrize("legacy", [False, True])

@@ -120,19 +120,20 @@ def export_argv(bad, **change) -> list:
 # ----------------------------------------------------------------------------- repq-export (export)
 
 
-def test_engine_without_tensorrt_fails_after_the_onnx_artifact(art):
-    """`--engine` where TensorRT or a GPU is missing: one line saying which, after the artifact is complete."""
+def test_engine_without_tensorrt_is_refused_before_any_work(art, bad, capsys):
+    """`--engine` where TensorRT or a GPU is missing: one line saying which, before calibration, nothing written."""
     from repq_export.export.tensorrt_builder import tensorrt_available
 
     available, _ = tensorrt_available()
     if available:
         assert art.export.rc == 0 and (art.path / "model.engine").is_file()
         return
-    line = assert_one_error(art.export, "--engine", str(art.path))
+    before = tree(bad["work"])
+    result = call_main(cli.main, export_argv(bad, engine=True), capsys)
+    line = assert_one_error(result, "--engine")
     assert "tensorrt" in line.lower() or "GPU" in line
+    assert "calibrating" not in result.out and tree(bad["work"]) == before
     assert {p.name for p in art.path.iterdir()} == {"model.onnx", "quant.pth", "repq.json"}
-    assert f"wrote {art.path}/model.onnx" in art.export.out
-    assert not list(art.path.parent.glob(".artifact*"))  # no temporary directory left
 
 
 def test_missing_checkpoint_subprocess(bad):
@@ -166,7 +167,8 @@ EXPORT_CASES = {  # name -> (options changed, fragments the error line must hold
     "bits 1": (dict(bits=1), ["--bits", "1", "2..8"]),
     "w-bits 3.5": (dict(bits=None, w_bits="3.5", a_bits=4), ["--w-bits", "3.5"]),
     "no bits at all": (dict(bits=None), ["--bits"]),
-    "out exists without --force": (dict(out="ckpt"), ["already exists", "--force"]),
+    "out exists without --force": (dict(out="artifact"), ["already exists", "--force"]),
+    "out is a file": (dict(out="ckpt"), ["tiny_mask.pth", "is a file"]),
     "out in a missing folder": (dict(out="missing_parent"), ["does not exist"]),
     "deploy config with an unknown key": (dict(deploy_config="deploy_unknown"), ["deploy_unknown.py", "batch_size",
                                                                                  "unknown key"]),

@@ -148,7 +148,7 @@ def test_inheritance_errors(tmp_path):
         load_config(loop_b)
 
     missing = write(tmp_path, "missing.py", "_base_ = ['nope.py']\n")
-    with pytest.raises(UserError, match=r"nope\.py: config file not found"):
+    with pytest.raises(UserError, match=r"nope\.py: config file not found \(the _base_ of .*missing\.py\)"):
         load_config(missing)
 
     write(tmp_path, "d1.py", "x = 1\n")

@@ -213,8 +213,25 @@ def test_calibration_without_detections_is_a_user_error(float_detector):
     det = copy.deepcopy(float_detector)
     with torch.no_grad():
         det.roi_head.bbox_head.fc_cls.bias[-1] = 100.0  # background wins everywhere: no detection
-    with pytest.raises(UserError, match="quantizers saw no data"):
+    # refused by the float model's own (CPU-independent) verdict, before any quantized forward: the
+    # calibrating forward itself may give a few uniform-score boxes on one CPU and none on another
+    with pytest.raises(UserError, match="float model detects nothing.*quantizers saw no data"):
         quantize(det, [(IMG, IMG_HW)], 4, 4, progress=False)
+
+
+def test_a_quantizer_that_saw_one_constant_is_flagged():
+    """What happened on another CPU: a mask-head input quantizer calibrated on zeros (scale at the floor)."""
+    from repq_export.quant.calibrate import constant_inputs
+    from repq_export.quant.uniform import UniformQuantizer
+
+    zeros, real, weight = UniformQuantizer(4), UniformQuantizer(4), UniformQuantizer(4, channel_axis=0)
+    zeros.initialize(torch.zeros(8, 256))
+    real.initialize(torch.randn(8, 256))
+    weight.initialize(torch.zeros(8, 16))  # a weight channel of zeros is legitimate (pruned)
+    named = [("roi_head.mask_head.convs.0.conv.input_quantizer", zeros), ("neck.input_quantizer", real),
+             ("neck.weight_quantizer", weight)]
+    assert float(zeros.scale) == pytest.approx(1e-8) and float(real.scale) > 1e-3
+    assert constant_inputs(named) == ["roi_head.mask_head.convs.0.conv.input_quantizer"]
 
 
 @pytest.mark.parametrize("sample, ulps", [(0, 1), (1, 1), (2, 1), (2, 5), (0, 1.5)])

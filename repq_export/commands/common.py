@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -71,13 +74,52 @@ def device(text: str) -> str:
     return text
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (temporary folders) runs the same way."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_command(body: Callable[[], int]) -> int:
-    """Run a command body; bad input ends as one line on stderr and exit code 2."""
+    """Run a command body; bad input ends as one line on stderr and exit code 2.
+
+    SIGTERM is turned into an exception, as SIGINT is by Python, so temporary outputs are removed
+    on both; the exit codes are the shell's for those signals (143, 130)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except RecursionError:
+        print("error: input nested too deeply to process", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(message: str) -> str:
+    """A message on one line (a UserError built from a library's text may hold newlines)."""
+    return " ".join(message.split())
+
+
+def output_file(path: Path | None, option: str) -> None:
+    """Refuse an output file that cannot be written before any work: a folder, or a missing parent."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: folder {parent} does not exist")

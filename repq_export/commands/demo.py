@@ -22,7 +22,7 @@ from ..export.artifact import ExportRequest, export_artifact, load_artifact_mode
 from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
 from ..models.checkpoint import load_checkpoint
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
-from .common import CommandParser, bits, positive_int
+from .common import CommandParser, bits, output_file, positive_int
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
@@ -167,11 +167,24 @@ def parity_figures(report: ParityReport) -> dict:
             "float64": None if report.envelope is None else report.envelope.as_dict()}
 
 
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Refuse what would fail after minutes of work: a --work-dir that is a file, a --json-out folder, bits."""
+    from ..export.bit_support import check_export_bits
+
+    for folder in (args.work_dir, *args.work_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--work-dir {args.work_dir}: {folder} is a file, not a folder")
+    output_file(args.json_out, "--json-out")
+    for n in args.bits:
+        check_export_bits(n, n, "onnxruntime", "--bits", "--bits")
+
+
 def run_demo(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     start = time.time()
     if (args.ann is None) != (args.img_dir is None):
         raise UserError("--ann and --img-dir go together")
+    check_demo_args(args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ann, img_dir = (args.ann, args.img_dir) if args.ann else synthetic_set(args.work_dir, args.num_images)
     if args.ckpt:

@@ -21,7 +21,7 @@ from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
 from ..runtime.base import Runner
-from .common import CommandParser, device, fraction, positive_int, run_command
+from .common import CommandParser, device, fraction, output_file, positive_int, run_command
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
@@ -83,8 +83,13 @@ def run(argv: list[str] | None) -> int:
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
     check_picture_paths(args)
+    output_file(args.json_out, "--json-out")
     qmodel, manifest, settings = load_artifact_model(args.artifact)
     dataset = CocoDataset(args.ann, args.img_dir)
+    num_classes = manifest.get("architecture", {}).get("num_classes")
+    if num_classes is not None and len(dataset.cat_ids) != num_classes:
+        raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
+                        f"{num_classes} classes")
     ref = make_runner("quant", qmodel, device=args.device)
     backend = make_backend(args, qmodel)
     ideal = None if args.no_float64 else Float64Reference(qmodel)

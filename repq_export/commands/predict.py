@@ -64,7 +64,10 @@ def run_predict(argv: list[str]) -> int:
     out = save_path(args)
     img = read_image(args.image)
     runner, manifest, settings = artifact_runner(args.artifact, args.backend)
-    prep = preprocess(img, **vars(settings))
+    try:
+        prep = preprocess(img, **vars(settings))
+    except UserError as exc:
+        raise UserError(f"{args.image}: {exc}") from None
     mask_thr = post_processing_of(manifest).mask_thr_binary
     dets = postprocess(*runner(prep.tensor, prep.img_hw_tensor), prep, mask_thr=mask_thr, keep_binary=True)
     classes = manifest.get("classes")

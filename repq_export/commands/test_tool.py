@@ -15,7 +15,7 @@ from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
 from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
 from ..models.checkpoint import load_checkpoint
-from .common import CommandParser, bits, default_device, device, positive_int, run_command
+from .common import CommandParser, bits, default_device, device, output_file, positive_int, run_command
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -72,8 +72,9 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:  # also on Ctrl-C / SIGTERM: no half-written file left
+        tmp.unlink(missing_ok=True)
 
 
 def quantized_model(args, detector, dataset, settings):
@@ -135,6 +136,8 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
+    output_file(args.out, "--out")
+    output_file(args.json_out, "--json-out")
     group = distributed.init_from_env(args.device)
     try:
         return evaluate(args, backend, group)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from pycocotools.coco import COCO
 
@@ -48,7 +49,8 @@ def _check_annotations(data: object, ann_file: str | Path) -> None:
     if not data["categories"]:
         raise UserError(f"{ann_file}: the dataset has no categories")
     for img in data["images"]:
-        if not (isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)):
+        if not (isinstance(img, dict) and isinstance(img.get("id"), (int, str)) and not isinstance(img["id"], bool)
+                and isinstance(img.get("file_name"), str)):
             raise UserError(f"{ann_file}: an image record lacks 'id' or 'file_name': {img!r:.80}")
     for cat in data["categories"]:
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
@@ -56,6 +58,53 @@ def _check_annotations(data: object, ann_file: str | Path) -> None:
     ids = [img["id"] for img in data["images"]]
     if len(set(ids)) != len(ids):
         raise UserError(f"{ann_file}: image ids are not unique")
+    for img in data["images"]:
+        _check_file_name(img["file_name"], ann_file)
+    cat_ids = {cat["id"] for cat in data["categories"]}
+    image_ids = set(ids)
+    for ann in data["annotations"]:
+        _check_annotation(ann, ann_file)
+        if ann["image_id"] not in image_ids or ann["category_id"] not in cat_ids:
+            which = "image_id" if ann["image_id"] not in image_ids else "category_id"
+            raise UserError(f"{ann_file}: annotation {ann['id']!r:.20}: {which} {ann[which]!r:.20} is not "
+                            f"among the file's {'images' if which == 'image_id' else 'categories'}")
+
+
+def _check_file_name(name: str, ann_file: str | Path) -> None:
+    """Refuse a file_name that would read outside the image folder (absolute, or with '..')."""
+    parts = PurePath(name.replace("\\", "/")).parts
+    if not name or PurePath(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts:
+        raise UserError(f"{ann_file}: image file_name {name!r:.80} points outside the image folder "
+                        "(give a path relative to --img-dir, without '..')")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_annotation(ann: object, ann_file: str | Path) -> None:
+    """Refuse an annotation record that pycocotools would choke on later (mid-evaluation)."""
+    if not isinstance(ann, dict):
+        raise UserError(f"{ann_file}: an annotation is not an object: {ann!r:.80}")
+    missing = [key for key in ("id", "image_id", "category_id", "bbox") if key not in ann]
+    if missing:
+        raise UserError(f"{ann_file}: annotation {ann.get('id', '?')!r:.20} lacks {', '.join(missing)}")
+    for key in ("image_id", "category_id"):
+        if not isinstance(ann[key], (int, str)) or isinstance(ann[key], bool):
+            raise UserError(f"{ann_file}: annotation {ann['id']!r:.20}: {key} must be an id, got {ann[key]!r:.40}")
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise UserError(f"{ann_file}: annotation {ann['id']!r:.20}: bbox must be a list of 4 numbers "
+                        f"[x, y, w, h], got {bbox!r:.60}")
+    if "area" in ann and not _is_number(ann["area"]):
+        raise UserError(f"{ann_file}: annotation {ann['id']!r:.20}: area must be a number, got {ann['area']!r:.40}")
+    segm = ann.get("segmentation")
+    polygons = isinstance(segm, list) and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p) for p in segm)
+    rle = isinstance(segm, dict) and "counts" in segm and isinstance(segm.get("size"), list)
+    if segm is not None and not (polygons or rle):
+        raise UserError(f"{ann_file}: annotation {ann['id']!r:.20}: segmentation must be polygons (lists of "
+                        f"x, y numbers) or an RLE object with counts and size, got {segm!r:.60}")
 
 
 class CocoDataset:

@@ -8,11 +8,15 @@ grayscale replicated to three channels, alpha dropped, palettes and CMYK convert
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from repq_export.errors import UserError
+
+if TYPE_CHECKING:
+    from repq_export.data.transforms import Preprocessed
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -30,3 +34,23 @@ def read_image(path: str | Path) -> np.ndarray:
     if img is None:
         raise UserError(f"{path}: cannot decode image (not a format OpenCV reads)")
     return img
+
+
+def preprocess_file(path: str | Path, settings) -> "Preprocessed":
+    """Read and preprocess one image file; a problem with it is a UserError naming the file."""
+    from repq_export.data.transforms import preprocess
+
+    img = read_image(path)
+    try:
+        return preprocess(img, **vars(settings))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def check_calibration_image(path: str | Path) -> None:
+    """Refuse an image that cannot calibrate anything: one flat colour (every pixel the same)."""
+    img = read_image(path)
+    if int(img.min()) == int(img.max()):
+        h, w = img.shape[:2]
+        raise UserError(f"{path}: calibration image of {w}x{h} pixels is one flat colour (value {int(img.min())}); "
+                        "the quantizers would see constant inputs: use real pictures")

@@ -81,7 +81,8 @@ def resize_keep_ratio(img: np.ndarray, scale: tuple[int, int]) -> tuple[np.ndarr
     h, w = img.shape[:2]
     new_w, new_h = rescale_size(w, h, scale)
     if new_w < 1 or new_h < 1:
-        raise ValueError(f"image of {w}x{h} pixels shrinks to nothing at scale {scale}")
+        raise UserError(f"image of {w}x{h} pixels shrinks to nothing at scale {scale} (one side would be "
+                        "0 pixels): too thin for this model")
     resized = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     w_scale, h_scale = new_w / w, new_h / h
     return resized, np.array([w_scale, h_scale, w_scale, h_scale], dtype=np.float32)

@@ -6,10 +6,7 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,8 +16,8 @@ import torch
 import repq_export
 
 from ..data.coco import CocoDataset
-from ..data.images import read_image
-from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
+from ..data.images import check_calibration_image, preprocess_file
+from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
 from ..models.build import build_detector
@@ -30,8 +27,9 @@ from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
-from .deploy_settings import (MANIFEST, apply_post_processing, backend_entry, post_processing_entry,
-                              post_processing_of)
+from ..output_dir import MANIFEST, check_out_dir, staged_dir
+from .bit_support import check_export_bits
+from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
 from .onnx_export import count_qdq, export_onnx
 from .trt_check import check_tensorrt_compat, format_report
 
@@ -64,6 +62,8 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
     if req.calib_paths:
         return list(req.calib_paths[: req.calib_images])
     if req.calib_dir is not None:
+        if req.calib_dir.is_file():
+            raise UserError(f"--calib {req.calib_dir}: is a file; give the folder of calibration images")
         if not req.calib_dir.is_dir():
             raise UserError(f"{req.calib_dir}: calibration folder not found")
         paths = sorted(p for p in req.calib_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -71,30 +71,11 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
             raise UserError(f"{req.calib_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the calibration folder")
         return paths[: req.calib_images]
     if req.calib_ann is not None:
+        if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
+            raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
         dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent)
         return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
-
-
-def check_out_dir(out: Path, force: bool, make_parent: bool = False) -> None:
-    """Refuse to overwrite an artifact without --force, and an --out that cannot be created.
-
-    With `make_parent` (the default --out, repq-out/...) a missing parent folder is created here,
-    after the other checks, instead of being an error."""
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    parent = out.resolve().parent
-    if make_parent and not parent.exists() and parent.parent.is_dir():
-        parent.mkdir()
-    if not parent.is_dir():
-        raise UserError(f"{out}: parent folder {parent} does not exist")
-    # a real probe, not os.access: root passes that check on read-only mounts such as /proc
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe", dir=parent))
-    except OSError as exc:
-        raise UserError(f"{out}: cannot create a directory in {parent} ({exc.strerror or exc})") from None
 
 
 def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
@@ -154,22 +135,19 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
+    check_export_bits(req.w_bits, req.a_bits, deploy.backend_type)
+    paths = calibration_paths(req)
+    for path in paths:  # cheap checks first: a bad image costs nothing
+        check_calibration_image(path)
     detector, info = load_checkpoint(req.ckpt, req.config)
     apply_post_processing(detector, deploy.codebase.post_processing)
     pre = static_preprocess(info.preprocess, deploy)
-    paths = calibration_paths(req)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess(read_image(p), **vars(pre)) for p in paths]
+    preps = [preprocess_file(p, pre) for p in paths]
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
     qmodel = qmodel.cpu()
-    tmp = req.out.with_name(f".{req.out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise UserError(f"{req.out}: cannot create the artifact directory ({exc.strerror or exc})") from None
-    try:
+    with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
         log("exporting ONNX (QDQ) ...")
         proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
@@ -179,13 +157,6 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
             raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if req.out.exists():
-            shutil.rmtree(req.out)
-        os.replace(tmp, req.out)
-    except OSError as exc:  # disk full, folder removed under us: the artifact is not written
-        raise UserError(f"{req.out}: cannot write the artifact ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return req.out
 
 
@@ -237,4 +208,35 @@ def read_artifact(artifact: str | Path) -> dict:
             raise UserError(f"{artifact}: {entry.get('file')} named in {MANIFEST} is missing")
         if file_sha256(path) != entry.get("sha256"):
             raise UserError(f"{path}: does not match the sha256 in {MANIFEST} (file changed or truncated)")
+    check_quantizer_table(manifest, artifact)
     return manifest
+
+
+def check_quantizer_table(manifest: dict, artifact: Path) -> None:
+    """Refuse a manifest whose quantizer table differs from quant.pth (an edited scale or zero point):
+    the table is what a reader trusts, quant.pth and model.onnx what runs."""
+    from ..quant.state import read_quant_state
+
+    table = manifest.get("quantizers")
+    manifest_path = artifact / MANIFEST
+    if not isinstance(table, list):
+        raise UserError(f"{manifest_path}: no quantizer table ('quantizers' list)")
+    _, state = read_quant_state(artifact / manifest["quant_state"]["file"])
+    for row in table:
+        name = row.get("name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or f"{name}.scale" not in state:
+            raise UserError(f"{manifest_path}: quantizer table row {str(name)[:80]!r} is not in quant.pth")
+        for field_name in ("scale", "zero_point"):
+            saved = state.get(f"{name}.{field_name}")
+            recorded = row.get(field_name)
+            if recorded is None and field_name == "zero_point" and saved is not None and row.get("kind") == "log_sqrt2":
+                continue
+            expected = None if saved is None else (saved.item() if saved.dim() == 0 else saved.flatten().tolist())
+            if recorded != expected:
+                raise UserError(f"{manifest_path}: the quantizer table's {field_name} of {name} differs from "
+                                f"quant.pth (edited?): {str(recorded)[:40]} vs {str(expected)[:40]}")
+    names = {row["name"] for row in table}
+    extra = sorted(k[: -len(".scale")] for k in state if k.endswith("_quantizer.scale") and k[: -len(".scale")] not in names)
+    if extra:
+        raise UserError(f"{manifest_path}: quantizer table lacks {len(extra)} quantizer(s) of quant.pth "
+                        f"(first: {extra[0]})")

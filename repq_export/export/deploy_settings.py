@@ -15,8 +15,8 @@ from torch import nn
 
 from ..deploy_config import DeployConfig, OnnxRuntimeConfig, PostProcessing
 from ..errors import UserError
+from ..output_dir import MANIFEST
 
-MANIFEST = "repq.json"
 DEFAULT_ONNX_FILE = "model.onnx"
 
 

@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import pprint
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
 from repq_export.models.arch import Arch, arch_from_config, arch_from_state_dict
 from repq_export.models.build import build_detector
+from repq_export.models.checkpoint_checks import ARCH_KEYS, check_finite, sniff_file
 from repq_export.models.config import load_config
 from repq_export.models.detector import Detector
 from repq_export.models.mmdet_config import config_from_arch
@@ -130,6 +132,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
     if bad:
         raise UserError(f"{path}: not a detector checkpoint (non-tensor state_dict entries: "
                         f"{_list_keys(bad)})")
+    check_finite(state_dict, path)
     state_dict = _strip_module_prefix({str(k): v for k, v in state_dict.items()})
     layout = detect_layout(state_dict)
     if layout == "mmdet3":
@@ -195,10 +198,15 @@ def _arch_of(state_dict: Mapping[str, Tensor], path: Path) -> Arch:
             not any(k.startswith("rpn_head.") for k in state_dict):
         raise UserError(f"{path}: another architecture: no rpn_head/roi_head keys (only two-stage "
                         "Mask R-CNN / Cascade Mask R-CNN checkpoints are supported)")
+    missing = [key for key in ARCH_KEYS if key not in state_dict]
+    if missing:
+        raise UserError(f"{path}: cannot read the architecture off the weights: {len(missing)} key(s) missing: "
+                        f"{_list_keys(missing)}")
     try:
         return arch_from_state_dict(state_dict)
     except UserError as exc:
         raise UserError(f"{path}: not a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint ({exc})") from None
+
 
 
 def _classes(meta: Mapping, arch: Arch, path: Path) -> tuple[str, ...] | None:
@@ -267,8 +275,13 @@ def _safe_torch_load(path: Path) -> Any:
 
     Modules torch blocks outright (os, sys, ...) still fail: such a file is refused.
     """
+    kind = sniff_file(path)
+    if kind != "torch":
+        raise UserError(f"{path}: not a PyTorch checkpoint ({kind})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first_error = exc
     except Exception as exc:  # zip reader, EOF, bad magic number: not a (whole) torch file
@@ -308,11 +321,15 @@ def _pickled_globals(path: Path) -> set[str]:
 
 def _reason(exc: BaseException) -> str:
     """The informative line of a (often multi-paragraph) torch.load error, shortened."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln]
     pick = next((ln for ln in lines if "GLOBAL" in ln or "blocked" in ln), lines[0] if lines else "")
     pick = pick or type(exc).__name__
-    if len(pick) < 12:  # e.g. pickle's bare "101" for a file that is not a pickle at all
-        pick = f"{type(exc).__name__}: {pick}"
+    if isinstance(exc, EOFError):
+        return "the file ends early"
+    if "zip archive" in pick:
+        return "the zip archive is truncated or corrupt"
+    if isinstance(exc, KeyError) or len(pick) < 12:  # pickle's bare "101": bytes that are not a pickle
+        return f"unreadable bytes ({type(exc).__name__})"
     return pick if len(pick) <= 200 else pick[:197] + "..."
 
 

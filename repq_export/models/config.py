@@ -33,9 +33,13 @@ _UNARY_OPS: dict[type, Callable[[Any], Any]] = {
     ast.USub: operator.neg,
     ast.Not: operator.not_,
 }
-# Big exponents or repeated sequences could make a hostile config eat all memory.
-_MAX_POW_EXPONENT = 64
-_MAX_SEQUENCE_REPEAT = 10_000
+# A config is data, not a program: every value the evaluation makes is bounded, so that a hostile
+# or broken file ends in one line instead of eating memory or time. Limits are far above any real
+# mmdet config (which nests about 6 deep and holds a few thousand items).
+_MAX_INT_BITS = 256  # |int| < 2**256
+_MAX_LENGTH = 100_000  # items of one list/tuple/dict, characters of one string
+_MAX_WEIGHT = 1_000_000  # items and characters of a value counted out in full (as JSON would)
+_MAX_DEPTH = 100  # nesting of expressions and of values
 
 
 def load_config(path: str | Path) -> dict:
@@ -62,6 +66,8 @@ def _load(path: Path, stack: tuple[Path, ...]) -> dict:
     bases = _base_paths(own.pop(BASE_KEY, None), path)
     merged: dict = {}
     for base in bases:
+        if base.suffix == ".py" and not base.is_file():
+            raise UserError(f"{base}: config file not found (the _base_ of {path})")
         base_cfg = _load(base, (*stack, resolved))
         duplicates = sorted(set(merged) & set(base_cfg))
         if duplicates:
@@ -115,7 +121,10 @@ def _evaluate_module(source: str, path: Path) -> dict:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as exc:
         raise UserError(f"{path}:{exc.lineno}: invalid Python syntax ({exc.msg})") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: nested too deeply to parse (a config nests a few levels)") from None
     env: dict[str, Any] = {}
+    sizes: dict[int, tuple[Any, int, int]] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
                 and isinstance(stmt.value.value, str):
@@ -124,7 +133,7 @@ def _evaluate_module(source: str, path: Path) -> dict:
             continue
         if not isinstance(stmt, ast.Assign):
             raise _unsupported(path, stmt, f"statement '{type(stmt).__name__}'")
-        value = _Evaluator(path, env).eval(stmt.value)
+        value = _Evaluator(path, env, sizes).eval(stmt.value)
         for target in stmt.targets:
             if not isinstance(target, ast.Name):
                 raise _unsupported(path, target, "assignment target (only plain names)")
@@ -141,15 +150,56 @@ def _unsupported(path: Path, node: ast.AST, what: str) -> UserError:
 class _Evaluator:
     """Evaluates one expression node against the names bound so far in the file."""
 
-    def __init__(self, path: Path, env: dict[str, Any]):
+    def __init__(self, path: Path, env: dict[str, Any], sizes: dict[int, tuple[Any, int, int]] | None = None):
         self.path = path
         self.env = env
+        self.sizes = {} if sizes is None else sizes  # id -> (container, depth, weight), shared by a file
+        self.depth = 0
 
     def eval(self, node: ast.AST) -> Any:
         method = getattr(self, f"_eval_{type(node).__name__}", None)
         if method is None:
             raise _unsupported(self.path, node, f"expression '{type(node).__name__}'")
-        return method(node)
+        self.depth += 1
+        try:
+            if self.depth > _MAX_DEPTH:
+                raise self._fail(node, f"expression nested more than {_MAX_DEPTH} deep")
+            value = method(node)
+        finally:
+            self.depth -= 1
+        self._measure(node, value)
+        return value
+
+    def _measure(self, node: ast.AST, value: Any) -> tuple[int, int]:
+        """(nesting depth, weight) of a value, refused past the limits; containers are memoised by id."""
+        if isinstance(value, bool) or value is None or isinstance(value, float):
+            return 0, 1
+        if isinstance(value, int):
+            if value.bit_length() > _MAX_INT_BITS:
+                raise self._fail(node, f"integer of more than {_MAX_INT_BITS} bits")
+            return 0, 1
+        if isinstance(value, str):
+            if len(value) > _MAX_LENGTH:
+                raise self._fail(node, f"string longer than {_MAX_LENGTH} characters")
+            return 0, max(1, len(value))
+        if not isinstance(value, (list, tuple, dict)):
+            return 0, 1
+        known = self.sizes.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1], known[2]
+        if len(value) > _MAX_LENGTH:
+            raise self._fail(node, f"{type(value).__name__} of more than {_MAX_LENGTH} items")
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        depth, weight = 0, 1
+        for item in items:
+            d, w = self._measure(node, item)
+            depth, weight = max(depth, d + 1), weight + w
+            if depth > _MAX_DEPTH:
+                raise self._fail(node, f"value nested more than {_MAX_DEPTH} deep")
+            if weight > _MAX_WEIGHT:
+                raise self._fail(node, f"value larger than {_MAX_WEIGHT} items and characters in all")
+        self.sizes[id(value)] = (value, depth, weight)
+        return depth, weight
 
     def _fail(self, node: ast.AST, problem: str) -> UserError:
         return UserError(f"{self.path}:{getattr(node, 'lineno', '?')}: {problem}")
@@ -232,11 +282,21 @@ class _Evaluator:
         return key
 
     def _check_size(self, node: ast.AST, op: Callable, left: Any, right: Any) -> None:
-        """Refuse arithmetic whose result could be huge (a config is not a program)."""
-        if op is operator.pow and isinstance(right, (int, float)) and abs(right) > _MAX_POW_EXPONENT:
+        """Refuse arithmetic whose result would pass the limits, before computing it."""
+        ints = all(isinstance(v, int) for v in (left, right))
+        if op is operator.pow and ints and right > 0 and (abs(left) > 1) \
+                and max(1, abs(left).bit_length() - 1) * right > _MAX_INT_BITS:
+            raise self._fail(node, f"exponent too large (the power would pass {_MAX_INT_BITS} bits)")
+        if op is operator.pow and isinstance(right, (int, float)) and not ints and abs(right) > _MAX_INT_BITS:
             raise self._fail(node, "exponent too large")
+        if op is operator.mul and ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS + 1:
+            raise self._fail(node, f"product too large (more than {_MAX_INT_BITS} bits)")
         if op is operator.mul:
             counts = [v for v in (left, right) if isinstance(v, int) and not isinstance(v, bool)]
             seqs = [v for v in (left, right) if isinstance(v, (str, list, tuple))]
-            if seqs and counts and counts[0] > _MAX_SEQUENCE_REPEAT:
-                raise self._fail(node, "sequence repetition too large")
+            if seqs and counts and len(seqs[0]) * max(counts[0], 0) > _MAX_LENGTH:
+                raise self._fail(node, f"sequence repetition too large (over {_MAX_LENGTH} items or characters)")
+            if seqs and counts and self._measure(node, seqs[0])[1] * max(counts[0], 0) > _MAX_WEIGHT:
+                raise self._fail(node, f"sequence repetition too large (over {_MAX_WEIGHT} items and characters in all)")
+        if op is operator.mod and isinstance(left, str):
+            raise _unsupported(self.path, node, "string formatting with '%'")

@@ -27,6 +27,7 @@ from repq_export.quant.assign import check_bits
 from repq_export.quant.layers import calibration_mode, named_quantizers
 from repq_export.quant.lockstep import run_lockstep
 from repq_export.quant.recipe import QuantSettings, apply_steps
+from repq_export.quant.uniform import MIN_SCALE
 
 QuantDetector = nn.Module  # the Detector itself, with quantized modules and a ``quant_settings`` attribute
 
@@ -77,11 +78,32 @@ def quantize(
     settings = QuantSettings(w_bits, a_bits, reparam, reparam and integer_zero_point, reparam and exact_padding,
                              tuple(tensor_sha256(img) for img, _ in inputs), integer_bias, fold_bn)
     detector.eval()
+    check_float_detections(detector, inputs)
     apply_steps(detector, settings, after_calibration=False)
     calibrate(detector, inputs, progress)
     apply_steps(detector, settings, after_calibration=True)
     detector.quant_settings = settings
     return detector
+
+
+@torch.no_grad()
+def check_float_detections(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Refuse calibration images on which the float detector finds nothing: the RoI heads would then
+    calibrate on no box at all (or, depending on the CPU's rounding, on a few meaningless ones)."""
+    counts = [int(detector(*pair)[0].shape[0]) for pair in inputs]
+    if not any(counts):
+        raise UserError(
+            f"calibration images: the float model detects nothing in {'it' if len(counts) == 1 else 'any of them'}, "
+            "so the box and mask heads' quantizers saw no data to calibrate on: use images with objects the "
+            "model finds"
+        )
+
+
+def constant_inputs(quantizers: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """Activation quantizers whose calibration data was one constant (scale at the floor MIN_SCALE):
+    they would quantize every real input to that value."""
+    return [name for name, q in quantizers if not name.endswith("weight_quantizer")
+            and bool((q.scale <= MIN_SCALE * 1.001).all())]
 
 
 @torch.no_grad()
@@ -113,4 +135,10 @@ def calibrate(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], prog
         raise UserError(
             f"calibration images: {len(missing)} quantizers saw no data (first: {missing[0]}); the image(s) "
             "probably give no detection above the score threshold, so the mask head never ran: use other images"
+        )
+    constant = constant_inputs(quantizers)
+    if constant:
+        raise UserError(
+            f"calibration images: {len(constant)} quantizers saw only one constant value (first: {constant[0]}, "
+            "scale at the floor): the image(s) are flat or the model's output there is degenerate: use other images"
         )
