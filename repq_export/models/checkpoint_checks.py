@@ -11,7 +11,7 @@ from torch import Tensor
 
 from repq_export.errors import UserError
 
-# the keys whose shapes give the architecture (models/build.py arch_from_state_dict reads them)
+# the keys whose shapes give the architecture (models/arch.py arch_from_state_dict reads them)
 ARCH_KEYS = (
     "backbone.patch_embed.proj.weight",
     *(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(4)),
