@@ -7,7 +7,8 @@ import torch
 
 from repq_export.commands.demo import BUNDLED
 from repq_export.data.synthetic import make_synthetic_coco
-from repq_export.models.checkpoint import load_checkpoint, save_checkpoint
+from repq_export.models.checkpoint import load_checkpoint
+from repq_export.models.random_checkpoint import save_checkpoint
 from repq_export.training.evaluate import evaluate_detector
 
 

@@ -18,9 +18,10 @@ from torch import nn
 from repq_export.errors import UserError
 from repq_export.models.arch import arch_from_config
 from repq_export.models.build import build_detector
-from repq_export.models.checkpoint import (COCO_CLASSES, concat_order, config_text, load_checkpoint,
-                                           make_random_checkpoint, mmdet3_to_swin_det,
-                                           read_checkpoint, save_checkpoint, swin_det_to_mmdet3)
+from repq_export.models.checkpoint import load_checkpoint, read_checkpoint
+from repq_export.models.key_layout import concat_order, mmdet3_to_swin_det, swin_det_to_mmdet3
+from repq_export.models.random_checkpoint import (COCO_CLASSES, config_text, make_random_checkpoint,
+                                                  save_checkpoint)
 from repq_export.models.config import load_config
 from repq_export.models.swin import PatchMerging
 

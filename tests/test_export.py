@@ -15,8 +15,8 @@ from repq_export.evaluation.parity import (backend_output, compare_codes, compar
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.build import build_detector
-from repq_export.models.checkpoint import init_random_weights
 from repq_export.models.config import load_config
+from repq_export.models.random_checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.integer_bias import bias_grid
 from repq_export.quant.layers import QuantConv2d, QuantLinear, named_quantizers

@@ -15,7 +15,7 @@ from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.arch import ARCHS
 from repq_export.models.build import build_detector
 from repq_export.models.mmdet_config import config_from_arch
-from repq_export.models.checkpoint import init_random_weights
+from repq_export.models.random_checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers
 from repq_export.runtime.base import NetOutput

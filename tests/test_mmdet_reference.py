@@ -20,7 +20,8 @@ import torch
 
 from repq_export.models.arch import ARCHS, Arch
 from repq_export.models.mmdet_config import config_from_arch
-from repq_export.models.checkpoint import load_checkpoint, make_random_checkpoint, save_checkpoint
+from repq_export.models.checkpoint import load_checkpoint
+from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
 from repq_export.models.config import load_config
 
 try:

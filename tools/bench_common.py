@@ -180,7 +180,7 @@ def random_detector(arch: str, seed: int = 0, confident_classes: int = 3, boost:
     from repq_export.models.arch import ARCHS
     from repq_export.models.build import build_detector
     from repq_export.models.mmdet_config import config_from_arch
-    from repq_export.models.checkpoint import init_random_weights
+    from repq_export.models.random_checkpoint import init_random_weights
 
     model = build_detector(config_from_arch(ARCHS[arch]))
     init_random_weights(model, seed)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.arch import ARCHS  # noqa: E402
 from repq_export.models.mmdet_config import config_from_arch  # noqa: E402
-from repq_export.models.checkpoint import LAYOUTS, make_random_checkpoint, save_checkpoint  # noqa: E402
+from repq_export.models.key_layout import LAYOUTS  # noqa: E402
+from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint  # noqa: E402
 from repq_export.models.config import load_config  # noqa: E402
 
 

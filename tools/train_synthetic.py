@@ -33,7 +33,8 @@ from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector  # noqa: E402
 from repq_export.models.test_pipeline import preprocess_settings  # noqa: E402
-from repq_export.models.checkpoint import config_text, file_sha256, save_checkpoint  # noqa: E402
+from repq_export.files import file_sha256  # noqa: E402
+from repq_export.models.random_checkpoint import config_text, save_checkpoint  # noqa: E402
 from repq_export.models.config import load_config  # noqa: E402
 from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
 from repq_export.training.data import TrainSet  # noqa: E402

@@ -21,7 +21,8 @@ from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import DeployConfig, load_deploy_config
 from ..errors import UserError
 from ..models.build import build_detector
-from ..models.checkpoint import LoadedCheckpoint, file_sha256, load_checkpoint
+from ..files import file_sha256
+from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer

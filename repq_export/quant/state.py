@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import repq_export
 from repq_export.errors import UserError
-from repq_export.models.checkpoint import file_sha256
+from repq_export.files import file_sha256
 from repq_export.quant.assign import quant_counts, quant_table
 from repq_export.quant.calibrate import QuantDetector
 from repq_export.quant.layers import named_quantizers

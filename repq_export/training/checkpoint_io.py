@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from repq_export.models.checkpoint import config_text
+from repq_export.models.random_checkpoint import config_text
 
 MMDET_VERSION = "2.11.0"
 
