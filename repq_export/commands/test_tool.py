@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ..data.coco import CocoDataset
 from ..data.images import read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
+from ..files import write_atomically
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
 from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
@@ -67,14 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 def write_json(path: Path, data) -> None:
     """Write JSON through a temporary name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    finally:  # also on Ctrl-C / SIGTERM: no half-written file left
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def quantized_model(args, detector, dataset, settings):

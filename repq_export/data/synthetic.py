@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import pycocotools.mask as mask_util
 
 from repq_export.data.rle import mask_to_rle
 from repq_export.errors import UserError
+from repq_export.files import write_atomically
 
 CATEGORIES = ("ellipse", "rectangle", "triangle", "star")
 SIDE_RANGE = (240, 520)  # image height and width, pixels
@@ -214,16 +214,6 @@ def _annotation(instance: Instance, ann_id: int, image_id: int) -> dict:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename, so no half-written file is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write ({err.strerror or err})") from None
-
-
 def _check_arguments(out_dir: Path, split: str, num_images: int, seed: int) -> None:
     if not _SPLIT_NAME.match(split):
         raise UserError(f"--split: '{split}' is not a plain name (letters, digits, _ and -)")
@@ -254,7 +244,7 @@ def make_synthetic_coco(
         img, instances = synthesize_image(seed, split, index)
         file_name = f"{image_id:012d}.png"
         _, png = cv2.imencode(".png", img, PNG_PARAMS)
-        _write_atomic(img_dir / file_name, png.tobytes())
+        write_atomically(img_dir / file_name, png.tobytes())
         height, width = img.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for instance in instances:
@@ -271,5 +261,5 @@ def make_synthetic_coco(
     }
     text = json.dumps(dataset, sort_keys=True, separators=(",", ":"))
     ann_path = ann_dir / f"instances_{split}.json"
-    _write_atomic(ann_path, text.encode("utf-8"))
+    write_atomically(ann_path, text.encode("utf-8"))
     return ann_path

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pycocotools.mask as mask_util
 
 from ..data.postprocess import Detections
 from ..errors import UserError
+from ..files import write_atomically
 from .layer_errors import LayerError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -123,15 +123,7 @@ def write_image(path: str | Path, img: np.ndarray) -> Path:
     ok, data = cv2.imencode(path.suffix.lower(), img)
     if not ok:
         raise UserError(f"{path}: OpenCV cannot encode the picture")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, data.tobytes())
 
 
 # ----------------------------------------------------------------------------- per-layer error plot

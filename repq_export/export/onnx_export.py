@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, OnnxConfig
-from ..errors import UserError
+from ..files import write_atomically
 from ..quant.layers import named_quantizers
 from .lowering import lower_for_export
 
@@ -82,14 +81,7 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
 
 def write_model(proto: onnx.ModelProto, path: str | Path) -> None:
     """Serialize to `path` through a temporary name, so no half-written file is ever left."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(proto.SerializeToString())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    write_atomically(path, proto.SerializeToString())
 
 
 def count_qdq(proto: onnx.ModelProto) -> dict[str, int]:

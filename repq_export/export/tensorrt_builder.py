@@ -12,7 +12,6 @@ well) on machines without TensorRT or a GPU.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable
 
 from repq_export.deploy_config import DeployConfig, TensorRTConfig
 from repq_export.errors import UserError
+from repq_export.files import write_atomically
 from repq_export.runtime.tensorrt_support import tensorrt_available
 
 Log = Callable[[str], None]
@@ -68,9 +68,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, deploy_cfg: Dep
         raise UserError(f"{onnx_path}: TensorRT could not build an engine (its messages are above)")
     log(f"built in {time.perf_counter() - start:.0f} s, {serialized.nbytes / 2**20:.1f} MiB")
     del parser
-    _write_atomic(engine_path, memoryview(serialized))
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(engine_path, bytes(memoryview(serialized)))
     if cache_path is not None:
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        write_atomically(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return engine_path
 
 
@@ -164,16 +165,3 @@ def _load_timing_cache(config, cache_path: Path | None, log: Log) -> None:
         config.set_timing_cache(config.create_timing_cache(b""), False)
     elif data:
         log(f"timing cache loaded from {cache_path}")
-
-
-def _write_atomic(path: Path, data: memoryview) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pprint
 from pathlib import Path
 from typing import Mapping
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from repq_export.errors import UserError
+from repq_export.files import write_atomically
 from repq_export.models.arch import arch_from_config
 from repq_export.models.build import build_detector
 from repq_export.models.key_layout import LAYOUTS, swin_det_to_mmdet3
@@ -139,11 +139,4 @@ def save_checkpoint(checkpoint: Mapping, out: str | Path) -> Path:
         raise UserError(f"{out}: folder {out.parent} does not exist")
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return write_atomically(out, buffer.getvalue())

@@ -9,7 +9,6 @@ SwinBlocks' ``pad_value`` buffers and everything else of the model. It is read b
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 import repq_export
 from repq_export.errors import UserError
+from repq_export.files import write_atomically
 from repq_export.files import file_sha256
 from repq_export.quant.assign import quant_counts, quant_table
 from repq_export.quant.calibrate import QuantDetector
@@ -65,14 +65,7 @@ def save_quant_state(
         "manifest": json.dumps(build_manifest(detector, calibration_files, source_checkpoint), sort_keys=True),
         "state_dict": detector.state_dict(),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports some I/O failures as RuntimeError
-        raise UserError(f"{path}: cannot write quantized state ({str(exc).splitlines()[0]})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def read_quant_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:

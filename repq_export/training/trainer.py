@@ -11,7 +11,6 @@ may be stopped by others.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repq_export.errors import UserError
+from repq_export.files import write_atomically
 from repq_export.models.detector import Detector
 from repq_export.training.data import TrainSet
 from repq_export.training.detector_losses import detector_losses
@@ -94,11 +94,9 @@ def save_state(path: Path, tag: str, detector: Detector, optimizer: torch.optim.
                sampling: torch.Generator, log: TrainLog) -> None:
     """Write the loop's state after ``len(log.losses)`` iterations (temporary name, then rename);
     ``tag`` names the run (config, iterations, seed) so that no other run resumes from it."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(tag=tag, iteration=len(log.losses), model=detector.state_dict(), optimizer=optimizer.state_dict(),
-                    sampling=sampling.get_state(), losses=log.losses, last_terms=log.last_terms,
-                    seconds=log.seconds), tmp)
-    os.replace(tmp, path)
+    state = dict(tag=tag, iteration=len(log.losses), model=detector.state_dict(), optimizer=optimizer.state_dict(),
+                 sampling=sampling.get_state(), losses=log.losses, last_terms=log.last_terms, seconds=log.seconds)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path, tag: str, detector: Detector, optimizer: torch.optim.Optimizer,
