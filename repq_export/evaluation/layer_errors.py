@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..hooks import hooked
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from .parity import CodeReport, call_to_quantizer
@@ -55,14 +56,10 @@ def measure_layer_errors(qmodel: nn.Module, images: Iterable[tuple[Tensor, Tenso
             entry[2] += 1
         return record
 
-    handles = [q.register_forward_hook(hook(name)) for name, q in quantizers.items()]
-    try:
-        device = next(qmodel.parameters()).device
+    device = next(qmodel.parameters()).device
+    with hooked((q, hook(name)) for name, q in quantizers.items()):
         for img, img_hw in images:
             qmodel(img.to(device), img_hw.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
     return [LayerError(name, quantizer_role(name, quantizers[name]), quantizers[name].bits,
                        (err / ref) ** 0.5 if ref > 0 else 0.0, int(calls))
             for name, (err, ref, calls) in sums.items()]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
+from ..hooks import hooked
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
@@ -86,16 +87,13 @@ def nudged_activations(model: nn.Module, sample: int = 0, ulps: Ulps = 1.0) -> I
     ``ulps`` float32 ulps (forward pre-hooks, removed on exit; direction by ``sample_direction``);
     yields the step of each nudged quantizer. Weights are left alone."""
     generator = torch.Generator().manual_seed(sample)
-    steps, hooks = [], []
+    steps, nudges = [], []
     for name, q in named_quantizers(model):
         if not name.endswith("weight_quantizer"):
             steps.append(step_of(name, ulps))
-            hooks.append(q.register_forward_pre_hook(_Nudge(sample_direction(sample), steps[-1], generator)))
-    try:
+            nudges.append((q, _Nudge(sample_direction(sample), steps[-1], generator)))
+    with hooked(nudges, pre=True):
         yield steps
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from repq_export.errors import UserError
+from repq_export.hooks import hooked
 from repq_export.quant.assign import check_bits
 from repq_export.quant.layers import calibration_mode, named_quantizers
 from repq_export.quant.lockstep import run_lockstep
@@ -119,16 +120,13 @@ def calibrate(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], prog
             counted.add(id(q))
             bar.update(1)
 
-    hooks = [q.register_forward_hook(count) for _, q in quantizers]
     try:
-        with calibration_mode(detector):
+        with hooked((q, count) for _, q in quantizers), calibration_mode(detector):
             if len(inputs) == 1:
                 detector(*inputs[0])
             else:
                 run_lockstep(detector, [q for _, q in quantizers], inputs)
     finally:
-        for h in hooks:
-            h.remove()
         bar.close()
     missing = [name for name, q in quantizers if not bool(q.initialized)]
     if missing:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from repq_export.errors import UserError
+from repq_export.hooks import hooked
 from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
 from repq_export.quant.uniform import UniformQuantizer
 
@@ -82,17 +83,13 @@ class Lockstep:
 def run_lockstep(model: nn.Module, quantizers: Sequence[nn.Module], inputs: Sequence[tuple[Tensor, Tensor]]) -> None:
     """One forward of ``model`` per ``(img, img_hw)`` in ``inputs``, in lockstep at ``quantizers``."""
     lockstep = Lockstep(len(inputs))
-    hooks = [q.register_forward_pre_hook(lockstep.pre_hook) for q in quantizers]
     threads = [threading.Thread(target=lockstep.run, args=(i, lambda x=x: model(*x)), name=f"calib-{i}")
                for i, x in enumerate(inputs)]
-    try:
+    with hooked(((q, lockstep.pre_hook) for q in quantizers), pre=True):
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        for h in hooks:
-            h.remove()
     if lockstep.error is not None:
         if isinstance(lockstep.error, RuntimeError) and "different quantizers" in str(lockstep.error):
             raise UserError("calibration images: the images took different paths through the detector; "
