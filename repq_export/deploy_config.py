@@ -6,22 +6,22 @@ A deploy config holds three literal dicts, in the vocabulary mmdeploy users know
     backend_config = dict(type='tensorrt', common_config=dict(...), model_inputs=[...])
     codebase_config = dict(type='mmdet', task='InstanceSegmentation', post_processing=dict(...))
 
-The file is never executed: it is parsed with ``ast`` and only literals are accepted
-(``dict(...)`` calls with keyword arguments, ``{...}``, lists, tuples, numbers, strings,
-``True``/``False``/``None``, unary minus and integer ``<<`` / ``*`` such as ``1 << 32``).
+The file is never executed: it is read by the same safe, bounded evaluator as model configs
+(``models/config.py``: literals, ``dict(...)``, lists, tuples, names bound earlier, arithmetic such
+as ``1 << 32``); only the three sections above may be assigned.
 Every problem is one ``UserError`` line naming the file and the key, e.g.
 ``deploy_configs/x.py: backend_config.common_config.fp16_mode: expected a bool, got 1``.
 """
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 from repq_export.errors import UserError
 from repq_export.models import reference_settings as ref
+from repq_export.models.config import evaluate_source
 
 #: The network boundary (contract): the exporter and every runner use these names.
 INPUT_NAMES = ("img", "img_hw")
@@ -129,10 +129,7 @@ def load_deploy_config(path: str | Path) -> DeployConfig:
         raise UserError(f"{path}: cannot read the deploy config ({error.strerror or error})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a deploy config (not UTF-8 text; deploy configs are .py files)") from None
-    try:
-        sections = _parse_sections(path, source)
-    except (RecursionError, MemoryError):
-        raise UserError(f"{path}: nested too deeply to read as a config") from None
+    sections = _parse_sections(path, source)
     reader = _Reader(path)
     onnx_cfg = reader.onnx_config(sections.get("onnx_config", {}))
     if "backend_config" not in sections:
@@ -147,61 +144,24 @@ def load_deploy_config(path: str | Path) -> DeployConfig:
 
 
 def _parse_sections(path: Path, source: str) -> dict[str, Any]:
-    """The file's top-level ``name = <literal>`` assignments, as Python values."""
-    try:
-        tree = ast.parse(source, filename=str(path))
-    except SyntaxError as error:
-        raise UserError(f"{path}:{error.lineno}: not valid Python: {error.msg}") from None
-    sections: dict[str, Any] = {}
-    for index, stmt in enumerate(tree.body):
-        if index == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
-                and isinstance(stmt.value.value, str):
-            continue  # module docstring
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                and isinstance(stmt.targets[0], ast.Name)):
-            raise UserError(f"{path}:{stmt.lineno}: only `name = <literal>` assignments are allowed "
-                            "(the file is read as data, never executed)")
-        name = stmt.targets[0].id
+    """The file's top-level assignments as Python values, through the safe config reader (never run)."""
+    sections = evaluate_source(source, path)
+    for name in sections:
         if name in _NOT_TAKEN:
             raise UserError(f"{path}: {name}: {_NOT_TAKEN[name]}")
         if name not in ("onnx_config", "backend_config", "codebase_config"):
             raise UserError(f"{path}: {name}: unknown key (expected onnx_config, backend_config, "
                             "codebase_config)")
-        if name in sections:
-            raise UserError(f"{path}: {name}: assigned twice")
-        sections[name] = _literal(path, name, stmt.value)
-    return sections
+    return _lists(sections)
 
 
-def _literal(path: Path, key: str, node: ast.expr) -> Any:
-    """Evaluate a literal expression; anything else (names, calls, attributes) is refused."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(path, f"{key}[{i}]", item) for i, item in enumerate(node.elts)]
-    if isinstance(node, ast.Dict):
-        result = {}
-        for k, v in zip(node.keys, node.values):
-            if k is None:
-                raise UserError(f"{path}:{node.lineno}: {key}: `**` unpacking is not allowed")
-            name = _literal(path, key, k)
-            if not isinstance(name, (str, int)) or isinstance(name, bool):
-                raise UserError(f"{path}:{node.lineno}: {key}: dict keys must be strings or integers")
-            result[name] = _literal(path, f"{key}.{name}", v)
-        return result
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" \
-            and not node.args and all(kw.arg is not None for kw in node.keywords):
-        return {kw.arg: _literal(path, f"{key}.{kw.arg}", kw.value) for kw in node.keywords}
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        value = _literal(path, key, node.operand)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return -value
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.LShift, ast.Mult)):
-        left, right = _literal(path, key, node.left), _literal(path, key, node.right)
-        if _is_int(left) and _is_int(right) and 0 <= right <= 64 and abs(left) < 2 ** 64:
-            return left << right if isinstance(node.op, ast.LShift) else left * right
-    raise UserError(f"{path}:{node.lineno}: {key}: only literals are allowed here "
-                    f"(got `{ast.unparse(node)}`)")
+def _lists(value: Any) -> Any:
+    """Tuples as lists, all the way down: the checks below take either spelling of a sequence."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 # -------------------------------------------------------------------------- validation

@@ -27,6 +27,7 @@ _BINARY_OPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
+    ast.LShift: operator.lshift,  # sizes such as 1 << 30
 }
 _UNARY_OPS: dict[type, Callable[[Any], Any]] = {
     ast.UAdd: operator.pos,
@@ -62,7 +63,7 @@ def _load(path: Path, stack: tuple[Path, ...]) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config file ({exc})") from None
 
-    own = _evaluate_module(source, path)
+    own = evaluate_source(source, path)
     bases = _base_paths(own.pop(BASE_KEY, None), path)
     merged: dict = {}
     for base in bases:
@@ -115,8 +116,9 @@ def _strip_delete(value: Any) -> Any:
     return value
 
 
-def _evaluate_module(source: str, path: Path) -> dict:
-    """Evaluate the top-level assignments of one config file, in order."""
+def evaluate_source(source: str, path: Path) -> dict:
+    """Evaluate the top-level assignments of one config file, in order (no ``_base_`` handling):
+    the one safe reader of every Python config, model configs and deploy configs alike."""
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as exc:
@@ -289,6 +291,8 @@ class _Evaluator:
             raise self._fail(node, f"exponent too large (the power would pass {_MAX_INT_BITS} bits)")
         if op is operator.pow and isinstance(right, (int, float)) and not ints and abs(right) > _MAX_INT_BITS:
             raise self._fail(node, "exponent too large")
+        if op is operator.lshift and ints and right > 0 and abs(left).bit_length() + right > _MAX_INT_BITS:
+            raise self._fail(node, f"shift too large (the result would pass {_MAX_INT_BITS} bits)")
         if op is operator.mul and ints and left.bit_length() + right.bit_length() > _MAX_INT_BITS + 1:
             raise self._fail(node, f"product too large (more than {_MAX_INT_BITS} bits)")
         if op is operator.mul:
