@@ -30,7 +30,9 @@ from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
+from .forms import ONNXRUNTIME, check_bits_for_form, form_for
 from .onnx_export import count_qdq, export_onnx
+from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -114,6 +116,18 @@ def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
     return rows
 
 
+def check_form_rules(proto: onnx.ModelProto, form: str) -> None:
+    """The exported graph against its backend's rules; a broken rule is a bug of ours."""
+    if form == ONNXRUNTIME:
+        issues = check_onnxruntime_form(proto)
+        if issues:
+            raise RuntimeError("exported graph breaks the onnxruntime-form rules:\n" + format_ort_report(issues))
+        return
+    issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
+    if issues:
+        raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
+
+
 def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[Path], prep: Preprocessed,
                    proto: onnx.ModelProto, deploy: DeployConfig, out: Path) -> dict:
     """repq.json: provenance, preprocessing, classes, graph facts, the quantizer table, versions."""
@@ -130,6 +144,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
         "integer_zero_point": settings.integer_zero_point,
         "exact_padding": settings.exact_padding,
         "integer_bias": settings.integer_bias,
+        "form": form_for(deploy),  # 'tensorrt' | 'onnxruntime' (export/forms.py)
         "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
         "config": str(info.config_path) if info.config_path else None,
         "model_config": info.cfg,
@@ -157,6 +172,8 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
+    form = form_for(deploy)
+    check_bits_for_form(form, req.w_bits, req.a_bits, str(deploy.path))
     detector, info = load_checkpoint(req.ckpt, req.config)
     paths = calibration_paths(req)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
@@ -172,11 +189,9 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
         raise UserError(f"{req.out}: cannot create the artifact directory ({exc.strerror or exc})") from None
     try:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
-        log("exporting ONNX (QDQ) ...")
-        proto = export_onnx(qmodel, tmp / "model.onnx", preps[0].tensor, preps[0].img_hw_tensor, deploy.onnx)
-        issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
-        if issues:
-            raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
+        log(f"exporting ONNX (QDQ, {form} form) ...")
+        proto = export_onnx(qmodel, tmp / "model.onnx", preps[0].tensor, preps[0].img_hw_tensor, deploy.onnx, form)
+        check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if req.out.exists():
