@@ -218,9 +218,11 @@ def compare_codes(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         got = np.asarray(values[probe.codes])
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
         if isinstance(q, LogSqrt2Quantizer):
-            want = log_sqrt2_codes(x, q.scale, q.bits).numpy()
-            lut = q.lut().numpy()
-            got = np.searchsorted(-lut, -got.astype(np.float32))  # lut is decreasing
+            # the graph carries the table value lut[code]; at 8 bits the smallest entries underflow
+            # to equal float32 values, so values (as int32 bit patterns) are what must agree
+            lut = q.lut().numpy().astype(np.float32)
+            want = lut[log_sqrt2_codes(x, q.scale, q.bits).numpy()].view(np.int32)
+            got = got.astype(np.float32).view(np.int32)
             ties = np.zeros(want.shape, dtype=bool)
         else:
             want = (q.codes(x) - code_offset(q, probe)).numpy()

@@ -64,9 +64,13 @@ def locate_calls(proto: onnx.ModelProto, lowered: nn.Module) -> list[QuantizerCa
 def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -> tuple[str, str]:
     """(float input, codes) value names of one call, from the nodes its lowering emitted."""
     if kind == "log_sqrt2":
-        clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x
+        clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x ...
+        x = clip.input[0]
+        scaled = producer.get(x)
+        if scaled is not None and scaled.op_type == "Mul" and scaled in nodes:  # ... or x * 2^64 (8 bits)
+            x = scaled.input[0]
         table = next(n for n in nodes if n.op_type == "Gather" and n.input[0].endswith(".lut"))
-        return clip.input[0], table.output[0]
+        return x, table.output[0]
     q = next(n for n in nodes if n.op_type == "QuantizeLinear")
     if form == ONNXRUNTIME:
         clip = next((n for n in nodes if n.op_type == "Clip" and n.input[0] == q.output[0]), None)

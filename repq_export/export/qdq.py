@@ -119,7 +119,14 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     """
     levels = 2**n_bits
     tiny = torch.finfo(torch.float32).tiny
-    guess = torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / 0.6931471805599453))
+    if n_bits >= 8:
+        # the last boundaries sqrt2^-k * scale (k near 256) are subnormal, where a clamp at `tiny`
+        # (and vectorized Log) would put the guess many codes off: guess on x * 2^64 (exact, a
+        # power of two) and shift the guess back by log_sqrt2(2^64) = 128 codes
+        x_guess, shift = x * 18446744073709551616.0, 128.0
+    else:
+        x_guess, shift = x, 0.0
+    guess = torch.round(torch.log(torch.clamp(x_guess, min=tiny) / scale) * (-2.0 / 0.6931471805599453)) + shift
     guess = torch.clamp(guess, 0, levels).long()
     above = x >= upper[guess]
     below = x < upper[guess + 1]
