@@ -1,7 +1,7 @@
 """`repq-export`: checkpoint -> calibrated RepQ-ViT -> exact QDQ ONNX (+ TensorRT engine).
 
     repq-export --ckpt model.pth --bits 4 --calib images/      export an artifact directory
-    repq-export check model.onnx                               TensorRT rules, no TensorRT needed
+    repq-export check model.onnx                               the graph's form and its backend's rules
     repq-export demo                                           the whole pipeline on the bundled models
     repq-export predict ARTIFACT IMAGE --save out.png          draw detections
     repq-export serve ARTIFACT / infer URL IMAGE / triton-repo ARTIFACT OUT   serving ([serve] extra)
@@ -29,7 +29,8 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
                    "Detection (mmdet 2.x keys) or mmdetection 3.x")
     p.add_argument("--config", type=Path, help="mmdet-style config; default: the architecture is read off the "
                    "checkpoint and the reference's test settings are used")
-    p.add_argument("--bits", type=bits, help="weight and activation bits (2..7 exportable; 8 only in fake quant)")
+    p.add_argument("--bits", type=bits, help="weight and activation bits (2..8 with an onnxruntime deploy config; "
+                   "2..7 with a TensorRT one)")
     p.add_argument("--w-bits", "--w_bits", dest="w_bits", type=bits, help="weight bits (overrides --bits)")
     p.add_argument("--a-bits", "--a_bits", dest="a_bits", type=bits, help="activation bits (overrides --bits)")
     p.add_argument("--calib", type=Path, help="folder of calibration images (taken sorted by name)")
@@ -57,8 +58,8 @@ def run_export(argv: list[str]) -> int:
         raise UserError("--bits (or both --w-bits and --a-bits) is required")
     from .deploy_config import load_deploy_config
     from .export.artifact import DEFAULT_DEPLOY, ExportRequest, export_artifact
-    from .export.bit_support import check_export_bits
     from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
+    from .export.forms import check_export_bits, form_for
     from .export.tensorrt_builder import build_engine, tensorrt_available
     from .output_dir import check_out_dir
 
@@ -66,7 +67,7 @@ def run_export(argv: list[str]) -> int:
         raise UserError(f"--ckpt {args.ckpt}: " + ("is a folder, not a checkpoint file" if args.ckpt.is_dir()
                                                    else "checkpoint not found"))
     deploy = load_deploy_config(args.deploy_config or DEFAULT_DEPLOY)
-    check_export_bits(w_bits, a_bits, deploy.backend_type, "--w-bits" if args.w_bits else "--bits",
+    check_export_bits(w_bits, a_bits, form_for(deploy), "--w-bits" if args.w_bits else "--bits",
                       "--a-bits" if args.a_bits else "--bits")
     if args.engine:
         ok, why = tensorrt_available()
@@ -88,21 +89,38 @@ def run_export(argv: list[str]) -> int:
 
 
 def run_check(argv: list[str]) -> int:
-    p = CommandParser(prog="repq-export check", description="Report every node of an ONNX graph that "
-                      "breaks TensorRT's documented rules for explicit quantization (zero points, "
-                      "per-channel activations, Q/DQ types and placement, unsupported ops). Exit 1 if "
-                      "any error is found. Needs no TensorRT.")
+    p = CommandParser(prog="repq-export check", description="Say which form an ONNX graph has (TensorRT: "
+                      "int8 Q/DQ with zero point 0; onnxruntime: uint8 activations with the range clipped "
+                      "after QuantizeLinear) and check it against its backend's rules: TensorRT's documented "
+                      "rules for explicit quantization (zero points, per-channel activations, Q/DQ types and "
+                      "placement, unsupported ops), or what keeps the onnxruntime form exact on integer "
+                      "kernels (uint8 chains, int16 saturation of u8s8 kernels). Exit 1 if any error is found. "
+                      "Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
     from .export.deploy_settings import artifact_onnx_file
+    from .export.forms import ONNXRUNTIME, graph_form
+    from .export.ort_check import check_onnxruntime_form, format_ort_report
     from .export.trt_check import check_tensorrt_compat, format_report
 
     path = artifact_onnx_file(args.model) if args.model.is_dir() else args.model
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
     proto = read_onnx(path)
-    issues = check_tensorrt_compat(proto) + not_quantized(proto)
-    print(format_report(issues))
+    form = graph_form(proto)
+    print(f"graph form: {form}" + {"tensorrt": " (int8 Q/DQ, zero point 0): checked against TensorRT's rules",
+                                   "onnxruntime": " (uint8 activations): checked against the onnxruntime-form "
+                                   "rules; not a TensorRT graph (TensorRT reads uint8 zero points as int8)",
+                                   "float": " (no QuantizeLinear): checked against TensorRT's rules",
+                                   "mixed": " (int8 and uint8 activations): checked against both"}[form])
+    issues = not_quantized(proto)
+    if form != ONNXRUNTIME:
+        issues += check_tensorrt_compat(proto)
+        print(format_report(issues))
+    if form in (ONNXRUNTIME, "mixed"):
+        ort = check_onnxruntime_form(proto)
+        print(format_ort_report(ort))
+        issues += ort
     return 1 if any(i.severity == "error" for i in issues) else 0
 
 

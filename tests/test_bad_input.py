@@ -24,6 +24,7 @@ from cli_helpers import CLI, REPO, TINY_MASK, call_main, one_error, tiny_artifac
 from repq_export import cli
 from repq_export.commands import test_tool
 from repq_export.output_dir import remove_stale_temporaries
+from repq_export.resources import DEPLOY_CONFIGS_DIR
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -232,7 +233,7 @@ def test_demo_refuses_bad_folders_and_bits_at_once(work, capsys):
     (work / "rows").mkdir()
     one_error(call_main(cli.main, ["demo", "--work-dir", work / "d", "--json-out", work / "rows"], capsys),
               "--json-out", "is a folder")
-    one_error(call_main(cli.main, ["demo", "--work-dir", work / "d", "--bits", 8], capsys), "--bits 8")
+    one_error(call_main(cli.main, ["demo", "--work-dir", work / "d", "--bits", 9], capsys), "--bits")
     assert not (work / "d").exists()
 
 
@@ -241,8 +242,9 @@ def test_demo_refuses_bad_folders_and_bits_at_once(work, capsys):
 
 @pytest.mark.parametrize("bits, option", [(("--bits", 8), "--bits 8"), (("--w-bits", 4, "--a-bits", 8), "--a-bits 8"),
                                           (("--w-bits", 8, "--a-bits", 4), "--w-bits 8")])
-def test_eight_bits_refused_before_calibration(work, bits, option, capsys):
-    result = call_main(cli.main, export(work, bits=bits), capsys)
+def test_eight_bits_refused_by_the_tensorrt_form_before_calibration(work, bits, option, capsys):
+    trt = DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py"
+    result = call_main(cli.main, export(work, bits=(*bits, "--deploy-config", trt)), capsys)
     one_error(result, option)
     assert "calibrating" not in result.out
 

@@ -98,14 +98,16 @@ class LogQ(nn.Module):
         return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits)
 
 
-@pytest.mark.parametrize("n_bits", [3, 4, 6])
+@pytest.mark.parametrize("n_bits", [3, 4, 6, 8])
 def test_log_sqrt2_lowering_equals_fake_quant(n_bits: int) -> None:
+    """Exact at every width; at 8 bits the last boundaries are subnormal floats (the softmax of a
+    masked window gives such values), where a guess from Log(clamp(x, tiny)) is many codes off."""
     torch.manual_seed(1)
     attn = torch.softmax(torch.randn(64, 49, 49) * 3, dim=-1).flatten()
     scale = torch.tensor(0.83)
     t = log_sqrt2_thresholds(scale, n_bits)
     boundary = torch.cat([t, torch.nextafter(t, torch.zeros_like(t)), torch.nextafter(t, torch.ones_like(t))])
-    x = torch.cat([attn, boundary, torch.tensor([0.0, 1.0, 1e-30])])
+    x = torch.cat([attn, boundary, torch.tensor([0.0, 1.0, 1e-30, 1e-40, 1e-45])])
     want = log_sqrt2_fake_quant(x, scale, n_bits)
     assert torch.equal(LogQ(scale, n_bits)(x), want)  # the torch form of the lowering
     (out,), model = run_onnx(LogQ(scale, n_bits), x)

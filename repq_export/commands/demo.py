@@ -169,14 +169,14 @@ def parity_figures(report: ParityReport) -> dict:
 
 def check_demo_args(args: argparse.Namespace) -> None:
     """Refuse what would fail after minutes of work: a --work-dir that is a file, a --json-out folder, bits."""
-    from ..export.bit_support import check_export_bits
+    from ..export.forms import ONNXRUNTIME, check_export_bits
 
     for folder in (args.work_dir, *args.work_dir.parents):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--work-dir {args.work_dir}: {folder} is a file, not a folder")
     output_file(args.json_out, "--json-out")
     for n in args.bits:
-        check_export_bits(n, n, "onnxruntime", "--bits", "--bits")
+        check_export_bits(n, n, ONNXRUNTIME, "--bits", "--bits")
 
 
 def run_demo(argv: list[str]) -> int:

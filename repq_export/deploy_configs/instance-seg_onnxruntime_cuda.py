@@ -2,10 +2,11 @@
 
 Nodes the CUDA provider lacks fall back to the CPU provider.
 
-Read as data by repq_export.deploy_config (never executed). At graph_optimization_level
-'all' onnxruntime fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat: exact for the
-exporter's <= 7-bit weight codes; use 'basic' for a graph with full-range int8 weights (they
-saturate in that kernel on AVX2 CPUs without VNNI).
+Read as data by repq_export.deploy_config (never executed). A backend of type 'onnxruntime'
+gets the onnxruntime form of the graph (uint8 activations, range clipped after QuantizeLinear,
+int32 biases): at graph_optimization_level 'all' onnxruntime runs its convs and linears on
+integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat). Its int8 weight codes stay within
++-64 and 8-bit weights are uint8, so the u8s8 kernels cannot saturate on AVX2 CPUs without VNNI.
 """
 onnx_config = dict(
     type='onnx',

@@ -2,12 +2,12 @@
 
 Tier 1 feeds each quantizer's ONNX input (as onnxruntime computed it) to the fake quantizer and
 compares integer codes, so it tests the lowering itself; float drift between backends is what
-tiers 2 and 3 measure.
+tiers 2 and 3 measure. Where each call's input and codes are is read from the table the
+exporter stored in the graph (`export/locations.py`), for either form.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,9 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
+from ..errors import UserError
+from ..export.forms import ONNXRUNTIME, TENSORRT
+from ..export.locations import read_calls, scope_to_name
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
 from ..runtime.base import NetOutput
@@ -34,7 +37,8 @@ class CodeProbe:
     call: str  # the ONNX scope (differs from `quantizer` for repeated calls, e.g. the shared RPN convs)
     kind: str  # 'uniform' | 'shifted' | 'log_sqrt2'
     x: str  # value name of the float input
-    codes: str  # value name of the int8 codes (uniform) or the dequantized output (log_sqrt2)
+    codes: str  # value name of the codes (uniform) or the dequantized output (log_sqrt2)
+    form: str = TENSORRT  # tensorrt: codes are q - zp (int8); onnxruntime: q itself (uint8)
 
 
 @dataclass
@@ -54,12 +58,19 @@ class CodeReport:
     float_ulp_sum: float = 0.0  # sum of ulp(x_torch)
 
 
-def _codes(q: nn.Module, x: torch.Tensor, shifted: bool) -> np.ndarray:
-    """Signed integer codes of `x` under quantizer `q` (as the graph carries them)."""
+def code_offset(q: nn.Module, probe: CodeProbe) -> float:
+    """What the graph subtracts from fake quant's code q at this call: zp (tensorrt), 2^(n-1)
+    (shifted 8-bit input), nothing (onnxruntime: uint8 carries q itself)."""
+    if probe.form == ONNXRUNTIME:
+        return 0.0
+    return float(2 ** (q.bits - 1)) if probe.kind == "shifted" else q.zero_point.item()
+
+
+def _codes(q: nn.Module, x: torch.Tensor, probe: CodeProbe) -> np.ndarray:
+    """Integer codes of `x` under quantizer `q`, as the graph carries them at this call."""
     if isinstance(q, LogSqrt2Quantizer):
         return log_sqrt2_codes(x, q.scale, q.bits).numpy().reshape(-1)
-    offset = 2 ** (q.bits - 1) if shifted else q.zero_point.item()
-    return (q.codes(x) - offset).numpy().astype(np.int64).reshape(-1)
+    return (q.codes(x) - code_offset(q, probe)).numpy().astype(np.int64).reshape(-1)
 
 
 @torch.no_grad()
@@ -97,8 +108,8 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         if not x_torch or tuple(x_torch[0].shape) != x_backend.shape:
             continue
         q = quantizers[probe.quantizer]
-        a = _codes(q, x_torch[0].float().cpu(), probe.kind == "shifted")
-        b = _codes(q, torch.from_numpy(x_backend), probe.kind == "shifted")
+        a = _codes(q, x_torch[0].float().cpu(), probe)
+        b = _codes(q, torch.from_numpy(x_backend), probe)
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
         report.drift = (report.drift or 0) + int((a != b).sum())
 
@@ -108,7 +119,7 @@ def backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]
     got = torch.from_numpy(np.asarray(values[probe.codes]))
     if isinstance(q, LogSqrt2Quantizer):
         return got.float()  # the lowering's output is the table value itself
-    offset = 2 ** (q.bits - 1) - q.zero_point.item() if probe.kind == "shifted" else 0.0
+    offset = code_offset(q, probe) - q.zero_point.item()
     return (got.float() + offset) * q.scale  # (q - zp) * d, as fake quant computes it
 
 
@@ -162,35 +173,20 @@ def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.
 
 
 def call_to_quantizer(call: str) -> str:
-    """The quantizer module of a tier-1 call name ('/rpn_head/rpn_conv/input_quantizer_2' ->
-    'rpn_head.rpn_conv.input_quantizer'): ONNX scopes number the repeated calls of a shared module."""
-    return re.sub(r"_\d+$", "", call.strip("/")).replace("/", ".")
+    """The quantizer module of a tier-1 call name (the ONNX scope, `locations.scope_to_name`)."""
+    return scope_to_name(call)
 
 
 def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[CodeProbe]:
-    """Every call of the named quantizers in an exported graph, found by node names (module paths)."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    probes = []
-    by_scope: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        by_scope.setdefault(node.name.rsplit("/", 1)[0], []).append(node)
-    for scope, nodes in by_scope.items():
-        name = call_to_quantizer(scope)
-        if name not in quantizer_names:
-            continue
-        qs = [n for n in nodes if n.op_type == "QuantizeLinear"]
-        if qs:
-            clip = producer[qs[0].input[0]]
-            x, kind = clip.input[0], "uniform"
-            add = producer.get(x)
-            if add is not None and add.op_type == "Add" and add.name.rsplit("/", 1)[0] == scope:
-                x, kind = add.input[0], "shifted"
-            probes.append(CodeProbe(name, scope, kind, x, qs[0].output[0]))
-        elif any(n.op_type == "Gather" and n.input[0].endswith(".lut") for n in nodes):
-            clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x
-            table = next(n for n in nodes if n.op_type == "Gather" and n.input[0].endswith(".lut"))
-            probes.append(CodeProbe(name, scope, "log_sqrt2", clip.input[0], table.output[0]))
-    return probes
+    """Every call of the named quantizers, from the quantizer-call table stored in the graph."""
+    calls = read_calls(proto)
+    if calls is None:
+        raise UserError("the ONNX graph has no quantizer-call table (exported by an older repq-export, or "
+                        "not a quantized repq-export graph): export it again for the code check")
+    unknown = sorted({c.name for c in calls} - quantizer_names)
+    if unknown:
+        raise UserError(f"the graph's quantizer-call table names quantizers the model lacks: {unknown[:3]}")
+    return [CodeProbe(c.name, c.call, c.kind, c.x, c.codes, c.form) for c in calls]
 
 
 def with_probe_outputs(proto: onnx.ModelProto, probes: list[CodeProbe]) -> onnx.ModelProto:
@@ -222,13 +218,14 @@ def compare_codes(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
         got = np.asarray(values[probe.codes])
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
         if isinstance(q, LogSqrt2Quantizer):
-            want = log_sqrt2_codes(x, q.scale, q.bits).numpy()
-            lut = q.lut().numpy()
-            got = np.searchsorted(-lut, -got.astype(np.float32))  # lut is decreasing
+            # the graph carries the table value lut[code]; at 8 bits the smallest entries underflow
+            # to equal float32 values, so values (as int32 bit patterns) are what must agree
+            lut = q.lut().numpy().astype(np.float32)
+            want = lut[log_sqrt2_codes(x, q.scale, q.bits).numpy()].view(np.int32)
+            got = got.astype(np.float32).view(np.int32)
             ties = np.zeros(want.shape, dtype=bool)
         else:
-            offset = 2 ** (q.bits - 1) if probe.kind == "shifted" else q.zero_point.item()
-            want = (q.codes(x) - offset).numpy()
+            want = (q.codes(x) - code_offset(q, probe)).numpy()
             ties = _is_tie((x / q.scale).numpy())
         bad = want.astype(np.int64).reshape(-1) != got.astype(np.int64).reshape(-1)
         ties = ties.reshape(-1)

@@ -29,9 +29,10 @@ from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..output_dir import MANIFEST, check_out_dir, staged_dir
-from .bit_support import check_export_bits
 from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
+from .forms import ONNXRUNTIME, check_export_bits, form_for
 from .onnx_export import count_qdq, export_onnx
+from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -97,6 +98,18 @@ def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
     return rows
 
 
+def check_form_rules(proto: onnx.ModelProto, form: str) -> None:
+    """The exported graph against its backend's rules; a broken rule is a bug of ours."""
+    if form == ONNXRUNTIME:
+        issues = check_onnxruntime_form(proto)
+        if issues:
+            raise RuntimeError("exported graph breaks the onnxruntime-form rules:\n" + format_ort_report(issues))
+        return
+    issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
+    if issues:
+        raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
+
+
 def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[Path], prep: Preprocessed,
                    proto: onnx.ModelProto, deploy: DeployConfig, out: Path, pre: PreprocessSettings) -> dict:
     """repq.json: provenance, preprocessing, classes, graph facts, the quantizer table, versions."""
@@ -109,6 +122,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
         "format": "repq-export-artifact",
         "version": 1,
         **settings.as_dict(),  # the quantization recipe's settings, as quant.pth's manifest has them
+        "form": form_for(deploy),  # 'tensorrt' | 'onnxruntime' (export/forms.py)
         "source_checkpoint": {"name": info.path.name, "sha256": info.sha256, "layout": info.layout},
         "config": str(info.config_path) if info.config_path else None,
         "model_config": info.cfg,
@@ -136,7 +150,8 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_out_dir(req.out, req.force, req.make_parent)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
-    check_export_bits(req.w_bits, req.a_bits, deploy.backend_type)
+    form = form_for(deploy)
+    check_export_bits(req.w_bits, req.a_bits, form)
     paths = calibration_paths(req)
     for path in paths:  # cheap checks first: a bad image costs nothing
         check_calibration_image(path)
@@ -150,12 +165,10 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     qmodel = qmodel.cpu()
     with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
-        log("exporting ONNX (QDQ) ...")
+        log(f"exporting ONNX (QDQ, {form} form) ...")
         proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                            deploy.onnx)
-        issues = [i for i in check_tensorrt_compat(proto) if i.severity == "error"]
-        if issues:
-            raise RuntimeError("exported graph breaks TensorRT rules:\n" + format_report(issues))
+                            deploy.onnx, form)
+        check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return req.out

@@ -2,8 +2,8 @@
 
 Each quantized layer is replaced, at the same module path (so ONNX node names carry the
 quantizer's name), by an export layer built from the quantization state alone:
-int8 weight codes + per-channel scales, and each input quantizer lowered by its kind
-(`qdq.py`). BatchNorm after a quantized conv was folded already by the quant room
+weight codes + per-channel scales, and each input quantizer lowered by its kind and by the
+form the backend needs (`forms.py`, `qdq.py`). BatchNorm after a quantized conv was folded already by the quant room
 (`quant/bn_fold.py`), so the graph computes the fake-quant model itself. Nothing is re-calibrated.
 """
 
@@ -16,12 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..quant.integer_bias import bias_grid
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
-from .qdq import DQWeight, QDQActivation, log_sqrt2_lowered, log_sqrt2_upper
+from .forms import ONNXRUNTIME, TENSORRT
+from .qdq import DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_lowered, log_sqrt2_upper
 
 INT8_MIN, INT8_MAX = -128, 127
+#: |int8 weight code| at most this in the onnxruntime form: u8s8 kernels on AVX2 without VNNI add
+#: two u8 x s8 products in int16 (vpmaddubsw), and 2 * 255 * 64 = 32640 <= 32767 cannot saturate.
+U8S8_SAFE_WEIGHT = 64
+INT16_MAX = 32767
 
 
 def code_range(q: UniformQuantizer) -> tuple[Tensor, Tensor]:
@@ -37,6 +43,8 @@ def fits_int8(q: UniformQuantizer) -> bool:
 
 class ActivationQDQ(nn.Module):
     """A per-tensor uniform activation quantizer as Clip -> QuantizeLinear -> DequantizeLinear."""
+
+    kind, form = "uniform", TENSORRT
 
     def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
@@ -60,6 +68,8 @@ class ShiftedActivationQDQ(nn.Module):
     ties when the consumer has no padding, as the 4x4/stride-4 patch embedding.
     """
 
+    kind, form = "shifted", TENSORRT
+
     def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
         if q.per_channel:
@@ -75,11 +85,39 @@ class ShiftedActivationQDQ(nn.Module):
         return QDQActivation.apply(x + self.shift, self.scale, self.clip_lo, self.clip_hi)
 
 
+class ActivationU8(nn.Module):
+    """A per-tensor uniform activation for onnxruntime: QuantizeLinear(uint8, own zero point) ->
+    Clip(uint8, 0, 2^n - 1) -> DequantizeLinear (`qdq.QDQActivationU8`); 8-bit fits as is."""
+
+    kind, form = "uniform", ONNXRUNTIME
+
+    def __init__(self, q: UniformQuantizer, name: str) -> None:
+        super().__init__()
+        if q.per_channel:
+            raise UserError(f"{name}: per-channel activation quantizer cannot be exported "
+                            "(keep the scale reparameterization on)")
+        zp = float(q.zero_point)
+        if zp != round(zp) or not 0 <= zp <= 255:
+            raise UserError(f"{name}: zero point {zp} is not an integer in 0..255; export needs integer "
+                            "zero points")
+        self.zero_point, self.n_bits = int(zp), q.bits
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("zp", torch.tensor(zp))
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(2.0**q.bits - 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return QDQActivationU8.apply(x, self.scale, self.zp, self.lo, self.hi, self.zero_point, self.n_bits)
+
+
 class LogSqrt2Lowered(nn.Module):
     """The log-sqrt2 quantizer as float ops with exact codes (`qdq.log_sqrt2_lowered`)."""
 
-    def __init__(self, q: LogSqrt2Quantizer) -> None:
+    kind = "log_sqrt2"
+
+    def __init__(self, q: LogSqrt2Quantizer, form: str = TENSORRT) -> None:
         super().__init__()
+        self.form = form
         self.n_bits = q.bits
         self.register_buffer("scale", q.scale.detach().clone())
         self.register_buffer("upper", log_sqrt2_upper(q.thresholds()).detach().clone())
@@ -89,12 +127,14 @@ class LogSqrt2Lowered(nn.Module):
         return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits)
 
 
-def lower_activation(q: nn.Module, name: str, allow_shift: bool = False) -> nn.Module:
-    """The export form of an input quantizer, by kind."""
+def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, form: str = TENSORRT) -> nn.Module:
+    """The export form of an input quantizer, by kind and backend form."""
     if isinstance(q, LogSqrt2Quantizer):
-        return LogSqrt2Lowered(q)
+        return LogSqrt2Lowered(q, form)
     if not isinstance(q, UniformQuantizer):
         raise TypeError(f"{name}: unknown quantizer {type(q).__name__}")
+    if form == ONNXRUNTIME:
+        return ActivationU8(q, name)
     if fits_int8(q):
         return ActivationQDQ(q, name)
     if allow_shift and q.bits == 8:
@@ -103,27 +143,56 @@ def lower_activation(q: nn.Module, name: str, allow_shift: bool = False) -> nn.M
                     "this layer cannot be exported exactly")
 
 
-def weight_codes(layer: QuantConv2d | QuantLinear, name: str) -> tuple[Tensor, Tensor]:
-    """Signed int8 weight codes q - zp and the per-output-channel scale of a quantized layer."""
+def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
+                 form: str = TENSORRT) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weight codes, per-output-channel scale and zero point (None: int8 codes q - zp, zero point 0).
+
+    TensorRT form: int8 q - zp, always. onnxruntime form: the same while every code lies in
+    +-U8S8_SAFE_WEIGHT (the u8s8 kernels cannot saturate), else uint8 codes q with the
+    quantizer's per-channel zero points (8-bit weights; onnxruntime runs u8u8, which widens to
+    16 bits before multiplying and does not saturate).
+    """
     q = layer.weight_quantizer
     if not q.per_channel or q.channel_axis != 0:
         raise UserError(f"{name}: weight quantizer must be per output channel")
+    zp = q.zero_point.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+    codes = q.codes(layer.weight.detach())
+    lo, hi = code_range(q)
+    if form == ONNXRUNTIME and not bool((lo >= -U8S8_SAFE_WEIGHT).all() and (hi <= U8S8_SAFE_WEIGHT).all()):
+        if (q.zero_point != torch.round(q.zero_point)).any():
+            raise UserError(f"{name}: weight zero points are not integers; export needs integer zero points")
+        return codes.to(torch.uint8), q.scale.detach().clone(), q.zero_point.detach().to(torch.uint8)
     if not fits_int8(q):
         raise UserError(f"{name}: {q.bits}-bit asymmetric weight codes do not fit int8 "
-                        "(export supports weights of 2..7 bits)")
-    zp = q.zero_point.reshape(-1, *([1] * (layer.weight.dim() - 1)))
-    codes = q.codes(layer.weight.detach()) - zp
-    return codes.to(torch.int8), q.scale.detach().clone()
+                        "(the TensorRT form supports weights of 2..7 bits)")
+    return (codes - zp).to(torch.int8), q.scale.detach().clone(), None
+
+
+def int32_bias(layer: QuantConv2d | QuantLinear, bias: Tensor | None) -> Tensor | None:
+    """The bias as int32 steps of input_scale x weight_scale, where it lies on that grid exactly."""
+    if bias is None:
+        return None
+    step = bias_grid(layer)
+    if step is None:
+        return None
+    k = torch.round(bias / step)
+    if not torch.equal(k * step, bias) or k.abs().max() >= 2**31:
+        return None
+    return k.to(torch.int32)
 
 
 class ExportConv2d(nn.Module):
-    """A quantized conv: lowered input, DequantizeLinear(int8 codes, per-channel scale), Conv."""
+    """A quantized conv: lowered input, DequantizeLinear(weight codes, per-channel scale), Conv.
 
-    def __init__(self, layer: QuantConv2d, name: str) -> None:
+    In the onnxruntime form an on-grid bias goes in as int32 through DequantizeLinear.
+    """
+
+    def __init__(self, layer: QuantConv2d, name: str, form: str = TENSORRT) -> None:
         super().__init__()
-        codes, scale = weight_codes(layer, name)
+        codes, scale, zero_point = weight_codes(layer, name, form)
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels)
-        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", allow_shift=True)
+        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer",
+                                                allow_shift=True, form=form)
         if isinstance(self.input_quantizer, ShiftedActivationQDQ):
             if any(p != 0 for p in layer.padding):
                 raise UserError(f"{name}: an 8-bit input shift needs a conv without padding")
@@ -132,39 +201,51 @@ class ExportConv2d(nn.Module):
             step = layer.input_quantizer.scale * scale
             offset = layer.input_quantizer.zero_point - 2 ** (layer.input_quantizer.bits - 1)
             bias = (torch.round(bias / step) - offset * codes.float().sum(dim=(1, 2, 3))) * step
+        k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", bias if k is None else None)
+        self.register_buffer("bias_k", k)
+        self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, x: Tensor) -> Tensor:
-        w = DQWeight.apply(self.codes, self.scale, 0)
-        return F.conv2d(self.input_quantizer(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w = DQWeight.apply(self.codes, self.scale, 0, self.zero_point)
+        bias = self.bias if self.bias_k is None else DQBias.apply(self.bias_k, self.bias_step)
+        return F.conv2d(self.input_quantizer(x), w, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class ExportLinear(nn.Module):
-    """A quantized linear: lowered input @ DequantizeLinear(int8 codes (in, out), scale, axis 1) + bias."""
+    """A quantized linear: lowered input @ DequantizeLinear(codes (in, out), scale, axis 1) + bias."""
 
-    def __init__(self, layer: QuantLinear, name: str) -> None:
+    def __init__(self, layer: QuantLinear, name: str, form: str = TENSORRT) -> None:
         super().__init__()
-        codes, scale = weight_codes(layer, name)
-        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer")
+        codes, scale, zero_point = weight_codes(layer, name, form)
+        self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", form=form)
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
         self.register_buffer("codes_t", codes.t().contiguous())
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", layer.bias.detach().clone() if layer.bias is not None else None)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("bias", bias if k is None else None)
+        self.register_buffer("bias_k", k)
+        self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.input_quantizer(x) @ DQWeight.apply(self.codes_t, self.scale, 1)
+        y = self.input_quantizer(x) @ DQWeight.apply(self.codes_t, self.scale, 1, self.zero_point)
+        if self.bias_k is not None:
+            return y + DQBias.apply(self.bias_k, self.bias_step)
         return y if self.bias is None else y + self.bias
 
 
 class ExportMatMul(nn.Module):
     """A quantized activation matmul: both inputs lowered by their kind."""
 
-    def __init__(self, layer: QuantMatMul, name: str) -> None:
+    def __init__(self, layer: QuantMatMul, name: str, form: str = TENSORRT) -> None:
         super().__init__()
-        self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a")
-        self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b")
+        self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a", form=form)
+        self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b", form=form)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return self.quantizer_a(a) @ self.quantizer_b(b)
@@ -175,14 +256,22 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def lower_for_export(qmodel: nn.Module) -> nn.Module:
+def lower_for_export(qmodel: nn.Module, form: str = TENSORRT) -> nn.Module:
     """A copy of a calibrated fake-quant model with every quantized layer in its export form."""
+    if form not in (TENSORRT, ONNXRUNTIME):
+        raise ValueError(f"unknown export form {form!r}")
     model = copy.deepcopy(qmodel).eval().cpu()
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantConv2d):
-            _set_child(model, name, ExportConv2d(module, name))
+            _set_child(model, name, ExportConv2d(module, name, form))
         elif isinstance(module, QuantLinear):
-            _set_child(model, name, ExportLinear(module, name))
+            _set_child(model, name, ExportLinear(module, name, form))
         elif isinstance(module, QuantMatMul):
-            _set_child(model, name, ExportMatMul(module, name))
+            _set_child(model, name, ExportMatMul(module, name, form))
     return model
+
+
+def lowered_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(dotted name, lowered module) of every lowered input quantizer, in module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (ActivationQDQ, ShiftedActivationQDQ, ActivationU8, LogSqrt2Lowered))]

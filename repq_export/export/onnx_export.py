@@ -13,6 +13,8 @@ from torch import nn
 from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, OnnxConfig
 from ..files import write_atomically
 from ..quant.layers import named_quantizers
+from .forms import TENSORRT
+from .locations import locate_calls, store_calls
 from .lowering import lower_for_export
 
 
@@ -61,16 +63,19 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
-                cfg: OnnxConfig | None = None) -> onnx.ModelProto:
-    """Lower `model` (fake-quant or float) and write it to `path`: checked, then renamed into place.
+                cfg: OnnxConfig | None = None, form: str = TENSORRT) -> onnx.ModelProto:
+    """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
+    into place. A quantized graph carries its quantizer-call table (`locations.py`).
 
     The same model and example input give a byte-identical file.
     """
     cfg = cfg or OnnxConfig(dynamic_axes={"img": {2: "height", 3: "width"},
                                           **{name: {0: "num_dets"} for name in OUTPUT_NAMES}})
     quantized = any(True for _ in named_quantizers(model))
-    export_model = lower_for_export(model) if quantized else model.eval().cpu()
+    export_model = lower_for_export(model, form) if quantized else model.eval().cpu()
     proto = trace_to_onnx(export_model, img.cpu(), img_hw.cpu(), cfg)
+    if quantized:
+        store_calls(proto, locate_calls(proto, export_model))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input
@@ -85,8 +90,10 @@ def write_model(proto: onnx.ModelProto, path: str | Path) -> None:
 
 
 def count_qdq(proto: onnx.ModelProto) -> dict[str, int]:
-    """Numbers of QuantizeLinear and DequantizeLinear nodes, and of int8 weight initializers."""
+    """Numbers of QuantizeLinear and DequantizeLinear nodes, and of int8 / uint8 weight initializers."""
     ops = [n.op_type for n in proto.graph.node]
-    int8 = sum(1 for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1)
+
+    def weights(dtype: int) -> int:
+        return sum(1 for i in proto.graph.initializer if i.data_type == dtype and len(i.dims) > 1)
     return {"QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear"),
-            "int8_weights": int8}
+            "int8_weights": weights(onnx.TensorProto.INT8), "uint8_weights": weights(onnx.TensorProto.UINT8)}

@@ -1,0 +1,65 @@
+"""The two exact lowerings of one quantization state, and which backend gets which.
+
+- ``tensorrt``: int8 codes with zero point 0 everywhere (TensorRT's rule); each activation's
+  n-bit range is a float Clip before QuantizeLinear. No 8-bit asymmetric codes: they do not fit.
+- ``onnxruntime``: uint8 activations with the quantizer's own zero point, the n-bit range
+  clipped in uint8 after QuantizeLinear, int32 biases through DequantizeLinear, so that
+  onnxruntime fuses `DQ -> Conv/MatMul -> Q` into its integer kernels. 8-bit fits.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..deploy_config import DeployConfig, TensorRTConfig
+from ..errors import UserError
+
+TENSORRT = "tensorrt"
+ONNXRUNTIME = "onnxruntime"
+FORMS = (TENSORRT, ONNXRUNTIME)
+
+
+def form_for(deploy: DeployConfig) -> str:
+    """The lowering a deploy config's backend runs exactly and fastest."""
+    return TENSORRT if isinstance(deploy.backend, TensorRTConfig) else ONNXRUNTIME
+
+
+def supported_bits(form: str) -> tuple[int, ...]:
+    """Bit widths (weights and activations alike) that `form` carries exactly: the TensorRT form
+    2..7 (8-bit asymmetric codes do not fit int8 with zero point 0), the onnxruntime form 2..8."""
+    if form not in FORMS:
+        raise ValueError(f"supported_bits: unknown form {form!r} (one of {', '.join(FORMS)})")
+    return tuple(range(2, 8)) if form == TENSORRT else tuple(range(2, 9))
+
+
+def check_export_bits(w_bits: int, a_bits: int, form: str, w_option: str = "--w-bits",
+                      a_option: str = "--a-bits") -> None:
+    """Refuse, before any calibration, bit widths `form` cannot carry exactly, naming the option."""
+    allowed = supported_bits(form)
+    for option, value in ((w_option, w_bits), (a_option, a_bits)):
+        if value not in allowed:
+            hint = ": use an onnxruntime deploy config for 8 bits" if form == TENSORRT and value == 8 else ""
+            raise UserError(f"{option} {value}: the {'TensorRT' if form == TENSORRT else 'onnxruntime'} form carries {allowed[0]}..{allowed[-1]}-bit codes only"
+                            f"{' (8-bit asymmetric codes do not fit int8 with zero point 0)' if form == TENSORRT else ''}"
+                            f"{hint}")
+
+
+def graph_form(proto: onnx.ModelProto) -> str:
+    """Which form a graph has, read off its activation QuantizeLinear types: 'tensorrt' (int8),
+    'onnxruntime' (uint8), 'mixed', or 'float' (no QuantizeLinear)."""
+    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t.data_type for n in proto.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")}
+    types = set()
+    for node in proto.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        zp = node.input[2] if len(node.input) > 2 else ""
+        types.add(inits.get(zp, consts.get(zp, onnx.TensorProto.UINT8)))
+    if not types:
+        return "float"
+    if types == {onnx.TensorProto.INT8}:
+        return TENSORRT
+    if types == {onnx.TensorProto.UINT8}:
+        return ONNXRUNTIME
+    return "mixed"

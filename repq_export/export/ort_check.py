@@ -1,0 +1,120 @@
+"""Static check of an onnxruntime-form graph: what keeps it exact on onnxruntime's integer kernels.
+
+Rules, with their ``rule`` id (each an error: the graph would compute something else than fake
+quant, or an integer kernel could saturate):
+
+- ``act-type``: an activation QuantizeLinear is uint8 with a constant scalar zero point.
+- ``act-chain``: a QuantizeLinear output feeds only a Clip with constant uint8 bounds lo <= hi
+  (the n-bit range) or DequantizeLinear nodes; each such DequantizeLinear uses the
+  QuantizeLinear's own scale and zero point, so codes come back as fake quant's values.
+- ``u8s8-saturation``: an int8 weight has codes within +-64. onnxruntime's u8s8 kernels on AVX2
+  CPUs without VNNI add two uint8 x int8 products in int16 (vpmaddubsw): 2 x 255 x 64 = 32640
+  fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
+  are uint8 with per-channel zero points (u8u8 kernels, which widen before multiplying).
+- ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
+from .trt_check import Graph, Issue, _issue, _zero_point, index_graph
+
+UINT8_MAX = 255
+
+
+def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
+    """Run every onnxruntime-form rule on ``model``; an empty list means none is broken."""
+    graph = index_graph(model)
+    issues: list[Issue] = []
+    for rule in (rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type):
+        issues.extend(rule(graph))
+    return issues
+
+
+def _same(graph: Graph, a: str, b: str) -> bool:
+    if a == b:
+        return True
+    x, y = graph.constant(a), graph.constant(b)
+    return x is not None and y is not None and x.shape == y.shape and bool(np.array_equal(x, y))
+
+
+def rule_activation_type(graph: Graph) -> list[Issue]:
+    issues = []
+    for node in graph.nodes:
+        if node.op_type != "QuantizeLinear":
+            continue
+        zp = _zero_point(node)
+        value = graph.constant(zp)
+        if value is None or graph.types.get(zp) != TensorProto.UINT8 or value.size != 1:
+            issues.append(_issue(node, "act-type", "activation QuantizeLinear must have a constant scalar "
+                                 "uint8 zero point"))
+    return issues
+
+
+def rule_activation_chain(graph: Graph) -> list[Issue]:
+    issues = []
+    for q in (n for n in graph.nodes if n.op_type == "QuantizeLinear"):
+        frontier = list(graph.consumers.get(q.output[0], []))
+        while frontier:
+            node = frontier.pop()
+            if node.op_type == "Clip":
+                lo, hi = (graph.constant(node.input[i]) if len(node.input) > i else None for i in (1, 2))
+                if lo is None or hi is None or not 0 <= int(lo) <= int(hi) <= UINT8_MAX or graph.types.get(
+                        node.input[1]) != TensorProto.UINT8:
+                    issues.append(_issue(node, "act-chain", "Clip after QuantizeLinear needs constant uint8 "
+                                         "bounds lo <= hi"))
+                frontier.extend(graph.consumers.get(node.output[0], []))
+            elif node.op_type == "DequantizeLinear":
+                if not (_same(graph, node.input[1], q.input[1]) and _same(graph, _zero_point(node), _zero_point(q))):
+                    issues.append(_issue(node, "act-chain", f"DequantizeLinear after {q.name or q.output[0]} must "
+                                         "use that QuantizeLinear's scale and zero point"))
+            else:
+                issues.append(_issue(node, "act-chain", f"consumes the codes of {q.name or q.output[0]}: only "
+                                     "Clip(uint8) and DequantizeLinear may"))
+    return issues
+
+
+def rule_u8s8_saturation(graph: Graph) -> list[Issue]:
+    issues = []
+    for node in graph.nodes:
+        if node.op_type != "DequantizeLinear" or graph.types.get(node.input[0]) != TensorProto.INT8:
+            continue
+        codes = graph.constant(node.input[0])
+        if codes is None or codes.ndim < 2:
+            continue
+        zp = graph.constant(_zero_point(node))
+        signed = codes.astype(np.int64) - (0 if zp is None else zp.astype(np.int64).reshape(
+            [-1 if i == _axis(node) else 1 for i in range(codes.ndim)] if zp.ndim else []))
+        peak = int(np.abs(signed).max()) if signed.size else 0
+        if peak > U8S8_SAFE_WEIGHT:
+            issues.append(_issue(node, "u8s8-saturation", f"int8 weight codes reach {peak}: 2 x 255 x {peak} = "
+                                 f"{2 * UINT8_MAX * peak} > {INT16_MAX} can saturate u8s8 kernels on AVX2 "
+                                 "without VNNI; store them as uint8 with a zero point"))
+    return issues
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def rule_bias_type(graph: Graph) -> list[Issue]:
+    issues = []
+    for node in graph.nodes:
+        if node.op_type == "DequantizeLinear" and graph.types.get(node.input[0]) == TensorProto.INT32:
+            zp = graph.constant(_zero_point(node))
+            if zp is not None and np.any(zp):
+                issues.append(_issue(node, "bias-type", "an int32 bias must have zero point 0"))
+    return issues
+
+
+def format_ort_report(issues: list[Issue]) -> str:
+    """A count line, then one line per issue."""
+    if not issues:
+        return "onnxruntime form: no issues found"
+    lines = [f"onnxruntime form: {len(issues)} error(s)"]
+    lines += [f"  {i.severity:7s} [{i.rule}] {i.node} ({i.op}): {i.message}" for i in issues]
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The onnxruntime form of the exported graph: exact codes at the default optimization level, integer
+kernels, W8A8, its static rules, and the form reported by `check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from repq_export.cli import main as cli_main
+from repq_export.errors import UserError
+from repq_export.evaluation.parity import compare_codes, find_code_probes, with_probe_outputs
+from repq_export.export.artifact import ExportRequest, export_artifact
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_form
+from repq_export.export.locations import read_calls
+from repq_export.export.onnx_export import count_qdq, export_onnx
+from repq_export.export.ort_check import check_onnxruntime_form
+from repq_export.quant.layers import named_quantizers
+from repq_export.resources import DEPLOY_CONFIGS_DIR
+
+from test_export import IMG_HW, tiny_quant_model
+
+CASES = [("mask", 4), ("cascade", 4), ("mask", 6), ("mask", 8)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{k}-w{b}a{b}" for k, b in CASES])
+def ort_graph(request, tmp_path_factory):
+    kind, bits = request.param
+    qmodel, img = tiny_quant_model(kind, bits)
+    path = tmp_path_factory.mktemp(f"{kind}{bits}") / "model.onnx"
+    proto = export_onnx(qmodel, path, img, IMG_HW, form=ONNXRUNTIME)
+    return bits, qmodel, img, path, proto
+
+
+def tier1(qmodel, img, proto: onnx.ModelProto, level: str = "ORT_ENABLE_ALL") -> tuple[int, int]:
+    """(elements, differing codes) of every quantizer call, onnxruntime at `level`."""
+    probes = find_code_probes(proto, {n for n, _ in named_quantizers(qmodel)})
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    sess = ort.InferenceSession(with_probe_outputs(proto, probes).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in sess.get_outputs()],
+                      sess.run(None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})))
+    reports: dict = {}
+    compare_codes(qmodel, probes, values, reports)
+    return sum(r.elements for r in reports.values()), sum(r.mismatches for r in reports.values())
+
+
+def test_tier1_is_zero_at_the_default_level(ort_graph):
+    bits, qmodel, img, _, proto = ort_graph
+    calls = read_calls(proto)
+    assert {c.form for c in calls} == {ONNXRUNTIME} and {c.kind for c in calls} == {"uniform", "log_sqrt2"}
+    assert graph_form(proto) == ONNXRUNTIME
+    elements, differ = tier1(qmodel, img, proto)
+    assert elements > 1_000_000 and differ == 0
+
+
+def test_onnxruntime_runs_integer_kernels_and_fused_equals_plain(ort_graph, tmp_path):
+    bits, _, img, path, _ = ort_graph
+    feeds = {"img": img.numpy(), "img_hw": IMG_HW.numpy()}
+    outs = {}
+    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        opts.optimized_model_filepath = str(tmp_path / f"{level}.onnx")
+        outs[level] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ORT_ENABLE_ALL.onnx")).graph.node]
+    assert ops.count("QLinearConv") >= 3 and ops.count("QGemm") + ops.count("MatMulIntegerToFloat") >= 40
+    assert len(outs["ORT_ENABLE_ALL"][0]) == len(outs["ORT_DISABLE_ALL"][0]) > 0
+    if bits != 4:
+        return  # at 6/8 bits the fused kernels' float rounding (QGemm, MatMulIntegerToFloat) reorders this
+        # random detector's near-tied detections, in the TensorRT form alike: tiers 2/3 measure that
+    for a, b in zip(outs["ORT_ENABLE_ALL"], outs["ORT_DISABLE_ALL"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_weights_cannot_saturate_u8s8_kernels(ort_graph):
+    """int8 weight codes stay within +-64 (2 x 255 x 64 <= 32767: no int16 saturation in the u8s8
+    kernels of AVX2 CPUs without VNNI); 8-bit weights are uint8 with per-channel zero points."""
+    bits, qmodel, _, _, proto = ort_graph
+    weights = sum(1 for n, _ in named_quantizers(qmodel) if n.endswith("weight_quantizer"))
+    counts = count_qdq(proto)
+    assert (counts["uint8_weights"], counts["int8_weights"]) == ((weights, 0) if bits == 8 else (0, weights))
+    for init in proto.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1:
+            assert np.abs(numpy_helper.to_array(init).astype(np.int64)).max() <= 64
+    assert check_onnxruntime_form(proto) == []
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    return broken
+
+
+def test_a_wide_int8_weight_breaks_the_saturation_rule(ort_graph):
+    bits, _, _, _, proto = ort_graph
+    if bits == 8:
+        pytest.skip("no int8 weights at 8 bits")
+    broken = _copy(proto)
+    init = next(i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1)
+    codes = numpy_helper.to_array(init).copy()
+    codes.flat[0] = 100
+    init.CopyFrom(numpy_helper.from_array(codes, init.name))
+    assert [i.rule for i in check_onnxruntime_form(broken)] == ["u8s8-saturation"]
+
+
+def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
+    """One activation QuantizeLinear's scale made one code step (1/2^n of its range) larger: that
+    quantizer's codes differ, and tier 1 must say so."""
+    bits, qmodel, img, _, proto = ort_graph
+    broken = _copy(proto)
+    calls = [c for c in read_calls(broken) if c.kind == "uniform" and c.name.startswith("neck.")]
+    q_node = next(n for n in broken.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == calls[0].x)
+    inits = {i.name: i for i in broken.graph.initializer}
+    scale = numpy_helper.to_array(inits[q_node.input[1]])
+    broken.graph.initializer.append(numpy_helper.from_array(scale * np.float32(1 + 2.0**-bits), "broken_scale"))
+    q_node.input[1] = "broken_scale"
+    elements, differ = tier1(qmodel, img, broken)
+    assert elements > 1_000_000 and differ > 0
+
+
+def test_check_reports_each_form(ort_graph, tmp_path, capsys):
+    bits, qmodel, img, path, _ = ort_graph
+    assert cli_main(["check", str(path)]) == 0
+    assert "graph form: onnxruntime" in capsys.readouterr().out
+    if bits == 4:
+        trt = export_onnx(qmodel, tmp_path / "trt.onnx", img, IMG_HW, form=TENSORRT)
+        assert graph_form(trt) == TENSORRT and {c.form for c in read_calls(trt)} == {TENSORRT}
+        assert cli_main(["check", str(tmp_path / "trt.onnx")]) == 0
+        out = capsys.readouterr().out
+        assert "graph form: tensorrt" in out and "TensorRT compatibility: no issues found" in out
+        assert [i.rule for i in check_onnxruntime_form(trt)].count("act-type") > 0  # the other form's rules fail
+
+
+def test_tensorrt_form_refuses_8_bits_before_calibration(tmp_path):
+    deploy = DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_static-800x1344.py"
+    req = ExportRequest(ckpt=Path("does-not-exist.pth"), out=tmp_path / "art", w_bits=8, a_bits=8,
+                        deploy_config=deploy)
+    with pytest.raises(UserError, match="TensorRT form carries 2..7-bit codes"):
+        export_artifact(req, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "art").exists()

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""onnxruntime CPU time of exact log-sqrt2 lowerings on one attention-map-sized tensor, side by side.
+
+    python tools/bench_log_sqrt2.py                 # 192x3x49x49 softmax map, 4 bits, 1 thread, 9 rounds
+
+Candidates (each checked bit-exact against fake quant before it is timed):
+  - int64: the guess and codes as int64 indices (the lowering before int32 indices);
+  - int32: the same with int32 indices (today's `qdq.log_sqrt2_lowered`);
+  - float code: the code corrected in float, one cast to int32 before the table Gather.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from repq_export.export.qdq import log_sqrt2_lowered, log_sqrt2_upper
+from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
+
+LN2 = 0.6931471805599453
+
+
+def guess_of(x, scale, levels):
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.clamp(torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / LN2)), 0, levels)
+
+
+def lowered_int64(x, scale, upper, lut, n_bits):
+    levels = 2**n_bits
+    guess = guess_of(x, scale, levels).long()
+    return lut[torch.clamp(guess - (x >= upper[guess]).long() + (x < upper[guess + 1]).long(), 0, levels)]
+
+
+def lowered_float_code(x, scale, upper, lut, n_bits):
+    levels = 2**n_bits
+    guess = guess_of(x, scale, levels)
+    index = guess.int()
+    code = guess - (x >= upper[index]).float() + (x < upper[index + 1]).float()
+    return lut[torch.clamp(code, 0, levels).int()]
+
+
+class Lowered(torch.nn.Module):
+    def __init__(self, fn, q: LogSqrt2Quantizer) -> None:
+        super().__init__()
+        self.fn, self.n_bits = fn, q.bits
+        self.register_buffer("scale", q.scale.detach().clone())
+        self.register_buffer("upper", log_sqrt2_upper(q.thresholds()).detach().clone())
+        self.register_buffer("lut", q.lut().detach().clone())
+
+    def forward(self, x):
+        return self.fn(x, self.scale, self.upper, self.lut, self.n_bits)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(192, 3, 49, 49) * 3, dim=-1)
+    q = LogSqrt2Quantizer(args.bits)
+    q.initialize(x)
+    want = q(x).numpy().view(np.int32)
+    sessions = {}
+    for name, fn in (("int64", lowered_int64), ("int32 (today)", log_sqrt2_lowered),
+                     ("float code", lowered_float_code)):
+        buf = io.BytesIO()
+        torch.onnx.export(Lowered(fn, q), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
+        sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        exact = np.array_equal(sess.run(None, {"x": x.numpy()})[0].view(np.int32), want)
+        sessions[name] = (sess, exact)
+    times = {name: [] for name in sessions}
+    for _ in range(args.rounds):
+        for name, (sess, _) in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, {"x": x.numpy()})
+            times[name].append(time.perf_counter() - start)
+    print(f"| lowering | exact | median ms | min ms |  ({tuple(x.shape)}, {args.bits} bits, {args.threads} thread(s), "
+          f"{args.rounds} interleaved rounds)")
+    print("|---|---|---|---|")
+    for name, (_, exact) in sessions.items():
+        print(f"| {name} | {exact} | {1000 * statistics.median(times[name]):.1f} | {1000 * min(times[name]):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
