@@ -108,18 +108,28 @@ def test_force_replaces_an_artifact_and_leaves_no_temporary(work, art, capsys):
 
 
 def test_sigterm_removes_the_temporary_folder(work):
-    proc = subprocess.Popen([sys.executable, *CLI, *map(str, export(work))], cwd=REPO, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not list(work.glob(".out.tmp*")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the export ended before its temporary folder was seen"
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "terminated" in err
-    assert sorted(p.name for p in work.iterdir()) == ["calib", "m.pth", "notes.txt"]
+    # The signal is sent as soon as the temporary folder appears; on a loaded machine the tiny export
+    # can still finish first (exit 0, artifact complete). Up to 3 tries; every try leaves no temporary.
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, *CLI, *map(str, export(work, "--force"))], cwd=REPO, text=True,
+                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not list(work.glob(".out.tmp*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the export ended before its temporary folder was seen"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert not [p.name for p in work.iterdir() if p.name.startswith(".")], "a temporary was left"
+        if proc.returncode == 0:  # finished before the signal: a complete artifact, tried again
+            assert (work / "out" / "repq.json").is_file()
+            continue
+        assert proc.returncode == 143, err[-2000:]
+        assert "Traceback" not in err and "terminated" in err
+        names = sorted(p.name for p in work.iterdir())
+        assert names in (["calib", "m.pth", "notes.txt"], ["calib", "m.pth", "notes.txt", "out"]), names
+        return
+    pytest.fail("in 3 tries the export always finished before SIGTERM arrived")
 
 
 def dead_pid() -> int:
