@@ -85,3 +85,17 @@ def test_error_reason_and_urls():
 
     with pytest.raises(UserError):
         parse_url("ftp://x:1")
+
+
+def test_serve_refuses_in_one_line_where_the_stack_cannot_work(tmp_path, capsys):
+    """Without the [serve] extra, or under numpy 2, `serve` says which in one line (exit 2), loading nothing."""
+    from serving_helpers import serving_skip_reason
+
+    from repq_export import cli
+
+    if serving_skip_reason() is None:
+        pytest.skip("the serving stack works here (tests/test_serving.py covers it)")
+    rc = cli.main(["serve", str(tmp_path / "no_artifact")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "[serve]" in err or "numpy<2" in err
