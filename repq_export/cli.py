@@ -24,7 +24,8 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
     p = CommandParser(
         prog=prog, description="Calibrate RepQ-ViT on a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint and "
         "write an artifact directory: model.onnx (QDQ, exact to fake quant), quant.pth, repq.json "
-        "and, with --engine, model.engine. Other commands: check, demo, predict (repq-export demo --help).")
+        "and, with --engine, model.engine. Other commands: check, demo, predict, serve, infer, triton-repo "
+        "(repq-export demo --help).")
     p.add_argument("--ckpt", type=Path, required=True, help="checkpoint (.pth) from Swin-Transformer-Object-"
                    "Detection (mmdet 2.x keys) or mmdetection 3.x")
     p.add_argument("--config", type=Path, help="mmdet-style config; default: the architecture is read off the "

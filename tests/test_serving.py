@@ -135,7 +135,8 @@ def test_empty_request(server, expected):
 
 
 def test_serve_command_stops_on_sigterm(art, expected, tmp_path):
-    """`repq-export serve` as a user starts it; `infer` draws a picture; SIGTERM ends it with exit 0 and frees the port."""
+    """`repq-export serve` as a user starts it; `infer` draws a picture; SIGTERM ends it with exit 0 and
+    frees the port."""
     from repq_export.serving.client import DetectionClient
 
     http, grpc, metrics = free_ports(3)

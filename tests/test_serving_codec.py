@@ -85,3 +85,30 @@ def test_error_reason_and_urls():
 
     with pytest.raises(UserError):
         parse_url("ftp://x:1")
+
+
+def test_serve_refuses_in_one_line_where_the_stack_cannot_work(tmp_path, capsys):
+    """Without the [serve] extra, or under numpy 2, `serve` says which in one line (exit 2), loading nothing."""
+    from serving_helpers import serving_skip_reason
+
+    from repq_export import cli
+
+    if serving_skip_reason() is None:
+        pytest.skip("the serving stack works here (tests/test_serving.py covers it)")
+    rc = cli.main(["serve", str(tmp_path / "no_artifact")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "[serve]" in err or "numpy<2" in err
+
+
+def test_infer_without_a_server_is_one_line(tmp_path, capsys):
+    """`infer` against a port nobody serves: one line naming the URL, exit 2, no picture."""
+    pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+    from repq_export import cli
+
+    image = tmp_path / "x.png"
+    image.write_bytes(png())
+    rc = cli.main(["infer", "grpc://127.0.0.1:1", str(image), "--save", str(tmp_path / "out.png"), "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: grpc://127.0.0.1:1: no ready repq-export server there"
+    assert not (tmp_path / "out.png").exists()

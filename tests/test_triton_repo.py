@@ -5,11 +5,13 @@ repository's pre/post-processing steps give the in-process detections."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cli_helpers import CLI, run_cli, tiny_artifact
+from serving_helpers import needs_serving
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs the [serve] extra (tritonclient[grpc])")
 
@@ -86,3 +88,78 @@ def test_steps_give_the_in_process_detections(art):
         assert [m["counts"] for m in served.masks] == [m["counts"] for m in dets.masks]
     with pytest.raises(codec.BadRequest, match="cannot decode"):
         run_preprocess(np.frombuffer(b"not an image", np.uint8)[None], manifest["preprocess"])
+
+
+@needs_serving
+def test_python_steps_load_and_answer_in_tritonserver(art, repo, tmp_path):
+    """PyTriton's tritonserver binary (it has the Python backend, not the onnxruntime one) loads the
+    repository's pre/post steps from their config.pbtxt and model.py; with the network run here in
+    between, the detections equal the in-process ones, and a bad image gets its own error."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    import time
+
+    import pytriton
+    import tritonclient.http as http
+    from serving_helpers import free_ports
+
+    from repq_export.commands.predict import artifact_runner
+    from repq_export.evaluation.evaluate import run_image
+    from repq_export.serving import codec
+    from repq_export.serving.triton_stages import RESPONSE
+
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    backends = tmp_path / "backends"
+    shutil.copytree(dist / "backends", backends)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", backends / "python")
+    libs = [sysconfig.get_config_var("LIBDIR"), str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "LD_LIBRARY_PATH": ":".join(libs)}
+    port, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen([dist / "bin/tritonserver", "--model-repository", repo, "--backend-directory", backends,
+                             "--model-control-mode", "explicit", "--load-model", "repq_preprocess", "--load-model",
+                             "repq_postprocess", "--http-port", str(port), "--grpc-port", str(grpc), "--metrics-port",
+                             str(metrics), "--exit-timeout-secs", "3"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if client.is_model_ready("repq_preprocess") and client.is_model_ready("repq_postprocess"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "tritonserver did not load the steps"
+            time.sleep(1)
+
+        def tensor(name, array):
+            kind = {np.float32: "FP32", np.int64: "INT64", np.uint8: "UINT8"}[array.dtype.type]
+            t = http.InferInput(name, list(array.shape), kind)
+            t.set_data_from_numpy(array)
+            return t
+
+        runner, _, settings = artifact_runner(art.path, "ort")
+        for path in sorted(art.img_dir.glob("*.png")):
+            result = client.infer("repq_preprocess", [tensor("image", np.frombuffer(path.read_bytes(), np.uint8)[None])])
+            pre = {n: result.as_numpy(n) for n in ("img", "img_hw", "scale_factor", "ori_hw")}
+            net = runner(torch.from_numpy(pre["img"].copy()), torch.from_numpy(pre["img_hw"].copy()))
+            feeds = [tensor(k, v.numpy()) for k, v in net._asdict().items()]
+            feeds += [tensor(k, pre[k]) for k in ("img_hw", "scale_factor", "ori_hw")]
+            result = client.infer("repq_postprocess", feeds)
+            served = codec.decode_response({n: result.as_numpy(n) for n in RESPONSE})
+            dets = run_image(runner, path, settings)[2]
+            np.testing.assert_array_equal(served.boxes, dets.boxes)
+            np.testing.assert_array_equal(served.scores, dets.scores)
+            assert [m["counts"] for m in served.masks] == [m["counts"] for m in dets.masks]
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="cannot decode image"):
+            client.infer("repq_preprocess", [tensor("image", np.frombuffer(b"not an image", np.uint8)[None])])
+        assert client.is_model_ready("repq_preprocess")
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

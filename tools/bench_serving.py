@@ -5,10 +5,11 @@
 
 Starts a Triton server (PyTriton) over the artifact on free loopback ports, then for each client count
 sends a fixed number of requests (the artifact's synthetic test images, in turn) from that many threads,
-each with its own connection, and measures every request's latency. The in-process row runs the same
-requests one after another (before the server rows and again after them) through the same runner path (decode, preprocess, onnxruntime, postprocess)
-without a server. Every served response is compared with the in-process detections of its image; a
-difference counts as an error. Each image is sent once (twice to the server) before timing. Bounded: at most --requests per row and --max-seconds in all.
+each with its own connection, and measures every request's latency. The in-process rows (before the
+server rows and again after them) run the same requests one after another through the same runner
+path (decode, preprocess, onnxruntime, postprocess) without a server. Every served response is compared
+with the in-process detections of its image; a difference counts as an error. Each image is sent once
+(twice to the server) before timing. Bounded: at most --requests per row and --max-seconds in all.
 Without --artifact a tiny random-weight artifact is exported first (about half a minute).
 """
 
@@ -129,10 +130,14 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients per row (default 1 4)")
     p.add_argument("--requests", type=int, default=40, help="requests per row (default 40)")
     p.add_argument("--instances", type=int, default=2, help="server model instances (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per runner (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per runner and torch threads "
+                   "(default 1)")
     p.add_argument("--max-seconds", type=float, default=300, help="stop every row after this long in all (default 300)")
     args = p.parse_args()
+    import torch
     from bench_common import machine_lines
+
+    torch.set_num_threads(args.threads)  # the host-side torch work (mask pasting) of the in-process row
 
     from repq_export.runtime.ort_runner import OrtRunner
     from repq_export.export.artifact import artifact_preprocess, read_artifact

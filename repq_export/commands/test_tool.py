@@ -154,7 +154,9 @@ def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
         model = distributed.shared_quant_model(make, detector, group)
     else:
         model = detector
-    device = f"cuda:{group.local_rank}" if group and args.device == "cuda" else args.device
+    device = args.device  # TensorRT takes the GPU init_from_env made current; onnxruntime's CUDA provider GPU 0
+    if group and args.device == "cuda" and backend in ("torch", "quant"):
+        device = f"cuda:{group.local_rank}"
     runner = make_runner(backend, model, args.model, device)
     if group is None:
         run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)

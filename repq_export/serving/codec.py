@@ -18,7 +18,8 @@ from ..evaluation.visualize import class_name
 
 MODEL_NAME = "repq_detector"
 IMAGE, SCORE_THR = "image", "score_thr"
-BOXES, SCORES, LABELS, CLASS_NAMES, MASKS, IMAGE_SIZE = "boxes", "scores", "labels", "class_names", "masks", "image_size"
+BOXES, SCORES, LABELS = "boxes", "scores", "labels"
+CLASS_NAMES, MASKS, IMAGE_SIZE = "class_names", "masks", "image_size"
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # an encoded picture larger than this is refused before decoding
 MAX_PIXELS = 64 * 1024 * 1024  # and one that decodes to more pixels than this
 

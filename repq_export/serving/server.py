@@ -24,6 +24,9 @@ from ..errors import UserError
 from . import codec
 
 
+START_ATTEMPTS = 2  # PyTriton's model handshake fails now and then on a loaded machine; a second start works
+
+
 @dataclass
 class ServeOptions:
     """Where and how the server listens and runs."""
@@ -142,17 +145,24 @@ def start_server(artifact: Path, options: ServeOptions, log: Callable[[str], Non
     config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
                           grpc_port=options.grpc_port, metrics_port=options.metrics_port,
                           exit_timeout_secs=options.exit_timeout_s, log_verbose=0)
-    triton = Triton(config=config)
     inputs, outputs = tensor_specs()
     batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us)
-    triton.bind(model_name=codec.MODEL_NAME, infer_func=models, inputs=inputs, outputs=outputs,
-                config=ModelConfig(max_batch_size=options.max_batch_size, batcher=batcher), strict=True)
-    try:
-        triton.run()
-    except Exception as exc:  # a port in use, the server binary failing to start
-        triton.stop()
-        raise UserError(f"Triton did not start ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        f"are ports {options.http_port}/{options.grpc_port}/{options.metrics_port} free?") from None
+    for attempt in range(START_ATTEMPTS):
+        triton = Triton(config=config)
+        triton.bind(model_name=codec.MODEL_NAME, infer_func=models, inputs=inputs, outputs=outputs,
+                    config=ModelConfig(max_batch_size=options.max_batch_size, batcher=batcher), strict=True)
+        try:
+            triton.run()
+            break
+        except Exception as exc:  # a port in use, the server binary failing, PyTriton's handshake failing
+            from .client import error_reason
+
+            triton.stop()
+            reason = error_reason(exc)
+            if attempt + 1 == START_ATTEMPTS or "load failed" not in str(exc):
+                raise UserError(f"Triton did not start ({reason}); are ports {options.http_port}/"
+                                f"{options.grpc_port}/{options.metrics_port} free?") from None
+            log(f"Triton could not load the model ({reason}); starting it again")
     log(f"serving {artifact} as model '{codec.MODEL_NAME}' ({options.backend}, W{manifest['w_bits']}A"
         f"{manifest['a_bits']}, {options.instances} instance(s), max batch {options.max_batch_size}): "
         f"http://{options.host}:{options.http_port}  grpc://{options.host}:{options.grpc_port}  "

@@ -113,7 +113,8 @@ def ensemble_config(name: str, network: str, net_io: tuple[list, list]):
     (img_in, hw_in), outs = [r[0] for r in net_io[0]], [r[0] for r in net_io[1]]
     steps.add(model_name=network, model_version=-1, input_map={img_in: "img", hw_in: "img_hw"},
               output_map={o: f"net_{o}" for o in outs})
-    post_in = {n: f"net_{n}" for n in NET_OUTPUTS} | {n: n for n in PRE_OUTPUTS[1:]} | {codec.SCORE_THR: codec.SCORE_THR}
+    post_in = {n: f"net_{n}" for n in NET_OUTPUTS} | {n: n for n in PRE_OUTPUTS[1:]}
+    post_in[codec.SCORE_THR] = codec.SCORE_THR
     steps.add(model_name=POST, model_version=-1, input_map=post_in, output_map={n: n for n in RESPONSE})
     return cfg
 
