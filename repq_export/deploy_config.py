@@ -234,7 +234,7 @@ class _Reader:
         if opset < MIN_OPSET:
             raise self.fail(f"{key}.opset_version", f"{opset} < {MIN_OPSET}: LayerNorm must export as one "
                             "LayerNormalization op (opset 17), or FP16 engines overflow")
-        save_file = self.expect(f"{key}.save_file", raw.get("save_file", "model.onnx"), "str")
+        save_file = self.expect(f"{key}.save_file", raw.get("save_file", OnnxConfig.save_file), "str")
         if Path(save_file).name != save_file or not save_file.endswith(".onnx") or save_file.startswith("."):
             raise self.fail(f"{key}.save_file", f"must be a plain file name ending in .onnx (it is written "
                             f"inside the artifact folder), got {save_file!r}")

@@ -122,7 +122,7 @@ def export_argv(bad, **change) -> list:
 
 def test_engine_without_tensorrt_is_refused_before_any_work(art, bad, capsys):
     """`--engine` where TensorRT or a GPU is missing: one line saying which, before calibration, nothing written."""
-    from repq_export.export.tensorrt_builder import tensorrt_available
+    from repq_export.runtime.tensorrt_support import tensorrt_available
 
     available, _ = tensorrt_available()
     if available:

@@ -34,8 +34,8 @@ def tiny_artifact(root: Path) -> tuple[Path, list[Path]]:
     """Export a tiny random-weight W4A4 artifact and a few synthetic test images under `root`."""
     from repq_export.data.synthetic import make_synthetic_coco
     from repq_export.export.artifact import ExportRequest, export_artifact
-    from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
     from repq_export.models.config import load_config
+    from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
 
     config = REPO / "configs/tiny/mask_rcnn_tiny.py"
     save_checkpoint(make_random_checkpoint(load_config(config), seed=0), root / "tiny.pth")
@@ -139,8 +139,9 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)  # the host-side torch work (mask pasting) of the in-process row
 
-    from repq_export.runtime.ort_runner import OrtRunner
     from repq_export.export.artifact import artifact_preprocess, read_artifact
+    from repq_export.export.deploy_settings import artifact_onnx_file
+    from repq_export.runtime.ort_runner import OrtRunner
     from repq_export.serving.server import ServeOptions, start_server
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +154,7 @@ def main() -> int:
         payloads = [path.read_bytes() for path in images]
         settings = artifact_preprocess(read_artifact(artifact))
         deadline = time.perf_counter() + args.max_seconds
-        runner = OrtRunner(artifact / "model.onnx", threads=args.threads)
+        runner = OrtRunner(artifact_onnx_file(artifact), threads=args.threads)
         rows = [("in-process runner", 1, *in_process_row(runner, settings, payloads, args.requests, deadline))]
         expected = rows[0][4]
         rows[0] = rows[0][:4] + ([],)

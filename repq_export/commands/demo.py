@@ -96,7 +96,8 @@ def format_table(rows: list[Row]) -> str:
 
 def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Path, args) -> list[Row]:
     """Float, then each precision's fake quant, onnxruntime and (where present) TensorRT rows."""
-    from ..export.tensorrt_builder import build_engine, tensorrt_available
+    from ..export.tensorrt_builder import build_engine
+    from ..runtime.tensorrt_support import tensorrt_available
 
     dataset = CocoDataset(ann, img_dir)
     detector, info = load_checkpoint(ckpt, config)
@@ -203,7 +204,7 @@ def run_demo(argv: list[str]) -> int:
           f"against the fake-quant model in float64, the backend's and torch float32's, [95% interval of the "
           f"backend's excess over torch, points]: {RULE} (details in {args.work_dir}/*/parity_*.json). "
           f"{time.time() - start:.0f} s.")
-    from ..export.tensorrt_builder import tensorrt_available
+    from ..runtime.tensorrt_support import tensorrt_available
 
     trt_ok, trt_why = tensorrt_available()
     if not trt_ok:

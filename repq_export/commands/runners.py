@@ -40,7 +40,7 @@ def make_runner(backend: str, model: nn.Module | None = None, model_path: Path |
     if backend == "ort":
         return ort_runner(model_path, device, ort_opt_level)
     if backend == "trt":
-        from ..export.tensorrt_builder import tensorrt_available
+        from ..runtime.tensorrt_support import tensorrt_available
         from ..runtime.trt_runner import TensorRTRunner
 
         ok, why = tensorrt_available()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..deploy_config import DeployConfig, OnnxRuntimeConfig, PostProcessing
+from ..deploy_config import DeployConfig, OnnxConfig, OnnxRuntimeConfig, PostProcessing
 from ..errors import UserError
 from ..output_dir import MANIFEST
 
-DEFAULT_ONNX_FILE = "model.onnx"
+DEFAULT_ONNX_FILE = OnnxConfig.save_file  # an artifact from before save_file was recorded
 
 
 def apply_post_processing(detector: nn.Module, post: PostProcessing) -> None:
