@@ -76,11 +76,11 @@ def test_assignment_on_tiny_mask_rcnn(float_detector):
     linears, convs = 8 * 4 + 3 + 4, 1 + 8 + 3 + 5
     counts = quant_counts(quant_table(det))
     assert counts == {
-        "activation log_sqrt2 6-bit per-tensor": 8,
-        "activation uniform 6-bit per-channel(axis=-1)": 8 + 8 + 3,
-        "activation uniform 6-bit per-tensor": linears + convs - 19 - 1 + 8 * 2 + 8,
-        "activation uniform 8-bit per-tensor": 1,
-        "weight uniform 4-bit per-channel(axis=0)": linears + convs,
+        "softmax log_sqrt2 6-bit per_tensor": 8,
+        "activation uniform 6-bit per_channel(axis=-1)": 8 + 8 + 3,
+        "activation uniform 6-bit per_tensor": linears + convs - 19 - 1 + 8 * 2 + 8,
+        "activation uniform 8-bit per_tensor": 1,
+        "weight uniform 4-bit per_channel(axis=0)": linears + convs,
     }
     modules = dict(det.named_modules())
     assert isinstance(modules["roi_head.mask_head.upsample"], nn.ConvTranspose2d)
@@ -105,14 +105,14 @@ def test_assignment_on_tiny_cascade_counts():
     # 3 stages x (4 shared convs + 1 shared fc + fc_cls + fc_reg) and 3 mask heads x 5 convs
     weights = (8 * 4 + 3) + (1 + 8 + 3) + 3 * 7 + 3 * 5
     counts = quant_counts(quant_table(det))
-    assert counts["weight uniform 4-bit per-channel(axis=0)"] == weights
-    assert counts["activation uniform 4-bit per-tensor"] == weights - 19 - 1 + 8 * 3
+    assert counts["weight uniform 4-bit per_channel(axis=0)"] == weights
+    assert counts["activation uniform 4-bit per_tensor"] == weights - 19 - 1 + 8 * 3
 
 
 def test_quantize_flow_reparameterizes_and_all_quantizers_are_initialized(quant_detector):
     counts = quant_counts(quant_table(quant_detector))
-    assert "activation uniform 4-bit per-channel(axis=-1)" not in counts  # all made per-tensor
-    assert counts["activation uniform 4-bit per-tensor"] == 88 - 8 - 1
+    assert "activation uniform 4-bit per_channel(axis=-1)" not in counts  # all made per_tensor
+    assert counts["activation uniform 4-bit per_tensor"] == 88 - 8 - 1
     assert all(bool(q.initialized) for _, q in named_quantizers(quant_detector))
     for name, q in named_quantizers(quant_detector):
         assert (q.scale > 0).all(), name

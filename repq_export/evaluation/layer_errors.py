@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import hooked
+from ..quant.kinds import role_of
 from ..quant.layers import named_quantizers
-from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from .parity import CodeReport, call_to_quantizer
 
 
@@ -29,13 +29,6 @@ class LayerError:
     rel_error: float  # sqrt(sum ||q(x) - x||^2 / sum ||x||^2) over the calls
     calls: int
     code_mismatches: int | None = None  # tier 1 (not float ties), where the backend was probed
-
-
-def quantizer_role(name: str, quantizer: nn.Module) -> str:
-    """'weight', 'softmax' or 'activation'."""
-    if name.endswith("weight_quantizer"):
-        return "weight"
-    return "softmax" if isinstance(quantizer, LogSqrt2Quantizer) else "activation"
 
 
 @torch.no_grad()
@@ -60,7 +53,7 @@ def measure_layer_errors(qmodel: nn.Module, images: Iterable[tuple[Tensor, Tenso
     with hooked((q, hook(name)) for name, q in quantizers.items()):
         for img, img_hw in images:
             qmodel(img.to(device), img_hw.to(device))
-    return [LayerError(name, quantizer_role(name, quantizers[name]), quantizers[name].bits,
+    return [LayerError(name, role_of(name, quantizers[name]), quantizers[name].bits,
                        (err / ref) ** 0.5 if ref > 0 else 0.0, int(calls))
             for name, (err, ref, calls) in sums.items()]
 

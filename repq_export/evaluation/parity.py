@@ -19,6 +19,7 @@ from torchvision.ops import box_iou
 from ..errors import UserError
 from ..export.forms import ONNXRUNTIME, TENSORRT
 from ..export.locations import read_calls, scope_to_name
+from ..quant.kinds import SHIFTED
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
 from ..runtime.base import NetOutput
@@ -63,7 +64,7 @@ def code_offset(q: nn.Module, probe: CodeProbe) -> float:
     (shifted 8-bit input), nothing (onnxruntime: uint8 carries q itself)."""
     if probe.form == ONNXRUNTIME:
         return 0.0
-    return float(2 ** (q.bits - 1)) if probe.kind == "shifted" else q.zero_point.item()
+    return float(2 ** (q.bits - 1)) if probe.kind == SHIFTED else q.zero_point.item()
 
 
 def _codes(q: nn.Module, x: torch.Tensor, probe: CodeProbe) -> np.ndarray:

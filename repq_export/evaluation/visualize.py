@@ -19,6 +19,7 @@ import pycocotools.mask as mask_util
 from ..data.postprocess import Detections
 from ..errors import UserError
 from ..files import write_atomically
+from ..quant.kinds import ACTIVATION, SOFTMAX, WEIGHT
 from .layer_errors import LayerError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -30,7 +31,7 @@ PALETTE = (
 )
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 WHITE, BLACK, GRAY, LIGHT_GRAY, RED = (255, 255, 255), (0, 0, 0), (110, 110, 110), (225, 225, 225), (0, 0, 220)
-ROLE_COLORS = {"activation": (200, 120, 40), "weight": (40, 140, 240), "softmax": (60, 170, 60)}
+ROLE_COLORS = {ACTIVATION: (200, 120, 40), WEIGHT: (40, 140, 240), SOFTMAX: (60, 170, 60)}
 
 
 def class_color(label: int) -> tuple[int, int, int]:

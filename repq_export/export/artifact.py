@@ -24,8 +24,8 @@ from ..models.build import build_detector
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
+from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
-from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..output_dir import MANIFEST, check_out_dir, staged_dir
@@ -84,13 +84,13 @@ def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
     """One row per quantizer: name, kind, bits, granularity, scale and zero point (lists if per-channel)."""
     rows = []
     for name, q in named_quantizers(qmodel):
-        log = isinstance(q, LogSqrt2Quantizer)
+        log = kind_of(q) == LOG_SQRT2
         scale = q.scale.flatten().tolist()
         rows.append({
             "name": name,
-            "kind": "log_sqrt2" if log else "uniform",
+            "kind": kind_of(q),
             "bits": q.bits,
-            "granularity": "per_tensor" if log or not q.per_channel else "per_channel",
+            "granularity": PER_TENSOR if log or not q.per_channel else PER_CHANNEL,
             "scale": scale[0] if q.scale.dim() == 0 else scale,
             "zero_point": None if log else (q.zero_point.item() if q.zero_point.dim() == 0
                                             else q.zero_point.flatten().tolist()),
@@ -243,7 +243,7 @@ def check_quantizer_table(manifest: dict, artifact: Path) -> None:
         for field_name in ("scale", "zero_point"):
             saved = state.get(f"{name}.{field_name}")
             recorded = row.get(field_name)
-            if recorded is None and field_name == "zero_point" and saved is not None and row.get("kind") == "log_sqrt2":
+            if recorded is None and field_name == "zero_point" and saved is not None and row.get("kind") == LOG_SQRT2:
                 continue
             expected = None if saved is None else (saved.item() if saved.dim() == 0 else saved.flatten().tolist())
             if recorded != expected:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import onnx
 from torch import nn
 
+from ..quant.kinds import LOG_SQRT2, SHIFTED
 from .forms import ONNXRUNTIME
 from .lowering import lowered_quantizers
 
@@ -63,7 +64,7 @@ def locate_calls(proto: onnx.ModelProto, lowered: nn.Module) -> list[QuantizerCa
 
 def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -> tuple[str, str]:
     """(float input, codes) value names of one call, from the nodes its lowering emitted."""
-    if kind == "log_sqrt2":
+    if kind == LOG_SQRT2:
         clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x ...
         x = clip.input[0]
         scaled = producer.get(x)
@@ -76,7 +77,7 @@ def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -
         clip = next((n for n in nodes if n.op_type == "Clip" and n.input[0] == q.output[0]), None)
         return q.input[0], (clip.output[0] if clip is not None else q.output[0])
     x = producer[q.input[0]].input[0]  # Clip(x) -> QuantizeLinear
-    if kind == "shifted":
+    if kind == SHIFTED:
         x = producer[x].input[0]  # Add(x, shift) -> Clip
     return x, q.output[0]
 

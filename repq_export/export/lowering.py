@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..quant.integer_bias import bias_grid
+from ..quant.kinds import LOG_SQRT2, SHIFTED, UNIFORM
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
@@ -44,7 +45,7 @@ def fits_int8(q: UniformQuantizer) -> bool:
 class ActivationQDQ(nn.Module):
     """A per-tensor uniform activation quantizer as Clip -> QuantizeLinear -> DequantizeLinear."""
 
-    kind, form = "uniform", TENSORRT
+    kind, form = UNIFORM, TENSORRT
 
     def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
@@ -68,7 +69,7 @@ class ShiftedActivationQDQ(nn.Module):
     ties when the consumer has no padding, as the 4x4/stride-4 patch embedding.
     """
 
-    kind, form = "shifted", TENSORRT
+    kind, form = SHIFTED, TENSORRT
 
     def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
@@ -89,7 +90,7 @@ class ActivationU8(nn.Module):
     """A per-tensor uniform activation for onnxruntime: QuantizeLinear(uint8, own zero point) ->
     Clip(uint8, 0, 2^n - 1) -> DequantizeLinear (`qdq.QDQActivationU8`); 8-bit fits as is."""
 
-    kind, form = "uniform", ONNXRUNTIME
+    kind, form = UNIFORM, ONNXRUNTIME
 
     def __init__(self, q: UniformQuantizer, name: str) -> None:
         super().__init__()
@@ -113,7 +114,7 @@ class ActivationU8(nn.Module):
 class LogSqrt2Lowered(nn.Module):
     """The log-sqrt2 quantizer as float ops with exact codes (`qdq.log_sqrt2_lowered`)."""
 
-    kind = "log_sqrt2"
+    kind = LOG_SQRT2
 
     def __init__(self, q: LogSqrt2Quantizer, form: str = TENSORRT) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from torch import nn
 
 from repq_export.errors import UserError
 from repq_export.models.layers import MatMul
+from repq_export.quant.kinds import ACTIVATION, granularity_of, kind_of, role_of
 from repq_export.quant.layers import QuantConv2d, QuantLinear, QuantMatMul, named_quantizers
 from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
 from repq_export.quant.uniform import UniformQuantizer
@@ -66,30 +67,22 @@ def quantize_modules(detector: nn.Module, w_bits: int, a_bits: int) -> None:
 
 @dataclass(frozen=True)
 class QuantEntry:
-    """One quantizer: dotted name, kind ('uniform' | 'log_sqrt2'), bits, granularity."""
+    """One quantizer: dotted name, kind (quant/kinds.py), bits, granularity."""
 
     name: str
     kind: str
     bits: int
-    granularity: str  # 'per-tensor', 'per-channel(axis=0)' (weights) or 'per-channel(axis=-1)'
+    granularity: str  # 'per_tensor', 'per_channel(axis=0)' (weights) or 'per_channel(axis=-1)'
+    role: str = ACTIVATION
 
 
 def quant_table(model: nn.Module) -> list[QuantEntry]:
     """The quantizers of ``model`` in module order."""
-    rows = []
-    for name, q in named_quantizers(model):
-        if isinstance(q, LogSqrt2Quantizer):
-            rows.append(QuantEntry(name, "log_sqrt2", q.bits, "per-tensor"))
-        else:
-            gran = "per-tensor" if q.channel_axis is None else f"per-channel(axis={q.channel_axis})"
-            rows.append(QuantEntry(name, "uniform", q.bits, gran))
-    return rows
+    return [QuantEntry(name, kind_of(q), q.bits, granularity_of(q), role_of(name, q))
+            for name, q in named_quantizers(model)]
 
 
 def quant_counts(table: list[QuantEntry]) -> dict[str, int]:
-    """Number of quantizers by role, kind, bits and granularity, e.g. ``'weight uniform 4-bit per-channel(axis=0)'``."""
-    def role(name: str) -> str:
-        return "weight" if name.endswith("weight_quantizer") else "activation"
-
-    counts = Counter(f"{role(e.name)} {e.kind} {e.bits}-bit {e.granularity}" for e in table)
+    """Number of quantizers by role, kind, bits and granularity, e.g. ``'weight uniform 4-bit per_channel(axis=0)'``."""
+    counts = Counter(f"{e.role} {e.kind} {e.bits}-bit {e.granularity}" for e in table)
     return dict(sorted(counts.items()))
