@@ -131,3 +131,22 @@ def test_demo_set_fails_broken_graphs_and_passes_the_honest_one(breakage, tmp_pa
     assert verdict(case, out / "model.onnx").ok
     report = verdict(case, broken(out, bad, breakage), code_images=1)
     assert report.tier1_ok and not report.tier2_ok and not report.ok, report.table()
+
+
+def test_tensorrt_goes_through_the_same_rule(request):
+    """Where TensorRT runs: the engine of the exported graph is judged against float64 like onnxruntime."""
+    from repq_export.deploy_config import load_deploy_config
+    from repq_export.export.tensorrt_builder import build_engine, tensorrt_available
+    from repq_export.resources import DEPLOY_CONFIGS_DIR
+    from repq_export.runtime.trt_runner import TensorRTRunner
+
+    ok, why = tensorrt_available()
+    if not ok:
+        pytest.skip(why)
+    out, dataset, qmodel, settings = request.getfixturevalue("small")
+    deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
+    build_engine(out / "model.onnx", out / "model.engine", deploy)
+    report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), TensorRTRunner(out / "model.engine"),
+                                dataset, settings, progress=False, ideal=Float64Reference(qmodel), samples=200)
+    assert report.envelope is not None and report.envelope.images == len(dataset)
+    assert report.ok, report.table()
