@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,13 @@ from ..data.coco import CocoDataset
 from ..data.synthetic import make_synthetic_coco
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
-from ..evaluation.envelope import RULE, Float64Reference
+from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, Float64Reference
 from ..evaluation.parity_check import ParityReport, check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
 from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
 from ..models.checkpoint import load_checkpoint
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
-from .common import CommandParser, bits, output_file, positive_int
+from .common import CommandParser, bits, fraction, output_file, positive_int
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
@@ -71,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
                    help="images evaluated (default 50; the synthetic set is generated with this many)")
     p.add_argument("--work-dir", type=Path, default=Path("repq-demo"), help="where the synthetic set and the "
                    "artifacts go (default ./repq-demo)")
+    p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin, a fraction of "
+                   f"detections (default {MATCH_MARGIN})")
+    p.add_argument("--ap-margin", type=fraction, default=AP_MARGIN, help=f"tier 3 margin, a fraction of AP "
+                   f"(default {AP_MARGIN})")
     p.add_argument("--json-out", type=Path, help="write the table rows as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -120,7 +123,7 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
         ideal = Float64Reference(qmodel)
         report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, settings, args.num_images,
                                     str(model_file(out, "ort")), progress=not args.quiet, ideal=ideal,
-                                    float_parts=False)
+                                    match_margin=args.match_margin, ap_margin=args.ap_margin, float_parts=False)
         write_json(out / "parity_ort.json", report.as_dict())
         precision = f"W{n}A{n}"
         rows.append(Row(name, cfg_name, str(ckpt), precision, "fake quant", report.ap_ref["bbox_mAP"],
@@ -135,7 +138,8 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
             build_engine(artifact_onnx_file(out), artifact_engine_file(out), deploy)
             trt_runner = make_runner("trt", model_path=out)
             report, _, _ = check_parity(qmodel, ref, trt_runner, dataset, settings, args.num_images, None,
-                                        progress=not args.quiet, ideal=ideal)
+                                        progress=not args.quiet, ideal=ideal, match_margin=args.match_margin,
+                                        ap_margin=args.ap_margin)
             write_json(out / "parity_trt.json", report.as_dict())
             rows.append(Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],
                             report.ap_backend["segm_mAP"], parity_cell(report), parity_figures(report)))

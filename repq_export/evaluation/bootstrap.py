@@ -80,19 +80,24 @@ def weighted_ap(categories: list[CategoryMatches], weights: np.ndarray) -> float
         positives = float(weights @ c.gt_per_image)
         if positives == 0:
             continue  # pycocotools leaves such a category out of the mean
+        thresholds, dets = c.matched.shape
+        if dets == 0:
+            per_category.append(0.0)
+            continue
         w = weights[c.image]
         tp = np.cumsum((c.matched & ~c.ignored) * w, axis=1)
         fp = np.cumsum((~c.matched & ~c.ignored) * w, axis=1)
-        q = np.zeros((len(c.matched), len(recall_points)))
-        for t in range(len(c.matched)):
-            recall = tp[t] / positives
-            precision = tp[t] / (tp[t] + fp[t] + np.spacing(1))
-            precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
-            index = np.searchsorted(recall, recall_points, side="left")
-            valid = index < len(precision)
-            q[t, : int(valid.sum())] = precision[index[valid]]
+        precision = np.maximum.accumulate((tp / (tp + fp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+        recall = tp / positives
+        index = np.stack([np.searchsorted(recall[t], recall_points, side="left") for t in range(thresholds)])
+        q = np.where(index < dets, np.take_along_axis(precision, np.minimum(index, dets - 1), axis=1), 0.0)
         per_category.append(q.mean())
     return float(np.mean(per_category)) if per_category else -1.0
+
+
+def weighted_aps(categories: list[CategoryMatches], weights: np.ndarray) -> np.ndarray:
+    """`weighted_ap` of each row of ``weights`` (samples, images)."""
+    return np.array([weighted_ap(categories, w) for w in weights])
 
 
 def resample_weights(images: int, samples: int, seed: int) -> np.ndarray:

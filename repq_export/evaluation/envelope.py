@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.coco import CocoDataset
 from ..runtime.base import NetOutput, as_net_output
-from .bootstrap import CONFIDENCE, interval, per_image_matches, resample_weights, weighted_ap
+from .bootstrap import CONFIDENCE, interval, per_image_matches, resample_weights, weighted_aps
 from .evaluate import DatasetRun, coco_results
 from .parity import match_detections
 
@@ -132,7 +132,7 @@ def judge_envelope(ideal: DatasetRun, reference: DatasetRun, backend: DatasetRun
     results = [coco_results(run, dataset) for run in (ideal, reference, backend)]
     for index, metric in enumerate(("bbox", "segm")):
         cats = [per_image_matches(dataset.coco, r[index], metric, ids) for r in results]
-        aps = np.array([[weighted_ap(c, w) for c in cats] for w in (ones, *weights)])  # (1 + samples, 3)
+        aps = np.stack([weighted_aps(c, np.vstack([ones, weights])) for c in cats], axis=1)  # (1 + samples, 3)
         ref_d, got_d = aps[:, 1] - aps[:, 0], aps[:, 2] - aps[:, 0]
         excess = np.abs(got_d) - np.abs(ref_d)
         figures.append(Figure(f"{metric}_AP", float(got_d[0]), float(ref_d[0]), float(excess[0]),
