@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data.coco import CocoDataset
 from ..data.synthetic import make_synthetic_coco
+from ..deploy_config import load_deploy_config
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, Float64Reference
@@ -99,7 +100,6 @@ def format_table(rows: list[Row]) -> str:
 
 def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Path, args) -> list[Row]:
     """Float, then each precision's fake quant, onnxruntime and (where present) TensorRT rows."""
-    from ..export.tensorrt_builder import build_engine
     from ..runtime.tensorrt_support import tensorrt_available
 
     dataset = CocoDataset(ann, img_dir)
@@ -131,21 +131,33 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
         rows.append(Row(name, cfg_name, str(ckpt), precision, "onnxruntime", report.ap_backend["bbox_mAP"],
                         report.ap_backend["segm_mAP"], parity_cell(report), parity_figures(report)))
         print("\n".join(format_table(rows[-2:]).splitlines()[2:]), flush=True)
-        if trt_ok:
-            from ..deploy_config import load_deploy_config
-
-            deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
-            build_engine(artifact_onnx_file(out), artifact_engine_file(out), deploy)
-            trt_runner = make_runner("trt", model_path=out)
-            report, _, _ = check_parity(qmodel, ref, trt_runner, dataset, settings, args.num_images, None,
-                                        progress=not args.quiet, ideal=ideal, match_margin=args.match_margin,
-                                        ap_margin=args.ap_margin)
-            write_json(out / "parity_trt.json", report.as_dict())
-            rows.append(Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],
-                            report.ap_backend["segm_mAP"], parity_cell(report), parity_figures(report)))
-        else:
-            rows.append(Row(name, cfg_name, str(ckpt), precision, "tensorrt", None, None, "skipped"))
+        rows.append(tensorrt_row(name, cfg_name, ckpt, config, n, dataset, args, trt_ok, ideal))
     return rows
+
+
+def tensorrt_row(name: str, cfg_name: str, ckpt: Path, config: Path | None, n: int, dataset: CocoDataset,
+                 args: argparse.Namespace, trt_ok: bool, ideal: Float64Reference) -> Row:
+    """The TensorRT row of one precision: a TensorRT-form artifact, its engine and its parity, where
+    TensorRT runs; 'skipped' (with why) elsewhere and at 8 bits, which the TensorRT form cannot carry."""
+    from ..export.forms import TENSORRT, supported_bits
+    from ..export.tensorrt_builder import build_engine
+
+    precision = f"W{n}A{n}"
+    if not trt_ok or n not in supported_bits(TENSORRT):
+        return Row(name, cfg_name, str(ckpt), precision, "tensorrt", None, None,
+                   "skipped" if not trt_ok else "skipped (8 bits: TensorRT form holds 2..7)")
+    deploy_path = DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py"
+    out = args.work_dir / f"{name}-w{n}a{n}-tensorrt"
+    export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=n, a_bits=n, config=config, calib_paths=[dataset[0][1]],
+                                  deploy_config=deploy_path, force=True), progress=not args.quiet, log=lambda *_: None)
+    build_engine(artifact_onnx_file(out), artifact_engine_file(out), load_deploy_config(deploy_path))
+    qmodel, _, settings = load_artifact_model(out)
+    report, _, _ = check_parity(qmodel, make_runner("quant", qmodel), make_runner("trt", model_path=out), dataset,
+                                settings, args.num_images, None, progress=not args.quiet, ideal=ideal,
+                                match_margin=args.match_margin, ap_margin=args.ap_margin)
+    write_json(out / "parity_trt.json", report.as_dict())
+    return Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],
+               report.ap_backend["segm_mAP"], parity_cell(report), parity_figures(report))
 
 
 def parity_cell(report: ParityReport) -> str:

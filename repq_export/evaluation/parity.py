@@ -19,6 +19,7 @@ from torchvision.ops import box_iou
 from ..errors import UserError
 from ..export.forms import ONNXRUNTIME, TENSORRT
 from ..export.locations import read_calls, scope_to_name
+from ..hooks import hooked
 from ..quant.kinds import SHIFTED
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
@@ -78,13 +79,9 @@ def _codes(q: nn.Module, x: torch.Tensor, probe: CodeProbe) -> np.ndarray:
 def record_quantizer_inputs(qmodel: nn.Module, img: torch.Tensor, img_hw: torch.Tensor) -> dict[str, list]:
     """Each quantizer's inputs in the torch fake-quant forward, one entry per call."""
     seen: dict[str, list] = {}
-    hooks = [q.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0]))
-             for name, q in named_quantizers(qmodel)]
-    try:
+    with hooked((q, lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+                for name, q in named_quantizers(qmodel)):
         qmodel(img, img_hw)
-    finally:
-        for h in hooks:
-            h.remove()
     return seen
 
 
@@ -155,12 +152,8 @@ def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict
             return backend_output(module, probe, values).reshape(out.shape).to(out.dtype)
         return hook
 
-    hooks = [q.register_forward_hook(force(name)) for name, q in quantizers.items() if name in seen]
-    try:
+    with hooked((q, force(name)) for name, q in quantizers.items() if name in seen):
         qmodel(img, img_hw)
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.ndarray) -> None:
