@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dir", type=Path, help="image folder of --ann")
     p.add_argument("--bits", type=bits, nargs="+", default=[6, 4], help="precisions WnAn to run (default 6 4)")
     p.add_argument("--num-images", type=positive_int, default=40,
-                   help="images evaluated (default 40, which keeps the demo under 10 minutes on 2 cores; the synthetic set is generated with this many)")
+                   help="images evaluated (default 40, which keeps the demo under 10 minutes on 2 cores; "
+                   "the synthetic set is generated with this many)")
     p.add_argument("--work-dir", type=Path, default=Path("repq-demo"), help="where the synthetic set and the "
                    "artifacts go (default ./repq-demo)")
     p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin, a fraction of "
