@@ -145,7 +145,7 @@ def read_onnx(path: Path):
 
 def not_quantized(proto) -> list:
     """An error where the graph has no Q/DQ node at all: a float model, nothing for int8 to run."""
-    from .export.trt_check import Issue
+    from .export.graph_index import Issue
 
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
         return []

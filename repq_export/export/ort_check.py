@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto
 
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
-from .trt_check import Graph, Issue, _issue, _zero_point, index_graph
+from .graph_index import Graph, Issue, index_graph, issue, zero_point_input
 
 UINT8_MAX = 255
 
@@ -47,10 +47,10 @@ def rule_activation_type(graph: Graph) -> list[Issue]:
     for node in graph.nodes:
         if node.op_type != "QuantizeLinear":
             continue
-        zp = _zero_point(node)
+        zp = zero_point_input(node)
         value = graph.constant(zp)
         if value is None or graph.types.get(zp) != TensorProto.UINT8 or value.size != 1:
-            issues.append(_issue(node, "act-type", "activation QuantizeLinear must have a constant scalar "
+            issues.append(issue(node, "act-type", "activation QuantizeLinear must have a constant scalar "
                                  "uint8 zero point"))
     return issues
 
@@ -65,15 +65,15 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
                 lo, hi = (graph.constant(node.input[i]) if len(node.input) > i else None for i in (1, 2))
                 if lo is None or hi is None or not 0 <= int(lo) <= int(hi) <= UINT8_MAX or graph.types.get(
                         node.input[1]) != TensorProto.UINT8:
-                    issues.append(_issue(node, "act-chain", "Clip after QuantizeLinear needs constant uint8 "
+                    issues.append(issue(node, "act-chain", "Clip after QuantizeLinear needs constant uint8 "
                                          "bounds lo <= hi"))
                 frontier.extend(graph.consumers.get(node.output[0], []))
             elif node.op_type == "DequantizeLinear":
-                if not (_same(graph, node.input[1], q.input[1]) and _same(graph, _zero_point(node), _zero_point(q))):
-                    issues.append(_issue(node, "act-chain", f"DequantizeLinear after {q.name or q.output[0]} must "
+                if not (_same(graph, node.input[1], q.input[1]) and _same(graph, zero_point_input(node), zero_point_input(q))):
+                    issues.append(issue(node, "act-chain", f"DequantizeLinear after {q.name or q.output[0]} must "
                                          "use that QuantizeLinear's scale and zero point"))
             else:
-                issues.append(_issue(node, "act-chain", f"consumes the codes of {q.name or q.output[0]}: only "
+                issues.append(issue(node, "act-chain", f"consumes the codes of {q.name or q.output[0]}: only "
                                      "Clip(uint8) and DequantizeLinear may"))
     return issues
 
@@ -86,12 +86,12 @@ def rule_u8s8_saturation(graph: Graph) -> list[Issue]:
         codes = graph.constant(node.input[0])
         if codes is None or codes.ndim < 2:
             continue
-        zp = graph.constant(_zero_point(node))
+        zp = graph.constant(zero_point_input(node))
         signed = codes.astype(np.int64) - (0 if zp is None else zp.astype(np.int64).reshape(
             [-1 if i == _axis(node) else 1 for i in range(codes.ndim)] if zp.ndim else []))
         peak = int(np.abs(signed).max()) if signed.size else 0
         if peak > U8S8_SAFE_WEIGHT:
-            issues.append(_issue(node, "u8s8-saturation", f"int8 weight codes reach {peak}: 2 x 255 x {peak} = "
+            issues.append(issue(node, "u8s8-saturation", f"int8 weight codes reach {peak}: 2 x 255 x {peak} = "
                                  f"{2 * UINT8_MAX * peak} > {INT16_MAX} can saturate u8s8 kernels on AVX2 "
                                  "without VNNI; store them as uint8 with a zero point"))
     return issues
@@ -105,9 +105,9 @@ def rule_bias_type(graph: Graph) -> list[Issue]:
     issues = []
     for node in graph.nodes:
         if node.op_type == "DequantizeLinear" and graph.types.get(node.input[0]) == TensorProto.INT32:
-            zp = graph.constant(_zero_point(node))
+            zp = graph.constant(zero_point_input(node))
             if zp is not None and np.any(zp):
-                issues.append(_issue(node, "bias-type", "an int32 bias must have zero point 0"))
+                issues.append(issue(node, "bias-type", "an int32 bias must have zero point 0"))
     return issues
 
 

@@ -36,12 +36,14 @@ Q/DQ placement recommendations). Rules, with their ``rule`` id:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
+
+from .graph_index import (Graph, Issue, index_graph, is_weight_dq, issue, label, node_attr, qdq_nodes,
+                          quantized_type, type_name, zero_point_input)
 
 # onnx-tensorrt 10.x docs/operators.md, rows marked "Y" (ops supported by the ONNX parser).
 TENSORRT_SUPPORTED_OPS = frozenset("""
@@ -78,41 +80,6 @@ RESIZE_COORDINATE_MODES = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_fo
                            "asymmetric", "align_corners"}
 RESIZE_NEAREST_MODES = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One violated rule at one node. severity 'error': the build fails or results differ
-    from onnxruntime; 'warning': it builds but not as intended (e.g. unfused Q/DQ)."""
-
-    node: str
-    op: str
-    rule: str
-    message: str
-    severity: str = "error"
-
-
-@dataclass
-class Graph:
-    """Index of a model's main graph: constants, producers, consumers and element types."""
-
-    model: onnx.ModelProto
-    opset: int
-    nodes: list[onnx.NodeProto]
-    constants: dict[str, np.ndarray] = field(default_factory=dict)
-    types: dict[str, int] = field(default_factory=dict)  # TensorProto element type by name
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    outputs: set[str] = field(default_factory=set)
-
-    def constant(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name) if name else None
-
-    def is_constant(self, name: str) -> bool:
-        return bool(name) and name in self.constants
-
-
 def check_tensorrt_compat(model: onnx.ModelProto) -> list[Issue]:
     """Run every rule on ``model``; an empty list means no known TensorRT problem."""
     graph = index_graph(model)
@@ -134,99 +101,6 @@ def format_report(issues: Iterable[Issue]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ index
-
-
-def index_graph(model: onnx.ModelProto) -> Graph:
-    """Collect what the rules need from the main graph (types via ONNX shape inference)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is a help for typing, not a requirement
-        inferred = model
-    g = inferred.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    graph = Graph(model=model, opset=opset, nodes=list(model.graph.node))
-    for info in list(g.input) + list(g.output) + list(g.value_info):
-        if info.type.HasField("tensor_type"):
-            graph.types[info.name] = info.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        graph.constants[init.name] = numpy_helper.to_array(init)
-        graph.types[init.name] = init.data_type
-    for node in graph.nodes:
-        for name in node.output:
-            graph.producer[name] = node
-        for name in node.input:
-            if name:
-                graph.consumers.setdefault(name, []).append(node)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            _add_constant_node(graph, node)
-    graph.outputs = {out.name for out in model.graph.output}
-    return graph
-
-
-def _add_constant_node(graph: Graph, node: onnx.NodeProto) -> None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            graph.constants[node.output[0]] = numpy_helper.to_array(attr.t)
-            graph.types[node.output[0]] = attr.t.data_type
-        elif attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            value = onnx.helper.get_attribute_value(attr)
-            is_float = attr.name.startswith("value_float")
-            graph.constants[node.output[0]] = np.asarray(value, np.float32 if is_float else np.int64)
-            graph.types[node.output[0]] = TensorProto.FLOAT if is_float else TensorProto.INT64
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or f"<{node.op_type} -> {node.output[0] if node.output else '?'}>"
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for attr in node.attribute:
-        if attr.name == name:
-            value = onnx.helper.get_attribute_value(attr)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
-
-
-def _issue(node: onnx.NodeProto, rule: str, message: str, severity: str = "error") -> Issue:
-    return Issue(node=_label(node), op=node.op_type, rule=rule, message=message, severity=severity)
-
-
-def _type_name(elem_type: int | None) -> str:
-    return "unknown" if not elem_type else TensorProto.DataType.Name(elem_type)
-
-
-def _qdq_nodes(graph: Graph) -> list[onnx.NodeProto]:
-    return [n for n in graph.nodes if n.op_type in _QDQ_OPS and n.domain in ("", "ai.onnx")]
-
-
-def _zero_point(node: onnx.NodeProto) -> str:
-    return node.input[2] if len(node.input) > 2 else ""
-
-
-def quantized_type(graph: Graph, node: onnx.NodeProto) -> tuple[int | None, str]:
-    """The integer type a Q/DQ node works in, and where that came from
-    ('output_dtype', 'zero_point', 'input' or 'default')."""
-    zero_point = _zero_point(node)
-    if node.op_type == "QuantizeLinear":
-        if _attr(node, "output_dtype", 0):
-            return _attr(node, "output_dtype"), "output_dtype"
-        if zero_point:
-            return graph.types.get(zero_point), "zero_point"
-        return TensorProto.UINT8, "default"
-    source = node.input[0]
-    if source in graph.types:
-        return graph.types[source], "input"
-    producer = graph.producer.get(source)
-    if producer is not None and producer.op_type == "QuantizeLinear":
-        return quantized_type(graph, producer)[0], "input"
-    return (graph.types.get(zero_point), "zero_point") if zero_point else (None, "input")
-
-
-def _is_weight_dq(graph: Graph, node: onnx.NodeProto) -> bool:
-    return node.op_type == "DequantizeLinear" and graph.is_constant(node.input[0])
-
-
 # ------------------------------------------------------------------------------ rules
 
 
@@ -238,7 +112,7 @@ def rule_opset(graph: Graph) -> list[Issue]:
                             "TensorRT's Q/DQ import needs opset 13 (per-axis scales)"))
     for node in graph.nodes:
         if node.op_type == "LayerNormalization" and graph.opset < MIN_OPSET_LAYERNORM:
-            issues.append(_issue(node, "opset", f"LayerNormalization needs opset >= {MIN_OPSET_LAYERNORM}, "
+            issues.append(issue(node, "opset", f"LayerNormalization needs opset >= {MIN_OPSET_LAYERNORM}, "
                                  f"the model declares {graph.opset}"))
     return issues
 
@@ -258,10 +132,10 @@ def rule_unsupported_ops(graph: Graph) -> list[Issue]:
     issues = []
     for node in _all_nodes(graph.nodes):
         if node.domain not in ("", "ai.onnx"):
-            issues.append(_issue(node, "unsupported-op", f"custom domain '{node.domain}': runs only if a "
+            issues.append(issue(node, "unsupported-op", f"custom domain '{node.domain}': runs only if a "
                                  f"TensorRT plugin named '{node.op_type}' is registered"))
         elif node.op_type not in TENSORRT_SUPPORTED_OPS:
-            issues.append(_issue(node, "unsupported-op", f"{node.op_type} is not in the TensorRT ONNX "
+            issues.append(issue(node, "unsupported-op", f"{node.op_type} is not in the TensorRT ONNX "
                                  "parser's operator support matrix"))
     return issues
 
@@ -272,12 +146,12 @@ def rule_topk(graph: Graph) -> list[Issue]:
     for node in graph.nodes:
         if node.op_type != "TopK":
             continue
-        k = graph.constant(node.input[1]) if len(node.input) > 1 else np.asarray(_attr(node, "k", 0))
+        k = graph.constant(node.input[1]) if len(node.input) > 1 else np.asarray(node_attr(node, "k", 0))
         if k is not None and k.size == 1 and int(k.reshape(-1)[0]) > MAX_TOPK_K:
-            issues.append(_issue(node, "topk", f"K = {int(k.reshape(-1)[0])} > {MAX_TOPK_K}, "
+            issues.append(issue(node, "topk", f"K = {int(k.reshape(-1)[0])} > {MAX_TOPK_K}, "
                                  "TensorRT's TopK maximum"))
-        if _attr(node, "sorted", 1) != 1:
-            issues.append(_issue(node, "topk", "sorted=0 is not supported (TensorRT always sorts)"))
+        if node_attr(node, "sorted", 1) != 1:
+            issues.append(issue(node, "topk", "sorted=0 is not supported (TensorRT always sorts)"))
     return issues
 
 
@@ -292,33 +166,33 @@ def rule_resize(graph: Graph) -> list[Issue]:
                   ("nearest_mode", "round_prefer_floor", RESIZE_NEAREST_MODES),
                   ("keep_aspect_ratio_policy", "stretch", {"stretch"}))
         for name, default, allowed in checks:
-            value = _attr(node, name, default)
+            value = node_attr(node, name, default)
             if value not in allowed:
-                issues.append(_issue(node, "resize", f"{name}='{value}' is not supported "
+                issues.append(issue(node, "resize", f"{name}='{value}' is not supported "
                                      f"(supported: {', '.join(sorted(allowed))})"))
-        if _attr(node, "antialias", 0):
-            issues.append(_issue(node, "resize", "antialias=1 is not supported"))
+        if node_attr(node, "antialias", 0):
+            issues.append(issue(node, "resize", "antialias=1 is not supported"))
     return issues
 
 
 def rule_zero_point(graph: Graph) -> list[Issue]:
     """Zero points: constant, all zero, signed type (TensorRT quantization is symmetric)."""
     issues = []
-    for node in _qdq_nodes(graph):
-        name = _zero_point(node)
+    for node in qdq_nodes(graph):
+        name = zero_point_input(node)
         if not name:
             continue
         value = graph.constant(name)
         if value is None:
-            issues.append(_issue(node, "zero-point", "zero point is not a constant: TensorRT cannot check "
+            issues.append(issue(node, "zero-point", "zero point is not a constant: TensorRT cannot check "
                                  "that it is 0", severity="warning"))
             continue
         if np.any(value.astype(np.float64) != 0):
-            issues.append(_issue(node, "zero-point", "zero point is not all zero: TensorRT only supports "
+            issues.append(issue(node, "zero-point", "zero point is not all zero: TensorRT only supports "
                                  f"symmetric quantization (nonzero values: {np.unique(value[value != 0])[:5]})"))
         elem_type = graph.types.get(name)
         if elem_type in (TensorProto.UINT8, TensorProto.UINT4):
-            issues.append(_issue(node, "zero-point", f"{_type_name(elem_type)} zero point: TensorRT "
+            issues.append(issue(node, "zero-point", f"{type_name(elem_type)} zero point: TensorRT "
                                  "reinterprets it as signed, so the clamp range changes from "
                                  "[0, 2^n-1] to the signed range; use an int8 zero point 0"))
     return issues
@@ -327,7 +201,7 @@ def rule_zero_point(graph: Graph) -> list[Issue]:
 def rule_qdq_type(graph: Graph) -> list[Issue]:
     """Quantized type INT8; INT4 only for blocked constant weights."""
     issues = []
-    for node in _qdq_nodes(graph):
+    for node in qdq_nodes(graph):
         source = graph.producer.get(node.input[0])
         if source is not None and source.op_type == "QuantizeLinear":
             continue  # a Q -> DQ pair is judged at the QuantizeLinear
@@ -337,24 +211,24 @@ def rule_qdq_type(graph: Graph) -> list[Issue]:
         if elem_type in (TensorProto.UINT8, TensorProto.UINT4) and origin == "zero_point":
             continue  # rule_zero_point reports it
         if elem_type == TensorProto.UINT8 and origin == "default":
-            issues.append(_issue(node, "qdq-type", "no zero point and no output_dtype: ONNX quantizes to "
+            issues.append(issue(node, "qdq-type", "no zero point and no output_dtype: ONNX quantizes to "
                                  "uint8 [0, 255], TensorRT to int8 [-128, 127]; add an int8 zero point 0"))
         elif elem_type == TensorProto.INT4:
             problem = _int4_problem(graph, node)
             if problem:
-                issues.append(_issue(node, "qdq-type", problem))
+                issues.append(issue(node, "qdq-type", problem))
         elif elem_type is None:
-            issues.append(_issue(node, "qdq-type", "quantized type unknown (no zero point, untyped input)",
+            issues.append(issue(node, "qdq-type", "quantized type unknown (no zero point, untyped input)",
                                  severity="warning"))
         else:
-            issues.append(_issue(node, "qdq-type", f"quantized type {_type_name(elem_type)}: INT8 engines "
+            issues.append(issue(node, "qdq-type", f"quantized type {type_name(elem_type)}: INT8 engines "
                                  "take INT8 Q/DQ (INT4 only for block-quantized weights)"))
     return issues
 
 
 def _int4_problem(graph: Graph, node: onnx.NodeProto) -> str | None:
     """Why an INT4 Q/DQ is not TensorRT's INT4 weight-only form, or None if it is."""
-    if not _is_weight_dq(graph, node):
+    if not is_weight_dq(graph, node):
         return "INT4 is weight-only in TensorRT: only a DequantizeLinear of a constant weight may be INT4"
     weight, scale = graph.constant(node.input[0]), graph.constant(node.input[1])
     if scale is None or scale.ndim != weight.ndim:
@@ -373,14 +247,14 @@ def _int4_problem(graph: Graph, node: onnx.NodeProto) -> str | None:
 def rule_scale(graph: Graph) -> list[Issue]:
     """Scales: build-time constants, finite, strictly positive."""
     issues = []
-    for node in _qdq_nodes(graph):
+    for node in qdq_nodes(graph):
         scale = graph.constant(node.input[1])
         if scale is None:
-            issues.append(_issue(node, "scale", "scale is not a build-time constant"))
+            issues.append(issue(node, "scale", "scale is not a build-time constant"))
         elif not np.all(np.isfinite(scale.astype(np.float64))):
-            issues.append(_issue(node, "scale", "scale has non-finite values"))
+            issues.append(issue(node, "scale", "scale has non-finite values"))
         elif np.any(scale <= 0):
-            issues.append(_issue(node, "scale", f"scale has non-positive values (min {scale.min():g}): "
+            issues.append(issue(node, "scale", f"scale has non-positive values (min {scale.min():g}): "
                                  "TensorRT needs scales > 0"))
     return issues
 
@@ -388,18 +262,18 @@ def rule_scale(graph: Graph) -> list[Issue]:
 def rule_per_channel(graph: Graph) -> list[Issue]:
     """Per-channel/blocked scales only on constant weights, with an explicit axis."""
     issues = []
-    for node in _qdq_nodes(graph):
+    for node in qdq_nodes(graph):
         scale = graph.constant(node.input[1])
         if scale is None or scale.size == 1:
             continue
-        if not _is_weight_dq(graph, node):
-            issues.append(_issue(node, "per-channel", f"{scale.size} scales on an activation: TensorRT "
+        if not is_weight_dq(graph, node):
+            issues.append(issue(node, "per-channel", f"{scale.size} scales on an activation: TensorRT "
                                  "quantizes activations per tensor (per-channel only for constant weights)"))
-        elif scale.ndim == 1 and _attr(node, "axis") is None:
-            issues.append(_issue(node, "per-channel", "per-channel weight scale without an explicit axis: "
+        elif scale.ndim == 1 and node_attr(node, "axis") is None:
+            issues.append(issue(node, "per-channel", "per-channel weight scale without an explicit axis: "
                                  "ONNX defaults to axis 1, TensorRT's parser to axis 0; write axis="))
         elif scale.ndim > 1 and quantized_type(graph, node)[0] != TensorProto.INT4:
-            issues.append(_issue(node, "per-channel", "block scales are supported for INT4 weights only"))
+            issues.append(issue(node, "per-channel", "block scales are supported for INT4 weights only"))
     return issues
 
 
@@ -412,14 +286,14 @@ def rule_q_without_dq(graph: Graph) -> list[Issue]:
         output = node.output[0]
         others = [c for c in graph.consumers.get(output, []) if c.op_type != "DequantizeLinear"]
         if output in graph.outputs:
-            issues.append(_issue(node, "q-without-dq", "quantized tensor is a graph output; "
+            issues.append(issue(node, "q-without-dq", "quantized tensor is a graph output; "
                                  "follow it by a DequantizeLinear"))
         elif others:
-            names = ", ".join(f"{_label(c)} ({c.op_type})" for c in others[:3])
-            issues.append(_issue(node, "q-without-dq", f"quantized tensor feeds {names}, not a "
+            names = ", ".join(f"{label(c)} ({c.op_type})" for c in others[:3])
+            issues.append(issue(node, "q-without-dq", f"quantized tensor feeds {names}, not a "
                                  "DequantizeLinear"))
         elif not graph.consumers.get(output):
-            issues.append(_issue(node, "q-without-dq", "QuantizeLinear output is unused", "warning"))
+            issues.append(issue(node, "q-without-dq", "QuantizeLinear output is unused", "warning"))
     return issues
 
 
@@ -444,14 +318,14 @@ def rule_qdq_placement(graph: Graph) -> list[Issue]:
         if node.op_type != "DequantizeLinear":
             continue
         source = graph.producer.get(node.input[0])
-        if not (_is_weight_dq(graph, node) or (source is not None and source.op_type == "QuantizeLinear")):
+        if not (is_weight_dq(graph, node) or (source is not None and source.op_type == "QuantizeLinear")):
             continue
         for consumer in _compute_consumers(graph, node.output[0], {node.output[0]}):
             if consumer is None:
-                issues.append(_issue(node, "qdq-placement", "dequantized tensor is a graph output",
+                issues.append(issue(node, "qdq-placement", "dequantized tensor is a graph output",
                                      severity="warning"))
             elif consumer.op_type not in QDQ_FUSING_OPS:
-                issues.append(_issue(node, "qdq-placement", f"feeds {_label(consumer)} ({consumer.op_type}): "
+                issues.append(issue(node, "qdq-placement", f"feeds {label(consumer)} ({consumer.op_type}): "
                                      "TensorRT fuses Q/DQ into Conv/ConvTranspose/MatMul/Gemm/Add/AveragePool; "
                                      "here it runs as separate float scale layers", severity="warning"))
     return issues
@@ -469,7 +343,7 @@ def rule_layernorm_decomposed(graph: Graph) -> list[Issue]:
         squares = [c for c in graph.consumers.get(node.output[0], [])
                    if c.op_type == "Pow" or (c.op_type == "Mul" and c.input[0] == c.input[1])]
         if any(c.op_type == "ReduceMean" for s in squares for c in graph.consumers.get(s.output[0], [])):
-            issues.append(_issue(node, "layernorm-decomposed", "layer norm decomposed into ReduceMean/Sub/"
+            issues.append(issue(node, "layernorm-decomposed", "layer norm decomposed into ReduceMean/Sub/"
                                  "Pow: export with opset >= 17 to get one LayerNormalization op "
                                  "(the decomposed form overflows in FP16 engines)", severity="warning"))
     return issues
