@@ -44,5 +44,5 @@ def test_layer_and_quantizer_counts(arch, convs, linears, matmuls, per_channel):
     assert sum(n for (kind, bits, g), n in rows.items() if bits == 6) == weights  # every weight at w_bits
     assert rows[("uniform", 8, "per_tensor")] == 1  # the patch-embed input
     assert rows[("log_sqrt2", 4, "per_tensor")] == matmuls // 2  # the softmax outputs
-    assert rows[("uniform", 4, "per-channel")] == per_channel  # inputs of qkv, fc1, reduction
+    assert rows[("uniform", 4, "per_channel")] == per_channel  # inputs of qkv, fc1, reduction
     assert sum(rows.values()) == weights + weights + 2 * matmuls  # an input quantizer per layer, two per matmul
