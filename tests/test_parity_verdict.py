@@ -12,7 +12,7 @@ from repq_export.data.synthetic import make_synthetic_coco
 from repq_export.evaluation import graph_breakages as gb
 from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap
 from repq_export.evaluation.coco_eval import evaluate_coco
-from repq_export.evaluation.envelope import Float64Reference, judge_envelope
+from repq_export.evaluation.envelope import MIN_IMAGES, Float64Reference, judge_envelope
 from repq_export.evaluation.evaluate import coco_results, run_dataset
 from repq_export.evaluation.parity_check import check_parity, probe_codes
 from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
@@ -150,3 +150,16 @@ def test_tensorrt_goes_through_the_same_rule(request):
                                 dataset, settings, progress=False, ideal=Float64Reference(qmodel), samples=200)
     assert report.envelope is not None and report.envelope.images == len(dataset)
     assert report.ok, report.table()
+
+
+def test_too_few_images_leave_tiers_2_and_3_unjudged(small):
+    """On fewer images than the float64 rule needs there is no interval: tiers 2/3 say so instead of judging."""
+    out, dataset, qmodel, settings = small
+    onnx_path = out / "model.onnx"
+    report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OrtRunner(onnx_path), dataset, settings,
+                                max_images=MIN_IMAGES - 1, onnx_path=str(onnx_path), code_images=1, progress=False,
+                                ideal=Float64Reference(qmodel), samples=50, float_parts=False)
+    assert not report.envelope.judged and report.tier2_ok is None and report.tier3_ok is None
+    assert report.tier1_ok and report.ok  # tier 1 still judges: 0 codes differ
+    assert "NOT JUDGED" in report.table()
+    assert report.as_dict()["float64_envelope"]["pass"] is None

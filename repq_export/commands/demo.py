@@ -16,7 +16,7 @@ from ..data.synthetic import make_synthetic_coco
 from ..deploy_config import load_deploy_config
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
-from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, Float64Reference
+from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, RULE, Float64Reference
 from ..evaluation.parity_check import ParityReport, check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
 from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
@@ -168,7 +168,9 @@ def parity_cell(report: ParityReport) -> str:
     if report.codes:
         parts.append(f"{report.code_mismatches} of {report.code_elements / 1e6:.1f} M codes differ")
     env = report.envelope
-    if env is not None:
+    if env is not None and not env.judged:
+        parts.append(f"tiers 2/3 not judged: {env.images} image(s), the float64 rule needs at least {MIN_IMAGES}")
+    elif env is not None:
         m, box, mask = (env.figure(n) for n in ("matched", "bbox_AP", "segm_AP"))
         parts.append(f"matched {100 * m.backend:.1f}% vs torch {100 * m.reference:.1f}% "
                      f"[{100 * m.low:+.1f}, {100 * m.high:+.1f}]")

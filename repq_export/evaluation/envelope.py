@@ -34,6 +34,7 @@ from .parity import match_detections
 MATCH_MARGIN = 0.005  # matched share: 0.5 points fewer matched than torch float32 is tolerated
 AP_MARGIN = 0.005  # AP: 0.5 AP points further from float64 than torch float32 is tolerated
 SAMPLES = 1000
+MIN_IMAGES = 5  # below this a bootstrap over images gives no interval worth the name (1 image: none)
 RULE = ("a backend FAILS tier 2 or 3 when, over bootstrap resamples of the images, the lower end of the 95% "
         "interval of its excess (its distance to float64 minus torch float32 fake quant's: share of detections not "
         "matched one to one, |box AP delta|, |mask AP delta|) is above the margin (--match-margin, --ap-margin); "
@@ -94,6 +95,11 @@ class Envelope:
     figures: list[Figure]
 
     @property
+    def judged(self) -> bool:
+        """Whether there are enough images for the rule to judge (MIN_IMAGES); fewer leave tiers 2/3 unjudged."""
+        return self.images >= MIN_IMAGES
+
+    @property
     def ok(self) -> bool:
         return all(f.ok for f in self.figures)
 
@@ -102,7 +108,7 @@ class Envelope:
 
     def as_dict(self) -> dict:
         return {"images": self.images, "bootstrap_samples": self.samples, "confidence": CONFIDENCE,
-                "pass": self.ok, **{f.name: {**asdict(f), "pass": f.ok} for f in self.figures}}
+                "judged": self.judged, "min_images": MIN_IMAGES, "pass": self.ok if self.judged else None, **{f.name: {**asdict(f), "pass": f.ok} for f in self.figures}}
 
 
 def match_counts(ideal: DatasetRun, run: DatasetRun) -> tuple[np.ndarray, np.ndarray]:

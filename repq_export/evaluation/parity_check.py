@@ -13,7 +13,7 @@ from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
-from .envelope import AP_MARGIN, MATCH_MARGIN, SAMPLES, Envelope, judge_envelope
+from .envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, SAMPLES, Envelope, judge_envelope
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
 from .parity import (CodeReport, DetectionSummary, call_to_quantizer, compare_codes, compare_drift,
                      compare_float_parts, find_code_probes, match_detections, record_quantizer_inputs,
@@ -98,9 +98,10 @@ class ParityReport:
         return self.ap_tolerance is not None or self.envelope is None
 
     @property
-    def tier2_ok(self) -> bool:
+    def tier2_ok(self) -> bool | None:
+        """None: not judged (the float64 rule over fewer images than it needs)."""
         if not self.fixed_tier2:
-            return self.envelope.figure("matched").ok
+            return self.envelope.figure("matched").ok if self.envelope.judged else None
         d = self.detections
         return d.match_rate >= (self.min_match_rate or MATCH_RATE_MIN) and d.mean_mask_iou >= MASK_IOU_MIN
 
@@ -108,15 +109,17 @@ class ParityReport:
         return self.ap_backend[f"{metric}_mAP"] - self.ap_ref[f"{metric}_mAP"]
 
     @property
-    def tier3_ok(self) -> bool:
+    def tier3_ok(self) -> bool | None:
         if not self.fixed_tier3:
+            if not self.envelope.judged:
+                return None
             return self.envelope.figure("bbox_AP").ok and self.envelope.figure("segm_AP").ok
         tolerance = AP_TOLERANCE if self.ap_tolerance is None else self.ap_tolerance
         return all(abs(self.ap_delta(m)) <= tolerance for m in ("bbox", "segm"))
 
     @property
     def ok(self) -> bool:
-        return self.tier1_ok is not False and self.tier2_ok and self.tier3_ok
+        return all(tier is not False for tier in (self.tier1_ok, self.tier2_ok, self.tier3_ok))
 
     def as_dict(self) -> dict:
         d = self.detections
@@ -176,7 +179,9 @@ class ParityReport:
         rule = ("" if env is None else f"\n  rule               excess = {self.backend}'s distance to float64 minus torch "
                 f"float32's, 95% interval over {env.samples} bootstrap resamples of the {env.images} images; FAIL when "
                 f"its lower end exceeds the margin ({100 * env.figure('matched').margin:.2f} matched points, "
-                f"{100 * env.figure('bbox_AP').margin:.2f} AP points)")
+                f"{100 * env.figure('bbox_AP').margin:.2f} AP points)"
+                + ("" if env.judged else f"; NOT JUDGED on {env.images} image(s): the rule needs at least "
+                   f"{MIN_IMAGES}"))
         lines = [
             f"parity: fake quant vs {self.backend} on {self.images} images",
             f"  tier 1 codes       {mark(self.tier1_ok)}  {codes}{drift}",
