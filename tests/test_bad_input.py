@@ -310,3 +310,22 @@ def test_flat_calibration_image_is_blamed(work, capsys):
 def test_unknown_command(word, hint, capsys):
     line = one_error(call_main(cli.main, [word, "x"], capsys), word, hint)
     assert "--ckpt" not in line
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["serve", "ART", "--threads", "-1"], "--threads"),
+    (["serve", "ART", "--max-image-mb", "0"], "--max-image-mb"),
+    (["serve", "ART", "--max-queue-delay-us", "x"], "--max-queue-delay-us"),
+    (["infer", "http://127.0.0.1:1", "img.png", "--timeout", "nan"], "--timeout"),
+])
+def test_serving_numbers_are_checked(argv, option, capsys):
+    one_error(call_main(cli.main, argv, capsys), option)
+
+
+@pytest.mark.parametrize("extra, option", [(["--code-images", "-1"], "--code-images"),
+                                           (["--min-match-rate", "1.5"], "--min-match-rate"),
+                                           (["--ap-tolerance", "-0.1"], "--ap-tolerance")])
+def test_parity_check_numbers_are_checked(extra, option, capsys):
+    from repq_export.commands import parity_tool
+
+    one_error(call_main(parity_tool.main, ["ART", "--ann", "a.json", "--img-dir", "d", *extra], capsys), option)

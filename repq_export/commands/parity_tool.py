@@ -21,7 +21,7 @@ from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
 from ..runtime.base import Runner
-from .common import CommandParser, device, fraction, output_file, positive_int, run_command
+from .common import CommandParser, device, fraction, non_negative_int, output_file, positive_int, run_command
 from .runners import make_runner, model_file
 from .test_tool import write_json
 
@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=positive_int, help="only the first N images")
     p.add_argument("--backend", choices=("ort", "trt", "quant-cuda"), default="ort", help="onnxruntime (default), "
                    "TensorRT, or the fake-quant model itself on CUDA (against itself on --device)")
-    p.add_argument("--code-images", type=int, default=1, help="images for the tier-1 code probe (default 1; "
+    p.add_argument("--code-images", type=non_negative_int, default=1, help="images for the tier-1 code probe (default 1; "
                    "0 skips it)")
     p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin: how many fewer "
                    f"detections (a fraction) matched with float64 than torch float32 matches are tolerated (default "
@@ -50,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
                    f"the 95%% intervals (default {SAMPLES})")
     p.add_argument("--no-float64", action="store_true", help="skip the float64 run (about 2.5x the time of fake "
                    "quant); tiers 2 and 3 then use the fixed tolerances")
-    p.add_argument("--ap-tolerance", type=float, help="tier 3 by a fixed tolerance instead: largest |AP delta| "
+    p.add_argument("--ap-tolerance", type=fraction, help="tier 3 by a fixed tolerance instead: largest |AP delta| "
                    "against torch fake quant, as a fraction (without the float64 run: 0.001)")
-    p.add_argument("--min-match-rate", type=float, help="tier 2 by a fixed tolerance instead: smallest share of "
+    p.add_argument("--min-match-rate", type=fraction, help="tier 2 by a fixed tolerance instead: smallest share of "
                    "detections matched one to one with torch fake quant (same label, IoU >= 0.5; without the "
                    "float64 run: 0.99)")
     p.add_argument("--device", type=device, default="cpu", help="device of the fake-quant model (default cpu)")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import CommandParser, fraction, positive_int
+from .common import CommandParser, fraction, non_negative_int, positive_int, positive_number
 
 MAX_LISTED = 20
 
@@ -38,11 +38,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=positive_int, default=1, help="above 1, Triton's dynamic batcher "
                    "groups up to this many requests per call (default 1: each request alone; a refused request "
                    "fails the requests batched with it)")
-    p.add_argument("--max-queue-delay-us", type=int, default=0, help="how long the batcher waits to fill a "
+    p.add_argument("--max-queue-delay-us", type=non_negative_int, default=0, help="how long the batcher waits to fill a "
                    "batch, in microseconds (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per instance (default: "
+    p.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime threads per instance (default: "
                    "onnxruntime's choice)")
-    p.add_argument("--max-image-mb", type=float, default=32, help="refuse encoded images larger than this (default 32)")
+    p.add_argument("--max-image-mb", type=positive_number, default=32, help="refuse encoded images larger than this (default 32)")
     return p
 
 
@@ -52,8 +52,8 @@ def run_serve(argv: list[str]) -> int:
 
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
-                           max_batch_size=args.max_batch_size, max_queue_delay_us=max(args.max_queue_delay_us, 0),
-                           backend=args.backend, threads=max(args.threads, 0),
+                           max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                           backend=args.backend, threads=args.threads,
                            max_image_bytes=int(args.max_image_mb * 1024 * 1024))
     triton = start_server(args.artifact, options, log=lambda m: print(m, flush=True))
     return serve_until_signal(triton, log=lambda m: print(m, flush=True))
@@ -67,7 +67,7 @@ def infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="picture to write, .png or .jpg (default: <image name>_pred.png)")
     p.add_argument("--score-thr", type=fraction, default=0.3, help="ask for detections scoring at least this "
                    "(default 0.3)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server (default 60)")
+    p.add_argument("--timeout", type=positive_number, default=60.0, help="seconds to wait for the server (default 60)")
     return p
 
 
