@@ -4,9 +4,10 @@
     python tools/bench_log_sqrt2.py                 # 192x3x49x49 softmax map, 4 bits, 1 thread, 9 rounds
 
 Candidates (each checked bit-exact against fake quant before it is timed):
-  - int64: the guess and codes as int64 indices (the lowering before int32 indices);
-  - int32: the same with int32 indices (today's `qdq.log_sqrt2_lowered`);
-  - float code: the code corrected in float, one cast to int32 before the table Gather.
+  - int64 two-sided: a rounded guess corrected by two comparisons (three Gathers), int64 indices;
+  - int32 two-sided: the same with int32 indices (the lowering before the one-sided guess);
+  - float code: the two-sided correction in float, one cast to int32 before the table Gather;
+  - one-sided (today's `qdq.log_sqrt2_lowered`): a floored guess, one comparison, two Gathers.
 """
 
 from __future__ import annotations
@@ -31,10 +32,22 @@ def guess_of(x, scale, levels):
     return torch.clamp(torch.round(torch.log(torch.clamp(x, min=tiny) / scale) * (-2.0 / LN2)), 0, levels)
 
 
+def padded(upper):
+    """The two-sided table: +inf, t_0 .. t_(2^n - 1), -inf."""
+    inf = upper.new_full((1,), float("inf"))
+    return torch.cat([inf, upper, -inf])
+
+
 def lowered_int64(x, scale, upper, lut, n_bits):
     levels = 2**n_bits
     guess = guess_of(x, scale, levels).long()
     return lut[torch.clamp(guess - (x >= upper[guess]).long() + (x < upper[guess + 1]).long(), 0, levels)]
+
+
+def lowered_int32(x, scale, upper, lut, n_bits):
+    levels = 2**n_bits
+    guess = guess_of(x, scale, levels).int()
+    return lut[torch.clamp(guess - (x >= upper[guess]).int() + (x < upper[guess + 1]).int(), 0, levels)]
 
 
 def lowered_float_code(x, scale, upper, lut, n_bits):
@@ -46,11 +59,12 @@ def lowered_float_code(x, scale, upper, lut, n_bits):
 
 
 class Lowered(torch.nn.Module):
-    def __init__(self, fn, q: LogSqrt2Quantizer) -> None:
+    def __init__(self, fn, q: LogSqrt2Quantizer, two_sided: bool) -> None:
         super().__init__()
         self.fn, self.n_bits = fn, q.bits
         self.register_buffer("scale", q.scale.detach().clone())
-        self.register_buffer("upper", log_sqrt2_upper(q.thresholds()).detach().clone())
+        upper = log_sqrt2_upper(q.thresholds())
+        self.register_buffer("upper", padded(upper) if two_sided else upper)
         self.register_buffer("lut", q.lut().detach().clone())
 
     def forward(self, x):
@@ -69,10 +83,10 @@ def main() -> None:
     q.initialize(x)
     want = q(x).numpy().view(np.int32)
     sessions = {}
-    for name, fn in (("int64", lowered_int64), ("int32 (today)", log_sqrt2_lowered),
-                     ("float code", lowered_float_code)):
+    for name, fn in (("int64 two-sided", lowered_int64), ("int32 two-sided", lowered_int32),
+                     ("float code", lowered_float_code), ("one-sided (today)", log_sqrt2_lowered)):
         buf = io.BytesIO()
-        torch.onnx.export(Lowered(fn, q), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        torch.onnx.export(Lowered(fn, q, fn is not log_sqrt2_lowered), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
