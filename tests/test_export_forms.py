@@ -59,23 +59,22 @@ def test_tier1_is_zero_at_the_default_level(ort_graph):
     assert elements > 1_000_000 and differ == 0
 
 
-def test_onnxruntime_runs_integer_kernels_and_fused_equals_plain(ort_graph, tmp_path):
-    bits, _, img, path, _ = ort_graph
-    feeds = {"img": img.numpy(), "img_hw": IMG_HW.numpy()}
-    outs = {}
-    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        opts.optimized_model_filepath = str(tmp_path / f"{level}.onnx")
-        outs[level] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "ORT_ENABLE_ALL.onnx")).graph.node]
+def test_onnxruntime_runs_every_stride_1_conv_on_integer_kernels(ort_graph, tmp_path):
+    """At the default level every quantized conv but the stride-4 patch embedding runs on an integer
+    kernel (QLinearConv, or MatMulIntegerToFloat after the im2col rewrite), and the codes stay
+    exact with and without onnxruntime's fusions. The detections themselves may differ between the
+    two levels: integer kernels accumulate exactly where the float ones round (tiers 2/3 judge that)."""
+    bits, qmodel, img, path, proto = ort_graph
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    dets = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") >= 3 and ops.count("QGemm") + ops.count("MatMulIntegerToFloat") >= 40
-    assert len(outs["ORT_ENABLE_ALL"][0]) == len(outs["ORT_DISABLE_ALL"][0]) > 0
-    if bits != 4:
-        return  # at 6/8 bits the fused kernels' float rounding (QGemm, MatMulIntegerToFloat) reorders this
-        # random detector's near-tied detections, in the TensorRT form alike: tiers 2/3 measure that
-    for a, b in zip(outs["ORT_ENABLE_ALL"], outs["ORT_DISABLE_ALL"]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert ops.count("Conv") + ops.count("FusedConv") == 1  # backbone.patch_embed.proj (4x4, stride 4)
+    assert len(dets) > 0
+    for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+        assert tier1(qmodel, img, proto, level)[1] == 0, level
 
 
 def test_weights_cannot_saturate_u8s8_kernels(ort_graph):

@@ -13,9 +13,10 @@ from torch import nn
 from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, OnnxConfig
 from ..files import write_atomically
 from ..quant.layers import named_quantizers
-from .forms import TENSORRT
+from .forms import ONNXRUNTIME, TENSORRT
 from .locations import locate_calls, store_calls
 from .lowering import lower_for_export
+from .rewrites import optimize_for_onnxruntime, refresh_calls
 
 
 def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg: OnnxConfig) -> onnx.ModelProto:
@@ -65,7 +66,8 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
                 cfg: OnnxConfig | None = None, form: str = TENSORRT) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
-    into place. A quantized graph carries its quantizer-call table (`locations.py`).
+    into place. A quantized graph carries its quantizer-call table (`locations.py`); the
+    onnxruntime form also gets the integer-conv rewrites (`rewrites.py`).
 
     The same model and example input give a byte-identical file.
     """
@@ -75,7 +77,10 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
     export_model = lower_for_export(model, form) if quantized else model.eval().cpu()
     proto = trace_to_onnx(export_model, img.cpu(), img_hw.cpu(), cfg)
     if quantized:
-        store_calls(proto, locate_calls(proto, export_model))
+        calls = locate_calls(proto, export_model)
+        if form == ONNXRUNTIME:  # every quantized conv onto an integer kernel (rewrites.py)
+            calls = refresh_calls(optimize_for_onnxruntime(proto), calls)
+        store_calls(proto, calls)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input

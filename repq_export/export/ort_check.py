@@ -5,8 +5,10 @@ quant, or an integer kernel could saturate):
 
 - ``act-type``: an activation QuantizeLinear is uint8 with a constant scalar zero point.
 - ``act-chain``: a QuantizeLinear output feeds only a Clip with constant uint8 bounds lo <= hi
-  (the n-bit range) or DequantizeLinear nodes; each such DequantizeLinear uses the
-  QuantizeLinear's own scale and zero point, so codes come back as fake quant's values.
+  (the n-bit range), ops that move codes without changing them (Transpose, Slice, Reshape, a
+  Concat of this quantizer's codes only, a Pad with its zero point: the im2col of an integer
+  conv) and DequantizeLinear nodes; each such DequantizeLinear uses the QuantizeLinear's own
+  scale and zero point, so codes come back as fake quant's values.
 - ``u8s8-saturation``: an int8 weight has codes within +-64. onnxruntime's u8s8 kernels on AVX2
   CPUs without VNNI add two uint8 x int8 products in int16 (vpmaddubsw): 2 x 255 x 64 = 32640
   fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
@@ -21,9 +23,11 @@ import onnx
 from onnx import TensorProto
 
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
-from .graph_index import Graph, Issue, index_graph, issue, zero_point_input
+from .graph_index import Graph, Issue, index_graph, issue, node_attr, zero_point_input
 
 UINT8_MAX = 255
+#: ops that only move codes (the im2col of `rewrites.integer_conv`): values pass through unchanged
+CODE_MOVES = ("Transpose", "Slice", "Reshape")
 
 
 def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
@@ -58,23 +62,42 @@ def rule_activation_type(graph: Graph) -> list[Issue]:
 def rule_activation_chain(graph: Graph) -> list[Issue]:
     issues = []
     for q in (n for n in graph.nodes if n.op_type == "QuantizeLinear"):
+        reached, seen, concats = {q.output[0]}, set(), []
         frontier = list(graph.consumers.get(q.output[0], []))
         while frontier:
             node = frontier.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if node.op_type == "Clip":
                 lo, hi = (graph.constant(node.input[i]) if len(node.input) > i else None for i in (1, 2))
                 if lo is None or hi is None or not 0 <= int(lo) <= int(hi) <= UINT8_MAX or graph.types.get(
                         node.input[1]) != TensorProto.UINT8:
                     issues.append(issue(node, "act-chain", "Clip after QuantizeLinear needs constant uint8 "
                                          "bounds lo <= hi"))
-                frontier.extend(graph.consumers.get(node.output[0], []))
             elif node.op_type == "DequantizeLinear":
                 if not (_same(graph, node.input[1], q.input[1]) and _same(graph, zero_point_input(node), zero_point_input(q))):
                     issues.append(issue(node, "act-chain", f"DequantizeLinear after {q.name or q.output[0]} must "
                                          "use that QuantizeLinear's scale and zero point"))
-            else:
+                continue
+            elif node.op_type == "Pad":
+                if node_attr(node, "mode", "constant") != "constant" or len(node.input) < 3 or not _same(
+                        graph, node.input[2], zero_point_input(q)):
+                    issues.append(issue(node, "act-chain", f"Pad of the codes of {q.name or q.output[0]} must pad "
+                                         "with its zero point (the code of 0.0)"))
+            elif node.op_type == "Concat":
+                concats.append(node)
+            elif node.op_type not in CODE_MOVES:
                 issues.append(issue(node, "act-chain", f"consumes the codes of {q.name or q.output[0]}: only "
-                                     "Clip(uint8) and DequantizeLinear may"))
+                                     f"Clip(uint8), DequantizeLinear and moves ({', '.join(CODE_MOVES)}, Pad, "
+                                     "Concat) may"))
+                continue
+            reached.update(node.output)
+            frontier.extend(c for name in node.output for c in graph.consumers.get(name, []))
+        for node in concats:
+            if any(name not in reached for name in node.input):
+                issues.append(issue(node, "act-chain", f"Concat joins the codes of {q.name or q.output[0]} with "
+                                     "other values"))
     return issues
 
 

@@ -1,0 +1,236 @@
+"""Graph rewrites of the onnxruntime form that let onnxruntime run every quantized conv on integer
+kernels, without changing what any quantizer sees.
+
+onnxruntime fuses `DQ -> Conv (-> Relu) -> Q` into QLinearConv, but only where exactly one
+QuantizeLinear reads the conv, and it has no integer kernel for a conv whose output stays float
+(read by RoiAlign, an Add, a ConvTranspose): those run as float convs on dequantized weights,
+slower than the float model itself. Two rewrites, each a pattern, a check and a rewrite:
+
+- `split_shared_conv`: a conv (and its Relu) read by several QuantizeLinear nodes (the RPN's
+  shared conv feeds the cls and the reg quantizer) is cloned once per QuantizeLinear, so that each
+  copy fuses into a QLinearConv of its own.
+- `integer_conv`: a conv whose output stays float is written as im2col on the integer codes
+  (NHWC Transpose, Pad with the zero point's code, one Slice per kernel tap, Concat) and a
+  `DQ -> MatMul` over (kh*kw*C, K) weight codes, which onnxruntime runs as MatMulIntegerToFloat.
+  Padding with the zero point's code is padding with 0.0, as the conv does.
+
+Both compute the same sums of the same code products as the conv they replace; only the float
+rounding of the accumulation differs, as it does between any two conv kernels. Every quantizer
+keeps its input and its codes, so the quantizer-call table is refreshed by `refresh_calls`.
+Written here because onnxruntime's own quantization tools re-quantize a float graph (they would
+change the arithmetic), and no maintained library rewrites an existing QDQ graph this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph_index import Graph, index_graph, node_attr, zero_point_input
+from .locations import QuantizerCall
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def optimize_for_onnxruntime(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Both rewrites, in order (a split conv then fuses as QLinearConv and is left alone)."""
+    split_shared_conv(proto)
+    integer_conv(proto)
+    return proto
+
+
+# ----------------------------------------------------------------------------- shared producers
+
+
+def _conv_chain(graph: Graph, conv: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The conv and, where the conv's only reader is a Relu, that Relu."""
+    readers = graph.consumers.get(conv.output[0], [])
+    if len(readers) == 1 and readers[0].op_type == "Relu" and conv.output[0] not in graph.outputs:
+        return [conv, readers[0]]
+    return [conv]
+
+
+def _reads_codes(graph: Graph, conv: onnx.NodeProto) -> bool:
+    """Whether the conv's input and weight both come from DequantizeLinear (a quantized conv)."""
+    x, w = (graph.producer.get(name) for name in conv.input[:2])
+    return all(p is not None and p.op_type == "DequantizeLinear" for p in (x, w))
+
+
+def split_shared_conv(proto: onnx.ModelProto) -> int:
+    """Clone each quantized conv (+Relu) read only by two or more QuantizeLinear nodes, once per
+    reader. Returns the number of clones made."""
+    graph = index_graph(proto)
+    clones: dict[str, list[onnx.NodeProto]] = {}  # name of the chain's last node -> clones after it
+    made = 0
+    for conv in graph.nodes:
+        if conv.op_type != "Conv" or not _reads_codes(graph, conv):
+            continue
+        chain = _conv_chain(graph, conv)
+        out = chain[-1].output[0]
+        readers = graph.consumers.get(out, [])
+        if len(readers) < 2 or out in graph.outputs or any(r.op_type != "QuantizeLinear" for r in readers):
+            continue
+        for index, reader in enumerate(readers[1:], start=1):
+            copies, source = [], None
+            for node in chain:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.name = f"{node.name}/split_{index}"
+                if source is not None:
+                    copy.input[0] = source
+                copy.output[0] = source = f"{node.output[0]}/split_{index}"
+                copies.append(copy)
+            reader.input[0] = source
+            clones.setdefault(chain[-1].output[0], []).extend(copies)
+            made += 1
+    if made:
+        nodes = []
+        for node in proto.graph.node:
+            nodes.append(node)
+            nodes.extend(clones.get(node.output[0], []) if node.output else [])
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+    return made
+
+
+# ----------------------------------------------------------------------------- float-output convs
+
+
+@dataclasses.dataclass
+class _ConvMatch:
+    """A quantized conv `integer_conv` can rewrite: its nodes and the constants it needs."""
+
+    conv: onnx.NodeProto
+    x_dq: onnx.NodeProto
+    w_dq: onnx.NodeProto
+    weight: np.ndarray  # (K, C, kh, kw) weight codes
+    pads: list[int]  # top, left, bottom, right
+
+
+def _match_float_output_conv(graph: Graph, conv: onnx.NodeProto) -> _ConvMatch | None:
+    """Pattern and check: a stride-1, ungrouped, undilated conv of uint8 activation codes and
+    constant per-output-channel weight codes, whose output onnxruntime would not fuse."""
+    if conv.op_type != "Conv" or not _reads_codes(graph, conv):
+        return None
+    x_dq, w_dq = graph.producer[conv.input[0]], graph.producer[conv.input[1]]
+    weight = graph.constant(w_dq.input[0])
+    x_zp = graph.constant(zero_point_input(x_dq))
+    if weight is None or weight.ndim != 4 or x_zp is None or x_zp.size != 1:
+        return None
+    if graph.types.get(zero_point_input(x_dq)) != TensorProto.UINT8 or node_attr(w_dq, "axis", 1) != 0:
+        return None
+    if node_attr(conv, "group", 1) != 1 or node_attr(conv, "auto_pad", "NOTSET") != "NOTSET":
+        return None
+    if any(s != 1 for s in node_attr(conv, "strides", [1, 1])) or any(d != 1 for d in node_attr(conv, "dilations", [1, 1])):
+        return None
+    readers = graph.consumers.get(_conv_chain(graph, conv)[-1].output[0], [])
+    if len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
+        return None  # onnxruntime makes this a QLinearConv already
+    pads = list(node_attr(conv, "pads", [0, 0, 0, 0]))
+    return _ConvMatch(conv, x_dq, w_dq, weight, [pads[0], pads[1], pads[2], pads[3]])
+
+
+def _im2col_conv(m: _ConvMatch, add_init) -> list[onnx.NodeProto]:
+    """The rewrite: NHWC codes -> Pad(zero point) -> kh*kw Slices -> Concat -> DQ -> MatMul over
+    (kh*kw*C, K) weight codes (+ bias) -> NCHW, writing the conv's own output name."""
+    name, (k_out, c_in, kh, kw) = m.conv.name or m.conv.output[0], m.weight.shape
+    codes, scale, zp = m.x_dq.input[0], m.x_dq.input[1], zero_point_input(m.x_dq)
+    nodes = [helper.make_node("Transpose", [codes], [f"{name}/nhwc"], name=f"{name}/nhwc", perm=[0, 2, 3, 1])]
+    cols = f"{name}/nhwc"
+    top, left, bottom, right = m.pads
+    if any(m.pads):
+        pads = add_init(f"{name}/pads", np.array([0, top, left, 0, 0, bottom, right, 0], np.int64))
+        nodes.append(helper.make_node("Pad", [cols, pads, zp], [f"{name}/padded"], name=f"{name}/pad", mode="constant"))
+        cols = f"{name}/padded"
+    if kh * kw > 1:
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                starts = add_init(f"{name}/tap{i}_{j}/starts", np.array([i, j], np.int64))
+                ends = add_init(f"{name}/tap{i}_{j}/ends", np.array(
+                    [i - (kh - 1) if i < kh - 1 else INT64_MAX, j - (kw - 1) if j < kw - 1 else INT64_MAX], np.int64))
+                axes = add_init(f"{name}/tap_axes", np.array([1, 2], np.int64))
+                taps.append(f"{name}/tap{i}_{j}")
+                nodes.append(helper.make_node("Slice", [cols, starts, ends, axes], [taps[-1]], name=taps[-1]))
+        nodes.append(helper.make_node("Concat", taps, [f"{name}/im2col"], name=f"{name}/im2col", axis=3))
+        cols = f"{name}/im2col"
+    nodes.append(helper.make_node("DequantizeLinear", [cols, scale, zp], [f"{name}/cols_dq"], name=f"{name}/cols_dq"))
+    # (kh, kw, C) order along the rows, as the Concat lays the taps out
+    matrix = np.ascontiguousarray(m.weight.transpose(2, 3, 1, 0).reshape(kh * kw * c_in, k_out))
+    # named after the conv's weight, so the calls of a shared conv (the RPN's, once per level) share it
+    w_inputs = [add_init(f"{m.w_dq.input[0]}/im2col", matrix), m.w_dq.input[1]]
+    if zero_point_input(m.w_dq):
+        w_inputs.append(zero_point_input(m.w_dq))
+    nodes.append(helper.make_node("DequantizeLinear", w_inputs, [f"{name}/weight_dq"], name=f"{name}/weight_dq", axis=1))
+    nodes.append(helper.make_node("MatMul", [f"{name}/cols_dq", f"{name}/weight_dq"], [f"{name}/matmul"],
+                                  name=f"{name}/matmul"))
+    out = f"{name}/matmul"
+    if len(m.conv.input) > 2 and m.conv.input[2]:
+        nodes.append(helper.make_node("Add", [out, m.conv.input[2]], [f"{name}/bias"], name=f"{name}/bias"))
+        out = f"{name}/bias"
+    nodes.append(helper.make_node("Transpose", [out], [m.conv.output[0]], name=f"{name}/nchw", perm=[0, 3, 1, 2]))
+    return nodes
+
+
+def integer_conv(proto: onnx.ModelProto) -> int:
+    """Rewrite every quantized conv whose output stays float as im2col + integer MatMul.
+    Returns the number rewritten."""
+    graph = index_graph(proto)
+    matches = {m.conv.output[0]: m for m in (_match_float_output_conv(graph, n) for n in graph.nodes) if m}
+    if not matches:
+        return 0
+    new_inits: list[onnx.TensorProto] = []
+    names = {i.name for i in proto.graph.initializer}
+
+    def add_init(name: str, value: np.ndarray) -> str:
+        if name not in names:
+            names.add(name)
+            new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    replaced = {id(m.conv) for m in matches.values()}
+    nodes = []
+    for node in graph.nodes:
+        if id(node) in replaced:
+            nodes.extend(_im2col_conv(matches[node.output[0]], add_init))
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    remove_unused(proto)
+    return len(matches)
+
+
+def remove_unused(proto: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing reads any more (the replaced convs' DequantizeLinear)."""
+    graph = proto.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def refresh_calls(proto: onnx.ModelProto, calls: list[QuantizerCall]) -> list[QuantizerCall]:
+    """The quantizer-call table after a rewrite: a uniform call's input is whatever its
+    QuantizeLinear reads now (a split conv's clone), found from its codes."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    out = []
+    for call in calls:
+        node = producer.get(call.codes)
+        if node is not None and node.op_type == "Clip":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "QuantizeLinear" and call.kind != "log_sqrt2":
+            call = dataclasses.replace(call, x=node.input[0])
+        out.append(call)
+    return out
