@@ -15,6 +15,7 @@ from repq_export.cli import main as cli_main
 from repq_export.errors import UserError
 from repq_export.evaluation.parity import compare_codes, find_code_probes, with_probe_outputs
 from repq_export.export.artifact import ExportRequest, export_artifact
+from repq_export.export.graph_index import index_graph
 from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_form
 from repq_export.export.locations import read_calls
 from repq_export.export.onnx_export import count_qdq, export_onnx
@@ -121,6 +122,48 @@ def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
     q_node.input[1] = "broken_scale"
     elements, differ = tier1(qmodel, img, broken)
     assert elements > 1_000_000 and differ > 0
+
+
+def test_rewrites_split_the_shared_rpn_conv_and_move_codes_only(ort_graph):
+    """The exported graph keeps a conv only where one QuantizeLinear reads it (a QLinearConv for
+    onnxruntime) or it has a stride (the patch embedding); every float-output conv became
+    Transpose/Pad/Slice/Concat on the codes, a DequantizeLinear and a MatMul."""
+    _, _, _, _, proto = ort_graph
+    ops = [n.op_type for n in proto.graph.node]
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    relus = [n for n in proto.graph.node if n.op_type == "Relu" and n.name.startswith("/rpn_head/Relu")]
+    assert len([r for r in relus if r.name.endswith("/split_1")]) == len(relus) // 2 > 0
+    assert relus and all(readers[r.output[0]] == ["QuantizeLinear"] for r in relus)
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        out = conv.output[0]
+        if readers[out] == ["Relu"]:
+            out = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.input[0] == out)
+        stride = list(next(a.ints for a in conv.attribute if a.name == "strides"))
+        assert stride != [1, 1] or readers[out] == ["QuantizeLinear"], conv.name  # left for QLinearConv
+    pads = [n for n in proto.graph.node if n.op_type == "Pad" and n.name.endswith("/pad")]
+    assert pads and ops.count("MatMul") > len(pads)
+
+
+def test_a_pad_with_another_code_breaks_the_chain_rule(ort_graph):
+    """Padding the codes with anything but the zero point pads with a value other than 0.0."""
+    broken = _copy(ort_graph[4])
+    pad = next(n for n in broken.graph.node if n.op_type == "Pad" and n.name.endswith("/pad"))
+    value = int(index_graph(broken).constant(pad.input[2]))
+    broken.graph.initializer.append(numpy_helper.from_array(np.array((value + 1) % 256, np.uint8), "broken_zp"))
+    pad.input[2] = "broken_zp"
+    issues = check_onnxruntime_form(broken)
+    assert [(i.rule, i.op) for i in issues] == [("act-chain", "Pad")]
+
+
+def test_a_concat_with_foreign_values_breaks_the_chain_rule(ort_graph):
+    """An im2col Concat that takes one tap from another tensor mixes codes of two quantizers."""
+    broken = _copy(ort_graph[4])
+    concats = [n for n in broken.graph.node if n.op_type == "Concat" and n.name.endswith("/im2col")]
+    concats[0].input[0] = concats[1].input[0]
+    assert ("act-chain", "Concat") in [(i.rule, i.op) for i in check_onnxruntime_form(broken)]
 
 
 def test_check_reports_each_form(ort_graph, tmp_path, capsys):
