@@ -7,7 +7,8 @@ Candidates (each checked bit-exact against fake quant before it is timed):
   - int64 two-sided: a rounded guess corrected by two comparisons (three Gathers), int64 indices;
   - int32 two-sided: the same with int32 indices (the lowering before the one-sided guess);
   - float code: the two-sided correction in float, one cast to int32 before the table Gather;
-  - one-sided (today's `qdq.log_sqrt2_lowered`): a floored guess, one comparison, two Gathers.
+  - one-sided, Gather: a floored guess, one comparison, two Gathers;
+  - one-sided (today's `qdq.log_sqrt2_lowered`): the same, both lookups as flat GatherElements.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def lowered_float_code(x, scale, upper, lut, n_bits):
     return lut[torch.clamp(code, 0, levels).int()]
 
 
+def lowered_one_sided_gather(x, scale, upper, lut, n_bits):
+    levels = 2**n_bits
+    guess = torch.floor(torch.log(torch.clamp(x, min=torch.finfo(torch.float32).tiny) / scale) * (-2.0 / LN2))
+    guess = torch.clamp(guess, 0, levels - 1).int()
+    return lut[guess + (x < upper[guess]).int()]
+
+
 class Lowered(torch.nn.Module):
     def __init__(self, fn, q: LogSqrt2Quantizer, two_sided: bool) -> None:
         super().__init__()
@@ -84,9 +92,10 @@ def main() -> None:
     want = q(x).numpy().view(np.int32)
     sessions = {}
     for name, fn in (("int64 two-sided", lowered_int64), ("int32 two-sided", lowered_int32),
-                     ("float code", lowered_float_code), ("one-sided (today)", log_sqrt2_lowered)):
+                     ("float code", lowered_float_code), ("one-sided, Gather", lowered_one_sided_gather),
+                     ("one-sided (today)", log_sqrt2_lowered)):
         buf = io.BytesIO()
-        torch.onnx.export(Lowered(fn, q, fn is not log_sqrt2_lowered), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        torch.onnx.export(Lowered(fn, q, fn not in (log_sqrt2_lowered, lowered_one_sided_gather)), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])

@@ -70,8 +70,9 @@ def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -
         scaled = producer.get(x)
         if scaled is not None and scaled.op_type == "Mul" and scaled in nodes:  # ... or x * 2^64 (8 bits)
             x = scaled.input[0]
-        table = next(n for n in nodes if n.op_type == "Gather" and n.input[0].endswith(".lut"))
-        return x, table.output[0]
+        table = next(n for n in nodes if n.op_type == "GatherElements" and n.input[0].endswith(".lut"))
+        shaped = next(n for n in nodes if n.op_type == "Reshape" and n.input[0] == table.output[0])
+        return x, shaped.output[0]  # lut[code] in the shape of x (`qdq.TableLookup`)
     q = next(n for n in nodes if n.op_type == "QuantizeLinear")
     if form == ONNXRUNTIME:
         clip = next((n for n in nodes if n.op_type == "Clip" and n.input[0] == q.output[0]), None)

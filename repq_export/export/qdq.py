@@ -101,13 +101,29 @@ class DQBias(torch.autograd.Function):
         return g.op("DequantizeLinear", k, step, zero, axis_i=0)
 
 
+class TableLookup(torch.autograd.Function):
+    """table[index] for a small 1-D table and int32 indices of any shape, as
+    Reshape(-1) -> GatherElements -> Reshape: onnxruntime's CPU GatherElements over a flat index
+    is about 6x faster than its Gather (which copies element by element) on an attention map."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:  # noqa: D102
+        return table[index]
+
+    @staticmethod
+    def symbolic(g, table, index):  # noqa: D102
+        flat = g.op("Reshape", index, g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)))
+        values = g.op("GatherElements", table, flat, axis_i=0)
+        return g.op("Reshape", values, g.op("Shape", index))
+
+
 def log_sqrt2_upper(thresholds: Tensor) -> Tensor:
     """The boundary table of `log_sqrt2_lowered`: the quantizer's 2^n thresholds t_0 > t_1 > ..."""
     return thresholds.detach().clone()
 
 
 def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int) -> Tensor:
-    """Log-sqrt2 quantization as plain float ops (Log, Floor, one comparison, two Gathers).
+    """Log-sqrt2 quantization as plain float ops (Log, Floor, one comparison, two table lookups).
 
     The code of x is c = #{k : x < t_k}, with t_k ~ d * 2^-(k + 1/2)/2 the float32 bucket boundaries
     the fake quantizer compares against (`quant.log_sqrt2.log_sqrt2_thresholds`). In real numbers
@@ -131,4 +147,4 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
         guess = guess + shift
     # int32 indices (codes are 0 .. 256): half the memory traffic of int64 over every attention map
     guess = torch.clamp(guess, 0, levels - 1).int()
-    return lut[guess + (x < upper[guess]).int()]
+    return TableLookup.apply(lut, guess + (x < TableLookup.apply(upper, guess)).int())
