@@ -130,7 +130,7 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     c = ceil(v) with v = -2 log2(x / d) - 1/2, and x < t_g is exactly v > g. So for any integer g
     within one of v, c = g + [x < t_g]: g = floor(-2 log2(x / d)) from float32 Log is such a guess
     (its error is far below 1/2), clamped to 0 .. 2^n - 1, where the same identity still holds at
-    both ends. One Gather of the boundary and one comparison make the code exact; the output is
+    both ends. One lookup of the boundary and one comparison make the code exact; the output is
     lut[c], the fake quantizer's own table (lut[2^n] = 0; x = 0 lands there).
     """
     levels = 2**n_bits

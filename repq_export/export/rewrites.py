@@ -208,7 +208,7 @@ def integer_conv(proto: onnx.ModelProto) -> int:
 def remove_unused(proto: onnx.ModelProto) -> None:
     """Drop nodes and initializers nothing reads any more (the replaced convs' DequantizeLinear)."""
     graph = proto.graph
-    needed = {o.name for o in graph.output}
+    needed = {o.name for o in graph.output} | _names_read_by_subgraphs(graph)
     keep = []
     for node in reversed(list(graph.node)):
         if any(o in needed for o in node.output):
@@ -219,6 +219,17 @@ def remove_unused(proto: onnx.ModelProto) -> None:
     inits = [i for i in graph.initializer if i.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
+
+
+def _names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of a subgraph (If/Loop bodies) reads: outer values stay alive."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names.update(i for n in sub.node for i in n.input if i)
+                names |= _names_read_by_subgraphs(sub)
+    return names
 
 
 def refresh_calls(proto: onnx.ModelProto, calls: list[QuantizerCall]) -> list[QuantizerCall]:
