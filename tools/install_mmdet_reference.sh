@@ -2,10 +2,10 @@
 # Install mmdetection 3.3.0 in its own virtual environment, for the optional cross-check of our
 # detector against mmdetection's (tests/test_mmdet_reference.py). Nothing else needs it.
 #
-#   tools/install_mmdet_reference.sh [VENV_DIR] [MMCV_WHEEL_DIR_OR_FILE]
+#   tools/install_mmdet_reference.sh VENV_DIR MMCV_WHEEL_DIR_OR_FILE
 #
 #   VENV_DIR                default ./.venv-mmdet (relative to the repository root)
-#   MMCV_WHEEL_DIR_OR_FILE  default ../shared/wheels (relative to the repository root): mmcv 2.1.0
+#   MMCV_WHEEL_DIR_OR_FILE  required: an mmcv 2.1.0 wheel, or a folder holding one. mmcv 2.1.0
 #                           has no Linux wheel on PyPI, so one built against torch 2.14.1 is used,
 #                           installed with --no-deps so that pip does not replace torch.
 #   PYTHON                  environment variable, the interpreter for the venv (default python3.11;
@@ -19,13 +19,15 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$root/.venv-mmdet}"
-wheels="${2:-$root/../shared/wheels}"
+wheels="${2:-}"
 python="${PYTHON:-python3.11}"
 
 die() {
     echo "install_mmdet_reference: $*" >&2
     exit 2
 }
+
+[[ -n "$wheels" ]] || die "give an mmcv 2.1.0 wheel (or a folder holding one) as the second argument"
 
 command -v "$python" >/dev/null 2>&1 || die "interpreter '$python' not found (set PYTHON)"
 if [[ -d "$wheels" ]]; then
