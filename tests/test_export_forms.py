@@ -127,7 +127,7 @@ def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
 def test_rewrites_split_the_shared_rpn_conv_and_move_codes_only(ort_graph):
     """The exported graph keeps a conv only where one QuantizeLinear reads it (a QLinearConv for
     onnxruntime) or it has a stride (the patch embedding); every float-output conv became
-    Transpose/Pad/Slice/Concat on the codes, a DequantizeLinear and a MatMul."""
+    Transpose/Pad/Slice/Concat on the codes and a MatMulIntegerToFloat."""
     _, _, _, _, proto = ort_graph
     ops = [n.op_type for n in proto.graph.node]
     readers: dict[str, list[str]] = {}
@@ -144,7 +144,36 @@ def test_rewrites_split_the_shared_rpn_conv_and_move_codes_only(ort_graph):
         stride = list(next(a.ints for a in conv.attribute if a.name == "strides"))
         assert stride != [1, 1] or readers[out] == ["QuantizeLinear"], conv.name  # left for QLinearConv
     pads = [n for n in proto.graph.node if n.op_type == "Pad" and n.name.endswith("/pad")]
-    assert pads and ops.count("MatMul") > len(pads)
+    assert pads and ops.count("MatMulIntegerToFloat") > len(pads)
+
+
+def test_float_output_matmuls_take_codes_and_bias_directly(ort_graph):
+    """Every linear and im2col MatMul whose output stays float is one MatMulIntegerToFloat on the
+    codes, with the bias inside: no DequantizeLinear -> MatMul on constant weights is left, and no
+    Add adds a constant to a MatMulIntegerToFloat's output."""
+    _, _, _, _, proto = ort_graph
+    graph = index_graph(proto)
+    mm = [n for n in graph.nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert len(mm) >= 40 and sum(len(n.input) == 7 for n in mm) >= 30
+    for node in (n for n in graph.nodes if n.op_type == "MatMul"):
+        producer = graph.producer.get(node.input[1])
+        assert producer is None or producer.op_type != "DequantizeLinear" or not graph.is_constant(producer.input[0])
+    for node in mm:
+        assert graph.types[node.input[0]] == onnx.TensorProto.UINT8 and graph.constant(node.input[1]) is not None
+        assert not any(r.op_type == "Add" and any(graph.is_constant(i) for i in r.input)
+                       for r in graph.consumers.get(node.output[0], []))
+
+
+def test_a_matmul_with_another_zero_point_breaks_the_chain_rule(ort_graph):
+    """A MatMulIntegerToFloat reading codes with a zero point other than their QuantizeLinear's
+    subtracts the wrong code for 0.0."""
+    broken = _copy(ort_graph[4])
+    node = next(n for n in broken.graph.node if n.op_type == "MatMulIntegerToFloat")
+    value = int(index_graph(broken).constant(node.input[4]))
+    broken.graph.initializer.append(numpy_helper.from_array(np.array((value + 1) % 256, np.uint8), "broken_zp"))
+    node.input[4] = "broken_zp"
+    issues = check_onnxruntime_form(broken)
+    assert [(i.rule, i.op) for i in issues] == [("act-chain", "MatMulIntegerToFloat")]
 
 
 def test_a_pad_with_another_code_breaks_the_chain_rule(ort_graph):

@@ -1,11 +1,13 @@
-"""`export/rewrites.remove_unused`: drops what nothing reads, keeps what a subgraph reads."""
+"""`export/rewrites`: remove_unused keeps what a subgraph reads; integer_matmul keeps the linear's values."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from repq_export.export.rewrites import remove_unused
+from repq_export.export.ort_check import check_onnxruntime_form
+from repq_export.export.rewrites import integer_matmul, remove_unused
 
 
 def test_remove_unused_keeps_values_read_inside_if_branches() -> None:
@@ -21,3 +23,41 @@ def test_remove_unused_keeps_values_read_inside_if_branches() -> None:
     remove_unused(model)
     assert [n.op_type for n in model.graph.node] == ["If"]
     assert [i.name for i in model.graph.initializer] == ["c"]
+
+
+def _linear_graph() -> onnx.ModelProto:
+    """x -> Q(uint8) -> DQ -> MatMul(DQ(int8 weight codes, per-column scale)) -> Add(DQ(int32 bias))."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(7), "xzp"),
+             numpy_helper.from_array(rng.integers(-7, 8, (16, 8)).astype(np.int8), "w"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.02, 8).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "wzp"),
+             numpy_helper.from_array(rng.integers(-500, 500, 8).astype(np.int32), "k"),
+             numpy_helper.from_array(rng.uniform(1e-4, 2e-4, 8).astype(np.float32), "step"),
+             numpy_helper.from_array(np.zeros(8, np.int32), "kzp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "xs", "xzp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["mm"], name="fc"),
+             helper.make_node("DequantizeLinear", ["k", "step", "kzp"], ["b"], axis=0),
+             helper.make_node("Add", ["mm", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_integer_matmul_computes_the_same_linear_with_the_bias_inside() -> None:
+    import onnxruntime as ort
+
+    before = _linear_graph()
+    after = _linear_graph()
+    assert integer_matmul(after) == 1
+    assert [n.op_type for n in after.graph.node] == ["QuantizeLinear", "MatMulIntegerToFloat"]
+    assert len(after.graph.node[1].input) == 7 and check_onnxruntime_form(after) == []
+    x = {"x": np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)}
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y0, y1 = (ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, x)[0]
+              for m in (before, after))
+    assert y0.shape == y1.shape == (2, 5, 8)
+    assert np.abs(y0 - y1).max() <= 1e-6 * np.abs(y0).max()

@@ -7,9 +7,10 @@ quant, or an integer kernel could saturate):
 - ``act-chain``: a QuantizeLinear output feeds only a Clip with constant uint8 bounds lo <= hi
   (the n-bit range), ops that move codes without changing them (Transpose, Slice, Reshape, a
   Concat of this quantizer's codes only, a Pad with its zero point: the im2col of an integer
-  conv) and DequantizeLinear nodes; each such DequantizeLinear uses the QuantizeLinear's own
-  scale and zero point, so codes come back as fake quant's values.
-- ``u8s8-saturation``: an int8 weight has codes within +-64. onnxruntime's u8s8 kernels on AVX2
+  conv) and DequantizeLinear or MatMulIntegerToFloat nodes (codes as its A input); each of those
+  uses the QuantizeLinear's own scale and zero point, so codes come back as fake quant's values.
+- ``u8s8-saturation``: an int8 weight (of a DequantizeLinear or a MatMulIntegerToFloat) has
+  codes within +-64. onnxruntime's u8s8 kernels on AVX2
   CPUs without VNNI add two uint8 x int8 products in int16 (vpmaddubsw): 2 x 255 x 64 = 32640
   fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
   are uint8 with per-channel zero points (u8u8 kernels, which widen before multiplying).
@@ -80,6 +81,14 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
                     issues.append(issue(node, "act-chain", f"DequantizeLinear after {q.name or q.output[0]} must "
                                          "use that QuantizeLinear's scale and zero point"))
                 continue
+            elif node.op_type == "MatMulIntegerToFloat":
+                if node.input[0] not in reached or node.input[1] in reached or not (
+                        _same(graph, node.input[2], q.input[1]) and len(node.input) > 4
+                        and _same(graph, node.input[4], zero_point_input(q))):
+                    issues.append(issue(node, "act-chain", f"MatMulIntegerToFloat after {q.name or q.output[0]} "
+                                         "must take its codes as A, with that QuantizeLinear's scale and zero "
+                                         "point"))
+                continue
             elif node.op_type == "Pad":
                 if node_attr(node, "mode", "constant") != "constant" or len(node.input) < 3 or not _same(
                         graph, node.input[2], zero_point_input(q)):
@@ -101,17 +110,29 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
     return issues
 
 
+def _weight_codes(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """(int8 weight codes, their zero point, its axis) that `node` multiplies by, if any."""
+    if node.op_type == "DequantizeLinear":
+        codes, zp, axis = node.input[0], zero_point_input(node), _axis(node)
+    elif node.op_type == "MatMulIntegerToFloat":
+        codes, zp, axis = node.input[1], node.input[5] if len(node.input) > 5 else "", 1
+    else:
+        return None
+    value = graph.constant(codes)
+    if value is None or value.dtype != np.int8 or value.ndim < 2:
+        return None
+    return value, graph.constant(zp), axis
+
+
 def rule_u8s8_saturation(graph: Graph) -> list[Issue]:
     issues = []
     for node in graph.nodes:
-        if node.op_type != "DequantizeLinear" or graph.types.get(node.input[0]) != TensorProto.INT8:
+        found = _weight_codes(graph, node)
+        if found is None:
             continue
-        codes = graph.constant(node.input[0])
-        if codes is None or codes.ndim < 2:
-            continue
-        zp = graph.constant(zero_point_input(node))
+        codes, zp, axis = found
         signed = codes.astype(np.int64) - (0 if zp is None else zp.astype(np.int64).reshape(
-            [-1 if i == _axis(node) else 1 for i in range(codes.ndim)] if zp.ndim else []))
+            [-1 if i == axis else 1 for i in range(codes.ndim)] if zp.ndim else []))
         peak = int(np.abs(signed).max()) if signed.size else 0
         if peak > U8S8_SAFE_WEIGHT:
             issues.append(issue(node, "u8s8-saturation", f"int8 weight codes reach {peak}: 2 x 255 x {peak} = "

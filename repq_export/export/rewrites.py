@@ -4,7 +4,7 @@ kernels, without changing what any quantizer sees.
 onnxruntime fuses `DQ -> Conv (-> Relu) -> Q` into QLinearConv, but only where exactly one
 QuantizeLinear reads the conv, and it has no integer kernel for a conv whose output stays float
 (read by RoiAlign, an Add, a ConvTranspose): those run as float convs on dequantized weights,
-slower than the float model itself. Two rewrites, each a pattern, a check and a rewrite:
+slower than the float model itself. Three rewrites, each a pattern, a check and a rewrite:
 
 - `split_shared_conv`: a conv (and its Relu) read by several QuantizeLinear nodes (the RPN's
   shared conv feeds the cls and the reg quantizer) is cloned once per QuantizeLinear, so that each
@@ -13,6 +13,9 @@ slower than the float model itself. Two rewrites, each a pattern, a check and a 
   (NHWC Transpose, Pad with the zero point's code, one Slice per kernel tap, Concat) and a
   `DQ -> MatMul` over (kh*kw*C, K) weight codes, which onnxruntime runs as MatMulIntegerToFloat.
   Padding with the zero point's code is padding with 0.0, as the conv does.
+- `integer_matmul`: a `DQ -> MatMul (-> Add bias)` on constant weight codes whose output stays
+  float (the linears, the im2col convs) becomes one MatMulIntegerToFloat on the codes with the
+  bias inside; onnxruntime's own fusion would leave the Add as one more pass over the output.
 
 Both compute the same sums of the same code products as the conv they replace; only the float
 rounding of the accumulation differs, as it does between any two conv kernels. Every quantizer
@@ -33,12 +36,15 @@ from .graph_index import Graph, index_graph, node_attr, zero_point_input
 from .locations import QuantizerCall
 
 INT64_MAX = np.iinfo(np.int64).max
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulIntegerToFloat)
 
 
 def optimize_for_onnxruntime(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Both rewrites, in order (a split conv then fuses as QLinearConv and is left alone)."""
+    """Every rewrite, in order: a split conv then fuses as QLinearConv and is left alone; the
+    MatMuls of the im2col convs and of the linears then get their integer kernel and bias."""
     split_shared_conv(proto)
     integer_conv(proto)
+    integer_matmul(proto)
     return proto
 
 
@@ -183,14 +189,7 @@ def integer_conv(proto: onnx.ModelProto) -> int:
     if not matches:
         return 0
     new_inits: list[onnx.TensorProto] = []
-    names = {i.name for i in proto.graph.initializer}
-
-    def add_init(name: str, value: np.ndarray) -> str:
-        if name not in names:
-            names.add(name)
-            new_inits.append(numpy_helper.from_array(value, name))
-        return name
-
+    add_init = _initializer_adder(proto, new_inits)
     replaced = {id(m.conv) for m in matches.values()}
     nodes = []
     for node in graph.nodes:
@@ -203,6 +202,114 @@ def integer_conv(proto: onnx.ModelProto) -> int:
     proto.graph.initializer.extend(new_inits)
     remove_unused(proto)
     return len(matches)
+
+
+# ----------------------------------------------------------------------------- float-output matmuls
+
+
+@dataclasses.dataclass
+class _MatMulMatch:
+    """A quantized MatMul `integer_matmul` can rewrite, and the Add that adds its bias."""
+
+    matmul: onnx.NodeProto
+    x_dq: onnx.NodeProto
+    w_dq: onnx.NodeProto
+    bias: np.ndarray | None
+    add: onnx.NodeProto | None
+
+
+def _constant_bias(graph: Graph, name: str, width: int) -> np.ndarray | None:
+    """A float32 (width,) bias constant, or DequantizeLinear of an int32 one, as float32 values."""
+    value = graph.constant(name)
+    producer = graph.producer.get(name)
+    if value is None and producer is not None and producer.op_type == "DequantizeLinear":
+        k, step = graph.constant(producer.input[0]), graph.constant(producer.input[1])
+        zp = graph.constant(zero_point_input(producer))
+        if k is None or step is None or k.dtype != np.int32 or (zp is not None and np.any(zp)):
+            return None
+        value = k.astype(np.float32) * step.astype(np.float32)  # what DequantizeLinear computes
+    if value is None or value.dtype != np.float32 or value.shape != (width,):
+        return None
+    return value
+
+
+def _match_float_output_matmul(graph: Graph, matmul: onnx.NodeProto) -> _MatMulMatch | None:
+    """Pattern and check: MatMul(DQ(uint8 codes, scalar scale and zero point), DQ(constant 2-D
+    weight codes, per-column or scalar scale)) whose output stays float."""
+    if matmul.op_type != "MatMul":
+        return None
+    x_dq, w_dq = (graph.producer.get(name) for name in matmul.input[:2])
+    if any(p is None or p.op_type != "DequantizeLinear" for p in (x_dq, w_dq)):
+        return None
+    x_zp, weight = zero_point_input(x_dq), graph.constant(w_dq.input[0])
+    if graph.types.get(x_zp) != TensorProto.UINT8 or graph.constant(x_zp) is None or graph.constant(x_zp).size != 1:
+        return None
+    scale = graph.constant(w_dq.input[1])
+    if weight is None or weight.ndim != 2 or scale is None or graph.constant(x_dq.input[1]) is None:
+        return None
+    if scale.size != 1 and (node_attr(w_dq, "axis", 1) not in (1, -1) or scale.shape != (weight.shape[1],)):
+        return None
+    readers = graph.consumers.get(matmul.output[0], [])
+    if matmul.output[0] in graph.outputs or (len(readers) == 1 and readers[0].op_type == "QuantizeLinear"):
+        return None  # a graph output, or onnxruntime makes it a QLinearMatMul already
+    if len(readers) == 1 and readers[0].op_type == "Add":
+        add = readers[0]
+        other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+        bias = _constant_bias(graph, other, weight.shape[1])
+        if bias is not None:
+            return _MatMulMatch(matmul, x_dq, w_dq, bias, add)
+    return _MatMulMatch(matmul, x_dq, w_dq, None, None)
+
+
+def _matmul_integer_to_float(m: _MatMulMatch, add_init) -> onnx.NodeProto:
+    """The rewrite: one com.microsoft MatMulIntegerToFloat on the codes, with the bias inside."""
+    name = m.matmul.name or m.matmul.output[0]
+    inputs = [m.x_dq.input[0], m.w_dq.input[0], m.x_dq.input[1], m.w_dq.input[1], zero_point_input(m.x_dq),
+              zero_point_input(m.w_dq)]
+    out = m.matmul.output[0]
+    if m.bias is not None:
+        inputs.append(add_init(f"{name}/bias", m.bias))
+        out = m.add.output[0]
+    return helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{name}/integer", domain=MS_DOMAIN)
+
+
+def integer_matmul(proto: onnx.ModelProto) -> int:
+    """Write every quantized MatMul whose output stays float (the linears, the im2col convs) as
+    MatMulIntegerToFloat with its bias inside. onnxruntime forms that op itself from `DQ -> MatMul`
+    but leaves the bias Add as a separate pass over the output. Returns the number rewritten."""
+    graph = index_graph(proto)
+    matches = {id(m.matmul): m for m in (_match_float_output_matmul(graph, n) for n in graph.nodes) if m}
+    if not matches:
+        return 0
+    adds = {id(m.add) for m in matches.values() if m.add is not None and m.bias is not None}
+    new_inits: list[onnx.TensorProto] = []
+    add_init = _initializer_adder(proto, new_inits)
+    nodes = []
+    for node in graph.nodes:
+        if id(node) in matches:
+            nodes.append(_matmul_integer_to_float(matches[id(node)], add_init))
+        elif id(node) not in adds:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    remove_unused(proto)
+    return len(matches)
+
+
+def _initializer_adder(proto: onnx.ModelProto, new_inits: list[onnx.TensorProto]):
+    """add_init(name, value) -> name: a new initializer, once per name, collected in new_inits."""
+    names = {i.name for i in proto.graph.initializer}
+
+    def add_init(name: str, value: np.ndarray) -> str:
+        if name not in names:
+            names.add(name)
+            new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    return add_init
 
 
 def remove_unused(proto: onnx.ModelProto) -> None:
