@@ -37,12 +37,41 @@ class Graph:
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)
+    folded_values: dict[str, np.ndarray] = field(default_factory=dict)  # cache of `folded`
 
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
 
     def is_constant(self, name: str) -> bool:
         return bool(name) and name in self.constants
+
+    def folded(self, name: str, max_nodes: int = 16) -> np.ndarray | None:
+        """The value of `name` where it is a constant or a small expression of constants only
+        (onnxruntime folds those when a session opens), evaluated with ONNX's reference runtime."""
+        if not name or name in self.constants:
+            return self.constant(name)
+        if name in self.folded_values:
+            return self.folded_values[name]
+        ids, stack = set(), [name]
+        while stack:
+            value = stack.pop()
+            if value in self.constants:
+                continue
+            node = self.producer.get(value)
+            if node is None or len(ids) >= max_nodes:
+                return None  # a graph input, or too large to be a weight expression
+            if id(node) not in ids:
+                ids.add(id(node))
+                stack.extend(i for i in node.input if i)
+        nodes = [n for n in self.nodes if id(n) in ids]  # graph order is topological
+        leaves = {i for n in nodes for i in n.input if i in self.constants}
+        model = onnx.helper.make_model(onnx.helper.make_graph(
+            nodes, "folded", [], [onnx.helper.make_empty_tensor_value_info(name)],
+            [numpy_helper.from_array(self.constants[i], i) for i in sorted(leaves)]), opset_imports=self.model.opset_import)
+        from onnx.reference import ReferenceEvaluator
+
+        self.folded_values[name] = value = ReferenceEvaluator(model).run(None, {})[0]
+        return value
 
 
 def index_graph(model: onnx.ModelProto) -> Graph:

@@ -13,7 +13,9 @@ quant, or an integer kernel could saturate):
   codes within +-64. onnxruntime's u8s8 kernels on AVX2
   CPUs without VNNI add two uint8 x int8 products in int16 (vpmaddubsw): 2 x 255 x 64 = 32640
   fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
-  are uint8 with per-channel zero points (u8u8 kernels, which widen before multiplying).
+  are stored as uint8 with per-channel zero points and multiplied as two int8 halves hi, lo
+  (codes - zp = 16 hi + lo, `rewrites.split_uint8_weights`), each within +-16; the rule reads
+  them through their folded expression.
 - ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
 """
 
@@ -118,7 +120,7 @@ def _weight_codes(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.nd
         codes, zp, axis = node.input[1], node.input[5] if len(node.input) > 5 else "", 1
     else:
         return None
-    value = graph.constant(codes)
+    value = graph.folded(codes)  # a constant, or derived from one (`rewrites.split_uint8_weights`)
     if value is None or value.dtype != np.int8 or value.ndim < 2:
         return None
     return value, graph.constant(zp), axis

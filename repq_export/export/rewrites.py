@@ -45,6 +45,7 @@ def optimize_for_onnxruntime(proto: onnx.ModelProto) -> onnx.ModelProto:
     split_shared_conv(proto)
     integer_conv(proto)
     integer_matmul(proto)
+    split_uint8_weights(proto)
     return proto
 
 
@@ -65,6 +66,13 @@ def _reads_codes(graph: Graph, conv: onnx.NodeProto) -> bool:
     return all(p is not None and p.op_type == "DequantizeLinear" for p in (x, w))
 
 
+def _uint8_weight(graph: Graph, node: onnx.NodeProto) -> bool:
+    """Whether the node's weight input is DequantizeLinear of uint8 codes (8-bit weights, whose
+    QLinearConv / QLinearMatMul would run on onnxruntime's slow u8u8 kernels)."""
+    w_dq = graph.producer.get(node.input[1])
+    return w_dq is not None and w_dq.op_type == "DequantizeLinear" and graph.types.get(w_dq.input[0]) == TensorProto.UINT8
+
+
 def split_shared_conv(proto: onnx.ModelProto) -> int:
     """Clone each quantized conv (+Relu) read only by two or more QuantizeLinear nodes, once per
     reader. Returns the number of clones made."""
@@ -72,8 +80,8 @@ def split_shared_conv(proto: onnx.ModelProto) -> int:
     clones: dict[str, list[onnx.NodeProto]] = {}  # name of the chain's last node -> clones after it
     made = 0
     for conv in graph.nodes:
-        if conv.op_type != "Conv" or not _reads_codes(graph, conv):
-            continue
+        if conv.op_type != "Conv" or not _reads_codes(graph, conv) or _uint8_weight(graph, conv):
+            continue  # (a uint8-weight conv becomes one im2col MatMul that every reader shares)
         chain = _conv_chain(graph, conv)
         out = chain[-1].output[0]
         readers = graph.consumers.get(out, [])
@@ -133,8 +141,8 @@ def _match_float_output_conv(graph: Graph, conv: onnx.NodeProto) -> _ConvMatch |
     if any(s != 1 for s in node_attr(conv, "strides", [1, 1])) or any(d != 1 for d in node_attr(conv, "dilations", [1, 1])):
         return None
     readers = graph.consumers.get(_conv_chain(graph, conv)[-1].output[0], [])
-    if len(readers) == 1 and readers[0].op_type == "QuantizeLinear":
-        return None  # onnxruntime makes this a QLinearConv already
+    if len(readers) == 1 and readers[0].op_type == "QuantizeLinear" and weight.dtype != np.uint8:
+        return None  # onnxruntime makes this a QLinearConv already (a fast one: int8 weights)
     pads = list(node_attr(conv, "pads", [0, 0, 0, 0]))
     return _ConvMatch(conv, x_dq, w_dq, weight, [pads[0], pads[1], pads[2], pads[3]])
 
@@ -250,7 +258,8 @@ def _match_float_output_matmul(graph: Graph, matmul: onnx.NodeProto) -> _MatMulM
     if scale.size != 1 and (node_attr(w_dq, "axis", 1) not in (1, -1) or scale.shape != (weight.shape[1],)):
         return None
     readers = graph.consumers.get(matmul.output[0], [])
-    if matmul.output[0] in graph.outputs or (len(readers) == 1 and readers[0].op_type == "QuantizeLinear"):
+    if matmul.output[0] in graph.outputs or (
+            len(readers) == 1 and readers[0].op_type == "QuantizeLinear" and weight.dtype != np.uint8):
         return None  # a graph output, or onnxruntime makes it a QLinearMatMul already
     if len(readers) == 1 and readers[0].op_type == "Add":
         add = readers[0]
@@ -310,6 +319,70 @@ def _initializer_adder(proto: onnx.ModelProto, new_inits: list[onnx.TensorProto]
         return name
 
     return add_init
+
+
+# ----------------------------------------------------------------------------- 8-bit weights
+
+
+def _split_expression(codes: str, zp: str, add_init) -> tuple[list[onnx.NodeProto], str, str]:
+    """Nodes computing int8 hi, lo with codes - zp = 16 hi + lo from the stored uint8 codes and
+    their per-column zero points: lo = (codes - zp) mod 16 in 0..15, hi = (codes - zp - lo) / 16 in
+    -16..15. Kept as an expression so the file stores the weight once; onnxruntime folds it when
+    the session opens."""
+    def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{codes}/{out}"], name=f"{codes}/{out}", **attrs)
+
+    sixteen = add_init(f"{codes}/sixteen", np.array(16, np.int16))
+    nodes = [helper.make_node("Cast", [codes], [f"{codes}/i16"], name=f"{codes}/i16", to=TensorProto.INT16),
+             helper.make_node("Cast", [zp], [f"{codes}/zp_i16"], name=f"{codes}/zp_i16", to=TensorProto.INT16),
+             node("Sub", [f"{codes}/i16", f"{codes}/zp_i16"], "signed"),
+             node("Mod", [f"{codes}/signed", sixteen], "lo_i16", fmod=0),
+             node("Sub", [f"{codes}/signed", f"{codes}/lo_i16"], "hi_x16"),
+             node("Div", [f"{codes}/hi_x16", sixteen], "hi_i16"),
+             node("Cast", [f"{codes}/hi_i16"], "hi", to=TensorProto.INT8),
+             node("Cast", [f"{codes}/lo_i16"], "lo", to=TensorProto.INT8)]
+    return nodes, f"{codes}/hi", f"{codes}/lo"
+
+
+def split_uint8_weights(proto: onnx.ModelProto) -> int:
+    """Write each MatMulIntegerToFloat on uint8 weight codes (8-bit weights, zero point per column)
+    as two on int8 codes: A @ (codes - zp) = 16 (A @ hi) + (A @ lo), added in float.
+
+    onnxruntime runs uint8 x uint8 products on slow kernels (about 4x slower than uint8 x int8
+    here); int8 codes of 8-bit weights (q - zp reaches +-255) do not fit int8, and even shifted
+    by 128 would saturate u8s8 kernels on AVX2 CPUs without VNNI. hi and lo stay within +-16.
+    Returns the number of MatMuls split."""
+    graph = index_graph(proto)
+    targets = [n for n in graph.nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) > 5
+               and graph.types.get(n.input[1]) == TensorProto.UINT8 and graph.is_constant(n.input[1])]
+    if not targets:
+        return 0
+    new_inits: list[onnx.TensorProto] = []
+    add_init = _initializer_adder(proto, new_inits)
+    derived: dict[str, tuple[str, str]] = {}
+    head, replaced = [], {}
+    for mm in targets:
+        codes, scale, zp = mm.input[1], mm.input[3], mm.input[5]
+        if codes not in derived:
+            nodes, hi, lo = _split_expression(codes, zp, add_init)
+            head.extend(nodes)
+            derived[codes] = (hi, lo)
+        hi, lo = derived[codes]
+        scale16 = add_init(f"{scale}/x16", graph.constant(scale) * np.float32(16))  # exact: a power of two
+        name, out, bias = mm.name or mm.output[0], mm.output[0], list(mm.input[6:7])
+        a = [mm.input[0]]
+        replaced[id(mm)] = [
+            helper.make_node("MatMulIntegerToFloat", a + [hi, mm.input[2], scale16, mm.input[4], ""] + bias,
+                             [f"{out}/hi"], name=f"{name}/hi", domain=MS_DOMAIN),
+            helper.make_node("MatMulIntegerToFloat", a + [lo, mm.input[2], scale, mm.input[4]], [f"{out}/lo"],
+                             name=f"{name}/lo", domain=MS_DOMAIN),
+            helper.make_node("Add", [f"{out}/hi", f"{out}/lo"], [out], name=f"{name}/hi_plus_lo")]
+    nodes = head + [x for n in graph.nodes for x in replaced.get(id(n), [n])]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.extend(new_inits)
+    remove_unused(proto)
+    return len(targets)
 
 
 def remove_unused(proto: onnx.ModelProto) -> None:
