@@ -125,11 +125,12 @@ def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
     assert elements > 1_000_000 and differ > 0
 
 
-def test_rewrites_split_the_shared_rpn_conv_and_move_codes_only(ort_graph):
+def test_rewrites_compute_the_shared_rpn_conv_once_and_move_codes_only(ort_graph):
     """The exported graph keeps a conv only where one QuantizeLinear reads it (a QLinearConv for
-    onnxruntime) or it has a stride (the patch embedding); every float-output conv became
-    Transpose/Pad/Slice/Concat on the codes and a MatMulIntegerToFloat. At 8 bits every stride-1
-    conv is im2col (QLinearConv would multiply uint8 by uint8), the RPN conv once for both readers."""
+    onnxruntime) or it has a stride (the patch embedding); every float-output conv, the RPN conv
+    its two quantizers read included, became Transpose/Pad/Slice/Concat on the codes and a
+    MatMulIntegerToFloat. At 8 bits every stride-1 conv is im2col (QLinearConv would multiply
+    uint8 by uint8)."""
     bits, _, _, _, proto = ort_graph
     ops = [n.op_type for n in proto.graph.node]
     readers: dict[str, list[str]] = {}
@@ -137,11 +138,7 @@ def test_rewrites_split_the_shared_rpn_conv_and_move_codes_only(ort_graph):
         for name in node.input:
             readers.setdefault(name, []).append(node.op_type)
     relus = [n for n in proto.graph.node if n.op_type == "Relu" and n.name.startswith("/rpn_head/Relu")]
-    if bits == 8:
-        assert relus and all(readers[r.output[0]] == ["QuantizeLinear"] * 2 for r in relus)
-    else:
-        assert len([r for r in relus if r.name.endswith("/split_1")]) == len(relus) // 2 > 0
-        assert relus and all(readers[r.output[0]] == ["QuantizeLinear"] for r in relus)
+    assert relus and all(readers[r.output[0]] == ["QuantizeLinear"] * 2 for r in relus)
     for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
         out = conv.output[0]
         if readers[out] == ["Relu"]:
