@@ -88,18 +88,19 @@ def test_weight_dq_equals_fake_quant_and_is_int8(n_bits: int) -> None:
 
 
 class LogQ(nn.Module):
-    def __init__(self, scale: torch.Tensor, n_bits: int) -> None:
+    def __init__(self, scale: torch.Tensor, n_bits: int, cast_floors: bool = False) -> None:
         super().__init__()
-        self.scale, self.n_bits = scale, n_bits
+        self.scale, self.n_bits, self.cast_floors = scale, n_bits, cast_floors
         self.upper = log_sqrt2_upper(log_sqrt2_thresholds(scale, n_bits))
         self.lut = log_sqrt2_lut(scale, n_bits)
 
     def forward(self, x):
-        return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits)
+        return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits, self.cast_floors)
 
 
+@pytest.mark.parametrize("cast_floors", [False, True], ids=["floor", "cast"])
 @pytest.mark.parametrize("n_bits", [3, 4, 6, 8])
-def test_log_sqrt2_lowering_equals_fake_quant(n_bits: int) -> None:
+def test_log_sqrt2_lowering_equals_fake_quant(n_bits: int, cast_floors: bool) -> None:
     """Exact at every width; at 8 bits the last boundaries are subnormal floats (the softmax of a
     masked window gives such values), where a guess from Log(clamp(x, tiny)) is many codes off."""
     torch.manual_seed(1)
@@ -109,9 +110,10 @@ def test_log_sqrt2_lowering_equals_fake_quant(n_bits: int) -> None:
     boundary = torch.cat([t, torch.nextafter(t, torch.zeros_like(t)), torch.nextafter(t, torch.ones_like(t))])
     x = torch.cat([attn, boundary, torch.tensor([0.0, 1.0, 1e-30, 1e-40, 1e-45])])
     want = log_sqrt2_fake_quant(x, scale, n_bits)
-    assert torch.equal(LogQ(scale, n_bits)(x), want)  # the torch form of the lowering
-    (out,), model = run_onnx(LogQ(scale, n_bits), x)
+    assert torch.equal(LogQ(scale, n_bits, cast_floors)(x), want)  # the torch form of the lowering
+    (out,), model = run_onnx(LogQ(scale, n_bits, cast_floors), x)
     assert np.array_equal(out, want.numpy())
     codes = log_sqrt2_codes(x, scale, n_bits)
     assert int((codes == 2**n_bits).sum()) > 0 and int((codes == 0).sum()) > 0  # both ends exercised
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    assert any(n.op_type == "Floor" for n in model.graph.node) != cast_floors

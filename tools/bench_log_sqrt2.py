@@ -8,7 +8,9 @@ Candidates (each checked bit-exact against fake quant before it is timed):
   - int32 two-sided: the same with int32 indices (the lowering before the one-sided guess);
   - float code: the two-sided correction in float, one cast to int32 before the table Gather;
   - one-sided, Gather: a floored guess, one comparison, two Gathers;
-  - one-sided (today's `qdq.log_sqrt2_lowered`): the same, both lookups as flat GatherElements.
+  - one-sided, flat (`qdq.log_sqrt2_lowered`, TensorRT form): the same, both lookups as flat
+    GatherElements, a product by 1/d instead of a quotient;
+  - one-sided, flat, cast floors (the onnxruntime form): no Floor, the int32 Cast truncates.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def lowered_float_code(x, scale, upper, lut, n_bits):
     return lut[torch.clamp(code, 0, levels).int()]
 
 
+def lowered_cast_floors(x, scale, upper, lut, n_bits):
+    return log_sqrt2_lowered(x, scale, upper, lut, n_bits, cast_floors=True)
+
+
 def lowered_one_sided_gather(x, scale, upper, lut, n_bits):
     levels = 2**n_bits
     guess = torch.floor(torch.log(torch.clamp(x, min=torch.finfo(torch.float32).tiny) / scale) * (-2.0 / LN2))
@@ -93,9 +99,11 @@ def main() -> None:
     sessions = {}
     for name, fn in (("int64 two-sided", lowered_int64), ("int32 two-sided", lowered_int32),
                      ("float code", lowered_float_code), ("one-sided, Gather", lowered_one_sided_gather),
-                     ("one-sided (today)", log_sqrt2_lowered)):
+                     ("one-sided, flat (TensorRT form)", log_sqrt2_lowered),
+                     ("one-sided, flat, cast floors (onnxruntime form)", lowered_cast_floors)):
         buf = io.BytesIO()
-        torch.onnx.export(Lowered(fn, q, fn not in (log_sqrt2_lowered, lowered_one_sided_gather)), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+        two_sided = fn not in (log_sqrt2_lowered, lowered_cast_floors, lowered_one_sided_gather)
+        torch.onnx.export(Lowered(fn, q, two_sided), (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = args.threads, 3
         sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])

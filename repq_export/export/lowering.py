@@ -125,7 +125,7 @@ class LogSqrt2Lowered(nn.Module):
         self.register_buffer("lut", q.lut().detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits)
+        return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits, cast_floors=self.form == ONNXRUNTIME)
 
 
 def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, form: str = TENSORRT) -> nn.Module:

@@ -122,16 +122,21 @@ def log_sqrt2_upper(thresholds: Tensor) -> Tensor:
     return thresholds.detach().clone()
 
 
-def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int) -> Tensor:
-    """Log-sqrt2 quantization as plain float ops (Log, Floor, one comparison, two table lookups).
+def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int,
+                      cast_floors: bool = False) -> Tensor:
+    """Log-sqrt2 quantization as plain float ops (Log, one comparison, two table lookups).
 
     The code of x is c = #{k : x < t_k}, with t_k ~ d * 2^-(k + 1/2)/2 the float32 bucket boundaries
     the fake quantizer compares against (`quant.log_sqrt2.log_sqrt2_thresholds`). In real numbers
     c = ceil(v) with v = -2 log2(x / d) - 1/2, and x < t_g is exactly v > g. So for any integer g
     within one of v, c = g + [x < t_g]: g = floor(-2 log2(x / d)) from float32 Log is such a guess
-    (its error is far below 1/2), clamped to 0 .. 2^n - 1, where the same identity still holds at
-    both ends. One lookup of the boundary and one comparison make the code exact; the output is
-    lut[c], the fake quantizer's own table (lut[2^n] = 0; x = 0 lands there).
+    (its error, from Log and from multiplying by 1/d, is far below 1/2), clamped to 0 .. 2^n - 1,
+    where the same identity still holds at both ends. One lookup of the boundary and one
+    comparison make the code exact; the output is lut[c], the fake quantizer's own table
+    (lut[2^n] = 0; x = 0 lands there).
+
+    cast_floors: clamp first and let the int32 Cast truncate (onnxruntime's Cast truncates toward
+    zero, which is floor on 0 .. 2^n - 1), one pass fewer than Floor; the TensorRT form keeps Floor.
     """
     levels = 2**n_bits
     tiny = torch.finfo(torch.float32).tiny
@@ -142,9 +147,10 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
         x_guess, shift = x * 18446744073709551616.0, 128.0
     else:
         x_guess, shift = x, 0.0
-    guess = torch.floor(torch.log(torch.clamp(x_guess, min=tiny) / scale) * (-2.0 / 0.6931471805599453))
+    # a product by 1/d rather than a quotient: cheaper, and the guess need not be exact
+    guess = torch.log(torch.clamp(x_guess, min=tiny) * torch.reciprocal(scale)) * (-2.0 / 0.6931471805599453)
     if shift:
         guess = guess + shift
     # int32 indices (codes are 0 .. 256): half the memory traffic of int64 over every attention map
-    guess = torch.clamp(guess, 0, levels - 1).int()
+    guess = torch.clamp(guess if cast_floors else torch.floor(guess), 0, levels - 1).int()
     return TableLookup.apply(lut, guess + (x < TableLookup.apply(upper, guess)).int())
