@@ -66,9 +66,10 @@ class OnnxRuntimeConfig:
     """onnxruntime session settings."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    #: at 'extended'/'all' onnxruntime fuses DequantizeLinear -> MatMul into MatMulIntegerToFloat,
-    #: exact for the exporter's <= 7-bit weight codes but saturating full-range int8 weights on
-    #: AVX2 CPUs without VNNI (docs/numerics.md): 'basic' avoids the fusion for such graphs.
+    #: at 'extended'/'all' onnxruntime forms its integer kernels (QLinearConv, MatMulIntegerToFloat).
+    #: Those saturate full-range int8 weights on AVX2 CPUs without VNNI (docs/numerics.md); the
+    #: exporter's int8 weight codes stay within +-64 (8-bit weights as two halves), so every level
+    #: is exact for its graphs. 'basic' avoids the fusions for graphs from elsewhere.
     graph_optimization_level: str = "all"
     type: str = "onnxruntime"
 
