@@ -286,8 +286,8 @@ def _split_expression(codes: str, zp: str, add_init) -> tuple[list[onnx.NodeProt
         return helper.make_node(op, inputs, [f"{codes}/{out}"], name=f"{codes}/{out}", **attrs)
 
     sixteen = add_init(f"{codes}/sixteen", np.array(16, np.int16))
-    nodes = [helper.make_node("Cast", [codes], [f"{codes}/i16"], name=f"{codes}/i16", to=TensorProto.INT16),
-             helper.make_node("Cast", [zp], [f"{codes}/zp_i16"], name=f"{codes}/zp_i16", to=TensorProto.INT16),
+    nodes = [node("Cast", [codes], "i16", to=TensorProto.INT16),
+             node("Cast", [zp], "zp_i16", to=TensorProto.INT16),
              node("Sub", [f"{codes}/i16", f"{codes}/zp_i16"], "signed"),
              node("Mod", [f"{codes}/signed", sixteen], "lo_i16", fmod=0),
              node("Sub", [f"{codes}/signed", f"{codes}/lo_i16"], "hi_x16"),
@@ -306,31 +306,31 @@ def split_uint8_weights(proto: onnx.ModelProto) -> int:
     by 128 would saturate u8s8 kernels on AVX2 CPUs without VNNI. hi and lo stay within +-16.
     Returns the number of MatMuls split."""
     graph = index_graph(proto)
-    targets = [n for n in graph.nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) > 5
+    targets = [n for n in graph.nodes if n.op_type == "MatMulIntegerToFloat" and len(n.input) > 5 and n.input[5]
                and graph.types.get(n.input[1]) == TensorProto.UINT8 and graph.is_constant(n.input[1])]
     if not targets:
         return 0
     new_inits: list[onnx.TensorProto] = []
     add_init = _initializer_adder(proto, new_inits)
     derived: dict[str, tuple[str, str]] = {}
-    head, replaced = [], {}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
     for mm in targets:
         codes, scale, zp = mm.input[1], mm.input[3], mm.input[5]
+        expression = []  # hi and lo, computed just before their first reader (graph order stays topological)
         if codes not in derived:
-            nodes, hi, lo = _split_expression(codes, zp, add_init)
-            head.extend(nodes)
+            expression, hi, lo = _split_expression(codes, zp, add_init)
             derived[codes] = (hi, lo)
         hi, lo = derived[codes]
         scale16 = add_init(f"{scale}/x16", graph.constant(scale) * np.float32(16))  # exact: a power of two
         name, out, bias = mm.name or mm.output[0], mm.output[0], list(mm.input[6:7])
         a = [mm.input[0]]
-        replaced[id(mm)] = [
+        replaced[id(mm)] = expression + [
             helper.make_node("MatMulIntegerToFloat", a + [hi, mm.input[2], scale16, mm.input[4], ""] + bias,
                              [f"{out}/hi"], name=f"{name}/hi", domain=MS_DOMAIN),
             helper.make_node("MatMulIntegerToFloat", a + [lo, mm.input[2], scale, mm.input[4]], [f"{out}/lo"],
                              name=f"{name}/lo", domain=MS_DOMAIN),
             helper.make_node("Add", [f"{out}/hi", f"{out}/lo"], [out], name=f"{name}/hi_plus_lo")]
-    nodes = head + [x for n in graph.nodes for x in replaced.get(id(n), [n])]
+    nodes = [x for n in graph.nodes for x in replaced.get(id(n), [n])]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     proto.graph.initializer.extend(new_inits)
