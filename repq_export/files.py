@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from repq_export.errors import UserError
@@ -23,6 +26,28 @@ def file_sha256(path: str | Path) -> str:
 def temporary_name(path: Path) -> Path:
     """The hidden sibling a file is written to before it is renamed into place: ``.NAME.tmpPID``."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, so a few renames that belong together are not
+    cut in half; a signal that came meanwhile is raised again, to its usual handler, right after.
+
+    Done with Python handlers, not a signal mask: a mask holds only the calling thread, and torch's
+    worker threads would still take a signal sent to the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def write_atomically(path: str | Path, content: bytes | str | Callable[[Path], object]) -> Path:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
+from .files import deferred_signals, temporary_name
 
 MANIFEST = "repq.json"
 MANIFEST_FORMAT = "repq-export-artifact"
@@ -158,24 +159,30 @@ def staged_dir(out: Path, force: bool, option: str = "--out") -> Iterator[Path]:
     check_replaceable(out, force, option)
     remove_stale_temporaries(out)
     resolved = out.resolve()
-    tmp = resolved.with_name(f".{resolved.name}.tmp{os.getpid()}")
+    tmp = temporary_name(resolved)
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise UserError(f"{option} {out}: cannot create the folder ({exc.strerror or exc})") from None
-    try:
+    try:  # the folder is made inside the block whose `finally` removes it: a signal can land right after mkdir
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise UserError(f"{option} {out}: cannot create the folder ({exc.strerror or exc})") from None
         yield tmp
         check_replaceable(out, force, option)  # again: the folder may have changed during the work
-        old = None
-        if resolved.exists():
-            old = resolved.with_name(f".{resolved.name}.old{os.getpid()}")
-            if old.is_dir():
+        with deferred_signals():  # the old artifact is moved aside and the new one moved in as one step
+            old = None
+            if resolved.exists():
+                old = resolved.with_name(f".{resolved.name}.old{os.getpid()}")
+                if old.is_dir():
+                    _clear_tool_files(old)
+                os.replace(resolved, old)
+            try:
+                os.replace(tmp, resolved)
+            except OSError:
+                if old is not None:
+                    os.replace(old, resolved)  # the previous artifact goes back under its name
+                raise
+            if old is not None:
                 _clear_tool_files(old)
-            os.replace(resolved, old)
-        os.replace(tmp, resolved)
-        if old is not None:
-            _clear_tool_files(old)
     except OSError as exc:  # disk full, folder removed under us: nothing is written
         raise UserError(f"{option} {out}: cannot write it ({exc.strerror or exc})") from None
     finally:

@@ -6,6 +6,7 @@ the folders it was pointed at as they were. Refusals happen before calibration w
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -23,7 +24,8 @@ import torch
 from cli_helpers import CLI, REPO, TINY_MASK, call_main, one_error, tiny_artifact
 from repq_export import cli
 from repq_export.commands import test_tool
-from repq_export.output_dir import remove_stale_temporaries
+from repq_export.commands.common import Terminated, _raise_terminated
+from repq_export.output_dir import MANIFEST_FORMAT, remove_stale_temporaries, staged_dir
 from repq_export.resources import DEPLOY_CONFIGS_DIR
 
 
@@ -130,6 +132,45 @@ def test_sigterm_removes_the_temporary_folder(work):
         assert names in (["calib", "m.pth", "notes.txt"], ["calib", "m.pth", "notes.txt", "out"]), names
         return
     pytest.fail("in 3 tries the export always finished before SIGTERM arrived")
+
+
+def test_a_signal_right_after_the_temporary_folder_is_made_removes_it(tmp_path, monkeypatch):
+    # The window the SIGTERM test hits only by luck: the folder exists, the work has not started.
+    made = Path.mkdir
+
+    def mkdir_then_terminated(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        raise Terminated()
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_terminated)
+    with pytest.raises(Terminated):
+        with staged_dir(tmp_path / "out", force=False):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signals_are_held_while_the_artifact_is_swapped(tmp_path, monkeypatch):
+    # SIGTERM sent between the two renames (old artifact aside, new one in) is raised only after both.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "repq.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))  # an earlier artifact
+    real_replace = os.replace
+    sent = []
+
+    def replace_with_signal(src, dst):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        real_replace(src, dst)
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with staged_dir(tmp_path / "out", force=True) as tmp:
+                (tmp / "repq.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "new": 1}))
+                monkeypatch.setattr(os, "replace", replace_with_signal)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent and json.loads((tmp_path / "out" / "repq.json").read_text())["new"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def dead_pid() -> int:
