@@ -31,6 +31,15 @@ SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32
 
 ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
+#: backend_config.target_cpu: the CPUs an onnxruntime-form graph is exact on. 'any' (default):
+#: int8 weight codes stay within +-64 and 8-bit weights are multiplied as two int8 halves, so no
+#: u8s8 kernel can saturate on any CPU. 'vnni': 8-bit weights as full-range int8, one product per
+#: layer (faster); exact only where u8s8 kernels do not add pairs of products in int16 (x86 with
+#: AVX-512 VNNI, AVX-VNNI or AMX; ARM64), and the onnxruntime runner refuses other CPUs.
+TARGET_ANY = "any"
+TARGET_VNNI = "vnni"
+TARGET_CPUS = (TARGET_ANY, TARGET_VNNI)
+
 # mmdeploy keys that this project deliberately does not take, with the reason.
 _NOT_TAKEN = {
     "int8_mode": "INT8 comes from the Q/DQ nodes of the exported graph (explicit quantization); remove it",
@@ -71,6 +80,7 @@ class OnnxRuntimeConfig:
     #: exporter's int8 weight codes stay within +-64 (8-bit weights as two halves), so every level
     #: is exact for its graphs. 'basic' avoids the fusions for graphs from elsewhere.
     graph_optimization_level: str = "all"
+    target_cpu: str = TARGET_ANY  # see TARGET_CPUS
     type: str = "onnxruntime"
 
 
@@ -297,7 +307,7 @@ class _Reader:
         raise self.fail(f"{key}.type", f"must be 'onnxruntime' or 'tensorrt', got {kind!r}")
 
     def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
-        self.keys(key, raw, ("type", "providers", "graph_optimization_level"))
+        self.keys(key, raw, ("type", "providers", "graph_optimization_level", "target_cpu"))
         providers = self.string_list(f"{key}.providers", raw.get("providers", ["CPUExecutionProvider"]))
         if not providers:
             raise self.fail(f"{key}.providers", "must name at least one provider")
@@ -310,7 +320,10 @@ class _Reader:
         if level not in ORT_OPTIMIZATION_LEVELS:
             raise self.fail(f"{key}.graph_optimization_level",
                             f"must be one of {list(ORT_OPTIMIZATION_LEVELS)}, got {level!r}")
-        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level)
+        target = self.expect(f"{key}.target_cpu", raw.get("target_cpu", TARGET_ANY), "str")
+        if target not in TARGET_CPUS:
+            raise self.fail(f"{key}.target_cpu", f"must be one of {list(TARGET_CPUS)}, got {target!r}")
+        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level, target_cpu=target)
 
     def tensorrt(self, key: str, raw: dict) -> TensorRTConfig:
         self.keys(key, raw, ("type", "common_config", "model_inputs"))

@@ -45,7 +45,12 @@ def error_of(tmp_path, text):
 def test_shipped_onnxruntime_configs():
     cpu = load_deploy_config(CONFIGS / "instance-seg_onnxruntime_cpu.py")
     cuda = load_deploy_config(CONFIGS / "instance-seg_onnxruntime_cuda.py")
-    assert cpu.backend == OnnxRuntimeConfig(providers=("CPUExecutionProvider",), graph_optimization_level="all")
+    vnni = load_deploy_config(CONFIGS / "instance-seg_onnxruntime_cpu-vnni.py")
+    assert cpu.backend == OnnxRuntimeConfig(providers=("CPUExecutionProvider",), graph_optimization_level="all",
+                                            target_cpu="any")
+    assert vnni.backend == OnnxRuntimeConfig(providers=("CPUExecutionProvider",), graph_optimization_level="all",
+                                             target_cpu="vnni")
+    assert (vnni.onnx, vnni.codebase) == (cpu.onnx, cpu.codebase)  # only the target CPU differs
     assert cuda.backend.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
     for cfg in (cpu, cuda):
         assert cfg.backend_type == "onnxruntime"
@@ -198,6 +203,8 @@ def test_backend_and_codebase_values(tmp_path):
         error_of(tmp_path, "backend_config = dict(type='onnxruntime', providers=['CUDA'])")
     assert "graph_optimization_level: must be one of" in \
         error_of(tmp_path, "backend_config = dict(type='onnxruntime', graph_optimization_level='max')")
+    assert "backend_config.target_cpu: must be one of ['any', 'vnni'], got 'avx2'" in \
+        error_of(tmp_path, "backend_config = dict(type='onnxruntime', target_cpu='avx2')")
     ort = "backend_config = dict(type='onnxruntime')\n"
     assert "codebase_config.task: must be 'InstanceSegmentation'" in \
         error_of(tmp_path, ort + "codebase_config = dict(task='ObjectDetection')")

@@ -95,7 +95,7 @@ def test_session_settings_travel_with_the_artifact(made):
     assert runner.session.get_providers() == ["CPUExecutionProvider"]
     manifest = json.loads((out / "repq.json").read_text())
     assert manifest["backend"] == {"type": "onnxruntime", "providers": ["CPUExecutionProvider"],
-                                   "graph_optimization_level": "basic"}
+                                   "graph_optimization_level": "basic", "target_cpu": "any"}
 
 
 def test_a_provider_this_onnxruntime_lacks_is_refused(made):

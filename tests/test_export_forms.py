@@ -16,25 +16,40 @@ from repq_export.errors import UserError
 from repq_export.evaluation.parity import compare_codes, find_code_probes, with_probe_outputs
 from repq_export.export.artifact import ExportRequest, export_artifact
 from repq_export.export.graph_index import index_graph
-from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_form
+from repq_export.deploy_config import TARGET_ANY, TARGET_VNNI
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_form, graph_target_cpu
 from repq_export.export.locations import read_calls
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.ort_check import check_onnxruntime_form
 from repq_export.quant.layers import named_quantizers
 from repq_export.resources import DEPLOY_CONFIGS_DIR
+from repq_export.runtime.cpu_features import saturation_free
 
 from test_export import IMG_HW, tiny_quant_model
 
-CASES = [("mask", 4), ("cascade", 4), ("mask", 6), ("mask", 8)]
+CASES = [("mask", 4, TARGET_ANY), ("cascade", 4, TARGET_ANY), ("mask", 6, TARGET_ANY), ("mask", 8, TARGET_ANY),
+         ("mask", 8, TARGET_VNNI)]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{k}-w{b}a{b}" for k, b in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{k}-w{b}a{b}" + (t == TARGET_VNNI) * "-vnni" for k, b, t in CASES])
 def ort_graph(request, tmp_path_factory):
-    kind, bits = request.param
+    kind, bits, target = request.param
     qmodel, img = tiny_quant_model(kind, bits)
-    path = tmp_path_factory.mktemp(f"{kind}{bits}") / "model.onnx"
-    proto = export_onnx(qmodel, path, img, IMG_HW, form=ONNXRUNTIME)
+    path = tmp_path_factory.mktemp(f"{kind}{bits}{target}") / "model.onnx"
+    proto = export_onnx(qmodel, path, img, IMG_HW, form=ONNXRUNTIME, target_cpu=target)
     return bits, qmodel, img, path, proto
+
+
+def one_u8s8_product(proto: onnx.ModelProto, bits: int) -> bool:
+    """Whether every layer is one u8s8 product: always below 8 bits; at 8 bits for target 'vnni' only
+    (8-bit weights as full-range int8), where 'any' splits each into two halves."""
+    return bits < 8 or graph_target_cpu(proto) == TARGET_VNNI
+
+
+def runs_here(proto: onnx.ModelProto) -> None:
+    """Skip where this CPU's u8s8 kernels could saturate a 'vnni' graph (the runner refuses it there)."""
+    if graph_target_cpu(proto) == TARGET_VNNI and not saturation_free():
+        pytest.skip("target CPU 'vnni' graph: this CPU has no VNNI/AMX")
 
 
 def tier1(qmodel, img, proto: onnx.ModelProto, level: str = "ORT_ENABLE_ALL") -> tuple[int, int]:
@@ -56,22 +71,25 @@ def test_tier1_is_zero_at_the_default_level(ort_graph):
     calls = read_calls(proto)
     assert {c.form for c in calls} == {ONNXRUNTIME} and {c.kind for c in calls} == {"uniform", "log_sqrt2"}
     assert graph_form(proto) == ONNXRUNTIME
+    runs_here(proto)
     elements, differ = tier1(qmodel, img, proto)
     assert elements > 1_000_000 and differ == 0
 
 
 def test_onnxruntime_runs_every_stride_1_conv_on_integer_kernels(ort_graph, tmp_path):
     """At the default level every quantized conv but the stride-4 patch embedding runs on an integer
-    kernel (QLinearConv, or MatMulIntegerToFloat after the im2col rewrite; at 8 bits every one is
-    im2col, split into int8 halves), and the codes stay exact with and without onnxruntime's fusions. The detections themselves may differ between the
-    two levels: integer kernels accumulate exactly where the float ones round (tiers 2/3 judge that)."""
+    kernel (QLinearConv, or MatMulIntegerToFloat after the im2col rewrite; at 8 bits for target
+    'any' every one is im2col, split into int8 halves), and the codes stay exact with and without
+    onnxruntime's fusions. The detections themselves may differ between the two levels: integer
+    kernels accumulate exactly where the float ones round (tiers 2/3 judge that)."""
     bits, qmodel, img, path, proto = ort_graph
+    runs_here(proto)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     dets = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
         None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})[0]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops.count("QLinearConv") == 0 if bits == 8 else ops.count("QLinearConv") >= 3
+    assert ops.count("QLinearConv") >= 3 if one_u8s8_product(proto, bits) else ops.count("QLinearConv") == 0
     assert ops.count("QGemm") + ops.count("MatMulIntegerToFloat") >= 40
     assert ops.count("Conv") + ops.count("FusedConv") == 1  # backbone.patch_embed.proj (4x4, stride 4)
     assert len(dets) > 0
@@ -81,10 +99,18 @@ def test_onnxruntime_runs_every_stride_1_conv_on_integer_kernels(ort_graph, tmp_
 
 def test_weights_cannot_saturate_u8s8_kernels(ort_graph):
     """int8 weight codes stay within +-64 (2 x 255 x 64 <= 32767: no int16 saturation in the u8s8
-    kernels of AVX2 CPUs without VNNI); 8-bit weights are uint8 with per-channel zero points."""
+    kernels of AVX2 CPUs without VNNI); 8-bit weights are uint8 with per-channel zero points. For
+    target CPU 'vnni' they are full-range int8 instead, and the rule does not apply."""
     bits, qmodel, _, _, proto = ort_graph
     weights = sum(1 for n, _ in named_quantizers(qmodel) if n.endswith("weight_quantizer"))
     counts = count_qdq(proto)
+    assert check_onnxruntime_form(proto) == []
+    if graph_target_cpu(proto) == TARGET_VNNI:
+        assert (counts["uint8_weights"], counts["int8_weights"]) == (0, weights)
+        widest = max(np.abs(numpy_helper.to_array(i).astype(np.int64)).max() for i in proto.graph.initializer
+                     if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1)
+        assert widest > 64  # full range: the case the saturation rule exists for
+        return
     assert (counts["uint8_weights"], counts["int8_weights"]) == ((weights, 0) if bits == 8 else (0, weights))
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1:
@@ -101,7 +127,7 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 def test_a_wide_int8_weight_breaks_the_saturation_rule(ort_graph):
     bits, _, _, _, proto = ort_graph
     if bits == 8:
-        pytest.skip("no int8 weights at 8 bits")
+        pytest.skip("8-bit weights: uint8 (target 'any') or full-range int8 outside the rule (target 'vnni')")
     broken = _copy(proto)
     init = next(i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1)
     codes = numpy_helper.to_array(init).copy()
@@ -114,6 +140,7 @@ def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
     """One activation QuantizeLinear's scale made one code step (1/2^n of its range) larger: that
     quantizer's codes differ, and tier 1 must say so."""
     bits, qmodel, img, _, proto = ort_graph
+    runs_here(proto)
     broken = _copy(proto)
     calls = [c for c in read_calls(broken) if c.kind == "uniform" and c.name.startswith("neck.")]
     q_node = next(n for n in broken.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == calls[0].x)
@@ -144,7 +171,7 @@ def test_rewrites_compute_the_shared_rpn_conv_once_and_move_codes_only(ort_graph
         if readers[out] == ["Relu"]:
             out = next(n.output[0] for n in proto.graph.node if n.op_type == "Relu" and n.input[0] == out)
         stride = list(next(a.ints for a in conv.attribute if a.name == "strides"))
-        assert stride != [1, 1] or (bits < 8 and readers[out] == ["QuantizeLinear"]), conv.name  # QLinearConv
+        assert stride != [1, 1] or (one_u8s8_product(proto, bits) and readers[out] == ["QuantizeLinear"]), conv.name
     pads = [n for n in proto.graph.node if n.op_type == "Pad" and n.name.endswith("/pad")]
     assert pads and ops.count("MatMulIntegerToFloat") > len(pads)
 
@@ -217,3 +244,34 @@ def test_tensorrt_form_refuses_8_bits_before_calibration(tmp_path):
     with pytest.raises(UserError, match="TensorRT form carries 2..7-bit codes"):
         export_artifact(req, progress=False, log=lambda *_: None)
     assert not (tmp_path / "art").exists()
+
+
+def test_the_runner_refuses_a_vnni_graph_on_a_cpu_without_vnni(ort_graph, monkeypatch):
+    """On an x86 CPU with AVX2 but no VNNI/AMX, a target-'vnni' graph is refused in one line (its
+    full-range int8 weights could saturate there); a target-'any' graph runs. ARM64 runs both."""
+    from repq_export.runtime import cpu_features
+    from repq_export.runtime.ort_runner import OrtRunner
+
+    _, _, _, path, proto = ort_graph
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda *_: {"sse4_2", "avx2", "fma"})
+    if graph_target_cpu(proto) == TARGET_VNNI:
+        with pytest.raises(UserError, match="exported for target CPU 'vnni'.*none of avx512_vnni"):
+            OrtRunner(path)
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda *_: None)  # /proc/cpuinfo unreadable: refused too
+        with pytest.raises(UserError, match="target CPU 'vnni'"):
+            OrtRunner(path)
+        monkeypatch.setattr(cpu_features.platform, "machine", lambda: "aarch64")
+    OrtRunner(path)
+
+
+def test_cpu_features_read_the_vnni_flags(tmp_path):
+    from repq_export.runtime.cpu_features import cpu_flags, saturation_free
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n\nprocessor\t: 1\n")
+    assert "avx512_vnni" in cpu_flags(info) and cpu_flags(tmp_path / "missing") is None
+    assert saturation_free("x86_64", cpu_flags(info))
+    assert saturation_free("x86_64", {"avx2", "avx_vnni"}) and saturation_free("x86_64", {"amx_int8"})
+    assert not saturation_free("x86_64", {"avx2", "avx512f"}) and not saturation_free("x86_64", set())
+    assert saturation_free("aarch64", set())

@@ -2,7 +2,8 @@
 """onnxruntime CPU latency: float vs our two exact forms vs onnxruntime's own quantize_static.
 
 Per detector, side by side in one run: the float graph, our TensorRT-form W4A4 graph, our
-onnxruntime-form W4A4 / W6A6 / W8A8 graphs, and quantize_static's INT8 QDQ model of the float graph.
+onnxruntime-form W4A4 / W6A6 / W8A8 graphs (W8A8 for target CPU 'any' and 'vnni'), and
+quantize_static's INT8 QDQ model of the float graph.
 
     python tools/bench_onnxruntime.py                         # the two bundled detectors, 400x667
     python tools/bench_onnxruntime.py --full-size             # + Mask R-CNN Swin-T (random), 800x1199
@@ -14,7 +15,8 @@ Steps, each in its own process:
   2. quant_pre_process + quantize_static on the float graph (QDQ, per-channel int8 weights, uint8
      activations, MinMax on the same image, op types Conv/MatMul/Gemm);
   3. latency, once per thread count: every session open in one process (CPUExecutionProvider,
-     default optimization level ORT_ENABLE_ALL, 1 inter-op thread), --warmup runs each, then
+     the session options of repq-export's onnxruntime runner for every model: optimization level
+     ORT_ENABLE_ALL, no memory pattern unless --mem-pattern on; 1 inter-op thread), --warmup runs each, then
      --runs rounds running every model once in turn; the median per model. RSS growth when a
      session opens and runs, the process's peak RSS, op types of the optimized graph, and one
      profiled run per model (kernel time by op type) at the largest thread count.
@@ -33,11 +35,16 @@ import time
 from pathlib import Path
 
 import bench_common as bc
+from repq_export.runtime.cpu_features import saturation_free
 
-FLOAT, TRT4, ORT4, ORT6, ORT8, QSTATIC = "float", "trt_w4a4", "ort_w4a4", "ort_w6a6", "ort_w8a8", "qstatic_int8"
-VARIANTS = {FLOAT: ("float", 0, None), TRT4: ("TensorRT form W4A4", 4, "tensorrt"),
-            ORT4: ("onnxruntime form W4A4", 4, "onnxruntime"), ORT6: ("onnxruntime form W6A6", 6, "onnxruntime"),
-            ORT8: ("onnxruntime form W8A8", 8, "onnxruntime"), QSTATIC: ("quantize_static INT8", 0, None)}
+FLOAT, TRT4, ORT4, ORT6, ORT8, ORT8V, QSTATIC = ("float", "trt_w4a4", "ort_w4a4", "ort_w6a6", "ort_w8a8", "ort_w8a8_vnni",
+                                                 "qstatic_int8")
+VARIANTS = {  # name: (label, bits, form, target CPU)
+    FLOAT: ("float", 0, None, "any"), TRT4: ("TensorRT form W4A4", 4, "tensorrt", "any"),
+    ORT4: ("onnxruntime form W4A4", 4, "onnxruntime", "any"), ORT6: ("onnxruntime form W6A6", 6, "onnxruntime", "any"),
+    ORT8: ("onnxruntime form W8A8", 8, "onnxruntime", "any"),
+    ORT8V: ("onnxruntime form W8A8, target CPU vnni", 8, "onnxruntime", "vnni"),
+    QSTATIC: ("quantize_static INT8", 0, None, "any")}
 DETECTORS = {  # name: (checkpoint in the package's assets or None = random weights, config or arch, size)
     "mask_rcnn_swin_synthetic": ("mask_rcnn_swin_synthetic.pth", "synthetic/mask_rcnn_swin_synthetic.py", (400, 667)),
     "cascade_mask_rcnn_swin_synthetic": ("cascade_mask_rcnn_swin_synthetic.pth",
@@ -58,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only-full-size", action="store_true", help="only Mask R-CNN Swin-T at --size")
     parser.add_argument("--workdir", type=Path, help="where the .onnx files go (default: a temporary folder)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled run per model")
+    parser.add_argument("--mem-pattern", choices=("off", "on"), default="off",
+                        help="onnxruntime's memory pattern for every model (default off, as repq-export's runner)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -89,7 +98,8 @@ def export_worker(task: dict) -> dict:
     if bits:
         out["calib_s"], model = bc.time_call(lambda: quantize(model, [(img, img_hw)], bits, bits, progress=False))
     form = task["form"] or "tensorrt"
-    out["export_s"], proto = bc.time_call(lambda: export_onnx(model, task["path"], img, img_hw, form=form))
+    out["export_s"], proto = bc.time_call(lambda: export_onnx(model, task["path"], img, img_hw, form=form,
+                                                              target_cpu=task["target_cpu"]))
     out.update(count_qdq(proto))
     return out
 
@@ -130,13 +140,13 @@ def ort_quantize_worker(task: dict) -> dict:
     return {"quant_s": seconds, "pre_processed": model_in == pre}
 
 
-def session(path: str, threads: int, optimized: str | None = None, profile: str | None = None):
+def session(path: str, threads: int, mem_pattern: bool, optimized: str | None = None, profile: str | None = None):
+    """A CPU session with repq-export's runner options (the same for every model compared)."""
     import onnxruntime as ort
+    from repq_export.runtime.ort_runner import session_options
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
+    opts = session_options("all", threads)
+    opts.inter_op_num_threads, opts.enable_mem_pattern = 1, mem_pattern
     if optimized:
         opts.optimized_model_filepath = optimized
     if profile:
@@ -165,7 +175,7 @@ def latency_worker(task: dict) -> dict:
     for name, path in task["models"].items():
         rss0 = bc.rss_mib()
         opt = str(work / f"opt_{Path(path).name}")
-        sess = session(path, threads, opt)
+        sess = session(path, threads, task["mem_pattern"], opt)
         for _ in range(task["warmup"]):
             sess.run(None, feeds)
         n_det = int(sess.run(None, feeds)[0].shape[0])
@@ -180,7 +190,7 @@ def latency_worker(task: dict) -> dict:
     sessions.clear()
     if task["profile"]:
         for name, path in task["models"].items():
-            sess = session(path, threads, None, str(work / f"profile_{name}"))
+            sess = session(path, threads, task["mem_pattern"], None, str(work / f"profile_{name}"))
             sess.run(None, feeds)
             info[name]["profile_us"] = profile_by_op(sess.end_profiling())
             del sess
@@ -238,14 +248,17 @@ def produce(name: str, args, work: Path) -> tuple[dict, dict]:
     base = {"size": list(size), "threads": max(int(t) for t in args.threads_list.split(",")), "seed": args.seed,
             "detector": name}
     files, produced = {}, {}
-    for variant, (label, bits, form) in VARIANTS.items():
+    for variant, (label, bits, form, target_cpu) in VARIANTS.items():
         path = work / f"{name}_{variant}.onnx"
         print(f"[bench_onnxruntime] {name}: {label} ...", file=sys.stderr, flush=True)
+        if target_cpu == "vnni" and not saturation_free():
+            produced[variant] = {"error": "this CPU has no VNNI/AMX (its u8s8 kernels could saturate)"}
+            continue
         if variant == QSTATIC:
             task = {**base, "kind": "ort_quantize", "float": files.get(FLOAT, ""), "pre": str(work / f"{name}_pre.onnx"),
                     "path": str(path)}
         else:
-            task = {**base, "kind": "export", "bits": bits, "form": form, "path": str(path)}
+            task = {**base, "kind": "export", "bits": bits, "form": form, "target_cpu": target_cpu, "path": str(path)}
         produced[variant] = bc.run_worker(task)
         if "error" not in produced[variant] and path.exists():
             files[variant] = str(path)
@@ -278,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench_onnxruntime] {name}: latency, {t} thread(s) ...", file=sys.stderr, flush=True)
                 lat[t] = bc.run_worker({"kind": "latency", "size": list(size), "threads": t, "models": files,
                                         "workdir": str(work), "runs": args.runs, "warmup": args.warmup,
+                                        "mem_pattern": args.mem_pattern == "on",
                                         "profile": not args.no_profile and t == max(threads)})
             lines += detector_report(name, size, files, produced, lat, threads)
         lines += [f"Median of {args.runs} round-robin rounds after {args.warmup} warm-up run(s); onnxruntime's "
-                  "default optimization level; total wall time {:.0f} s.".format(time.perf_counter() - start), "",
+                  f"default optimization level, memory pattern {args.mem_pattern}; total wall time "
+                  "{:.0f} s.".format(time.perf_counter() - start), "",
                   "Command: `" + bc.command_line() + "`"]
         print("\n".join(lines))
     finally:

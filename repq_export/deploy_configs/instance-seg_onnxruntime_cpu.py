@@ -3,8 +3,10 @@
 Read as data by repq_export.deploy_config (never executed). A backend of type 'onnxruntime'
 gets the onnxruntime form of the graph (uint8 activations, range clipped after QuantizeLinear,
 int32 biases): at graph_optimization_level 'all' onnxruntime runs its convs and linears on
-integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat). Its int8 weight codes stay within
-+-64 and 8-bit weights are uint8, so the u8s8 kernels cannot saturate on AVX2 CPUs without VNNI.
+integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat). target_cpu='any': its int8 weight
+codes stay within +-64 and 8-bit weights are multiplied as two int8 halves, so the u8s8 kernels
+cannot saturate on any CPU (AVX2 without VNNI included). For CPUs with VNNI see
+instance-seg_onnxruntime_cpu-vnni.py.
 """
 onnx_config = dict(
     type='onnx',
@@ -30,4 +32,5 @@ backend_config = dict(
     type='onnxruntime',
     providers=['CPUExecutionProvider'],
     graph_optimization_level='all',
+    target_cpu='any',
 )

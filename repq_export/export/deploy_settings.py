@@ -44,7 +44,7 @@ def backend_entry(deploy: DeployConfig) -> dict:
     backend = deploy.backend
     if isinstance(backend, OnnxRuntimeConfig):
         return {"type": backend.type, "providers": list(backend.providers),
-                "graph_optimization_level": backend.graph_optimization_level}
+                "graph_optimization_level": backend.graph_optimization_level, "target_cpu": backend.target_cpu}
     return {"type": backend.type, "fp16_mode": backend.fp16_mode}
 
 

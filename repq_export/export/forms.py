@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import onnx
 
-from ..deploy_config import DeployConfig, TensorRTConfig
+from ..deploy_config import TARGET_ANY, DeployConfig, OnnxRuntimeConfig, TensorRTConfig
 from ..errors import UserError
 
 TENSORRT = "tensorrt"
 ONNXRUNTIME = "onnxruntime"
 FORMS = (TENSORRT, ONNXRUNTIME)
 
+TARGET_CPU_KEY = "repq_target_cpu"  # the graph's metadata entry: deploy_config.TARGET_CPUS
+
 
 def form_for(deploy: DeployConfig) -> str:
     """The lowering a deploy config's backend runs exactly and fastest."""
     return TENSORRT if isinstance(deploy.backend, TensorRTConfig) else ONNXRUNTIME
+
+
+def target_cpu_for(deploy: DeployConfig) -> str:
+    """The CPUs the onnxruntime form is made exact on (`deploy_config.TARGET_CPUS`); 'any' for TensorRT."""
+    return deploy.backend.target_cpu if isinstance(deploy.backend, OnnxRuntimeConfig) else TARGET_ANY
 
 
 def supported_bits(form: str) -> tuple[int, ...]:
@@ -63,3 +70,20 @@ def graph_form(proto: onnx.ModelProto) -> str:
     if types == {onnx.TensorProto.UINT8}:
         return ONNXRUNTIME
     return "mixed"
+
+
+def set_target_cpu(proto: onnx.ModelProto, target_cpu: str) -> None:
+    """Record in the graph's metadata which CPUs it is exact on (read by runners and `check`)."""
+    keep = [p for p in proto.metadata_props if p.key != TARGET_CPU_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = TARGET_CPU_KEY, target_cpu
+
+
+def graph_target_cpu(metadata: dict[str, str] | onnx.ModelProto) -> str:
+    """The target CPU a graph (or its metadata map, as onnxruntime returns it) was exported for;
+    'any' where none is recorded."""
+    if isinstance(metadata, onnx.ModelProto):
+        metadata = {p.key: p.value for p in metadata.metadata_props}
+    return metadata.get(TARGET_CPU_KEY, TARGET_ANY)

@@ -10,10 +10,10 @@ import onnx
 import torch
 from torch import nn
 
-from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, OnnxConfig
+from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, TARGET_ANY, OnnxConfig
 from ..files import write_atomically
 from ..quant.layers import named_quantizers
-from .forms import ONNXRUNTIME, TENSORRT
+from .forms import ONNXRUNTIME, TENSORRT, set_target_cpu
 from .locations import locate_calls, store_calls
 from .lowering import lower_for_export
 from .rewrites import optimize_for_onnxruntime, refresh_calls
@@ -64,10 +64,11 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
-                cfg: OnnxConfig | None = None, form: str = TENSORRT) -> onnx.ModelProto:
+                cfg: OnnxConfig | None = None, form: str = TENSORRT, target_cpu: str = TARGET_ANY) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the
-    onnxruntime form also gets the integer-conv rewrites (`rewrites.py`).
+    onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
+    (`forms.TARGET_CPUS`), recorded in the graph's metadata.
 
     The same model and example input give a byte-identical file.
     """
@@ -79,7 +80,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
     if quantized:
         calls = locate_calls(proto, export_model)
         if form == ONNXRUNTIME:  # every quantized conv onto an integer kernel (rewrites.py)
-            calls = refresh_calls(optimize_for_onnxruntime(proto), calls)
+            calls = refresh_calls(optimize_for_onnxruntime(proto, target_cpu), calls)
+            set_target_cpu(proto, target_cpu)
         store_calls(proto, calls)
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -15,7 +15,9 @@ quant, or an integer kernel could saturate):
   fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
   are stored as uint8 with per-channel zero points and multiplied as two int8 halves hi, lo
   (codes - zp = 16 hi + lo, `rewrites.split_uint8_weights`), each within +-16; the rule reads
-  them through their folded expression.
+  them through their folded expression. A graph exported for target CPU 'vnni' (its metadata,
+  `forms.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
+  apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
 - ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
 """
 
@@ -25,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..deploy_config import TARGET_VNNI
+from .forms import graph_target_cpu
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
 from .graph_index import Graph, Issue, index_graph, issue, node_attr, zero_point_input
 
@@ -37,7 +41,10 @@ def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
     """Run every onnxruntime-form rule on ``model``; an empty list means none is broken."""
     graph = index_graph(model)
     issues: list[Issue] = []
-    for rule in (rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type):
+    rules = [rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type]
+    if graph_target_cpu(model) == TARGET_VNNI:
+        rules.remove(rule_u8s8_saturation)
+    for rule in rules:
         issues.extend(rule(graph))
     return issues
 

@@ -17,6 +17,9 @@ rewrites, each a pattern, a check and a rewrite:
   bias inside; onnxruntime's own fusion would leave the Add as one more pass over the output.
 - `split_uint8_weights`: 8-bit weights (uint8 codes, zero point per channel) multiplied as two
   narrow int8 halves, so that onnxruntime runs u8s8 kernels that cannot saturate.
+- `widen_uint8_weights` (target CPU 'vnni' only, instead of the split): the same weights as
+  full-range int8 codes q - 128 with int8 zero points zp - 128, one product per layer; exact only
+  where u8s8 kernels cannot saturate (VNNI, AMX, ARM64), which the runner checks.
 
 Each computes the same sums of the same code products as the op it replaces; only the float
 rounding of the accumulation differs, as it does between any two conv kernels. Every quantizer
@@ -33,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..deploy_config import TARGET_ANY, TARGET_CPUS, TARGET_VNNI
 from .graph_index import Graph, index_graph, node_attr, zero_point_input
 from .locations import QuantizerCall
 
@@ -40,9 +44,14 @@ INT64_MAX = np.iinfo(np.int64).max
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulIntegerToFloat)
 
 
-def optimize_for_onnxruntime(proto: onnx.ModelProto) -> onnx.ModelProto:
+def optimize_for_onnxruntime(proto: onnx.ModelProto, target_cpu: str = TARGET_ANY) -> onnx.ModelProto:
     """Every rewrite, in order: the im2col convs' MatMuls and the linears' then get their integer
-    kernel and bias, and 8-bit weights their two int8 halves."""
+    kernel and bias, and 8-bit weights their two int8 halves (target 'any') or one full-range int8
+    product (target 'vnni', widened first so that 8-bit convs fuse into QLinearConv)."""
+    if target_cpu not in TARGET_CPUS:
+        raise ValueError(f"optimize_for_onnxruntime: unknown target_cpu {target_cpu!r} (one of {TARGET_CPUS})")
+    if target_cpu == TARGET_VNNI:
+        widen_uint8_weights(proto)
     integer_conv(proto)
     integer_matmul(proto)
     split_uint8_weights(proto)
@@ -336,6 +345,36 @@ def split_uint8_weights(proto: onnx.ModelProto) -> int:
     proto.graph.initializer.extend(new_inits)
     remove_unused(proto)
     return len(targets)
+
+
+def widen_uint8_weights(proto: onnx.ModelProto) -> int:
+    """Store each 8-bit weight (uint8 codes q, uint8 zero point per channel, read only by
+    DequantizeLinear) as int8 codes q - 128 with int8 zero points zp - 128: the same q - zp, so
+    DequantizeLinear gives the same values, but onnxruntime now multiplies on one u8s8 kernel
+    (QLinearConv, MatMulIntegerToFloat with per-column zero points) instead of two halves.
+
+    Full-range int8 weights saturate the u8s8 kernels of AVX2 CPUs without VNNI, so a graph with
+    them is marked for target CPU 'vnni' (`forms.set_target_cpu`) and its runner refuses other
+    CPUs. Returns the number of weights widened."""
+    graph = index_graph(proto)
+    inits = {i.name: i for i in proto.graph.initializer}
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op_type != "DequantizeLinear":
+            continue
+        codes, zp = node.input[0], zero_point_input(node)
+        if codes in inits and zp in inits and inits[codes].data_type == TensorProto.UINT8 and len(inits[codes].dims) > 1 \
+                and inits[zp].data_type == TensorProto.UINT8 and len(inits[zp].dims) == 1:
+            pairs[codes] = zp
+    # every reader of a widened tensor must be a weight DequantizeLinear, or its values would change
+    readers_ok = all(r.op_type == "DequantizeLinear" and r.input[0] in pairs and zero_point_input(r) == pairs[r.input[0]]
+                     for name in {*pairs, *pairs.values()} for r in graph.consumers.get(name, []))
+    if not pairs or not readers_ok:
+        return 0
+    for name in {*pairs, *pairs.values()}:
+        value = numpy_helper.to_array(inits[name]).astype(np.int16) - 128
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.int8), name))
+    return len(pairs)
 
 
 def remove_unused(proto: onnx.ModelProto) -> None:
