@@ -155,7 +155,7 @@ def test_tier1_fails_when_one_scale_is_off_by_one_step(ort_graph):
 def test_rewrites_compute_the_shared_rpn_conv_once_and_move_codes_only(ort_graph):
     """The exported graph keeps a conv only where one QuantizeLinear reads it (a QLinearConv for
     onnxruntime) or it has a stride (the patch embedding); every float-output conv, the RPN conv
-    its two quantizers read included, became Transpose/Pad/Slice/Concat on the codes and a
+    its two quantizers read included, became Transpose/Pad/Gather on the codes and a
     MatMulIntegerToFloat. At 8 bits every stride-1 conv is im2col (QLinearConv would multiply
     uint8 by uint8)."""
     bits, _, _, _, proto = ort_graph
@@ -216,12 +216,21 @@ def test_a_pad_with_another_code_breaks_the_chain_rule(ort_graph):
     assert [(i.rule, i.op) for i in issues] == [("act-chain", "Pad")]
 
 
-def test_a_concat_with_foreign_values_breaks_the_chain_rule(ort_graph):
-    """An im2col Concat that takes one tap from another tensor mixes codes of two quantizers."""
+def test_an_im2col_gather_indexed_by_codes_breaks_the_chain_rule(ort_graph):
+    """The im2col Gather may move codes (its data input), never use them as indices."""
     broken = _copy(ort_graph[4])
-    concats = [n for n in broken.graph.node if n.op_type == "Concat" and n.name.endswith("/im2col")]
-    concats[0].input[0] = concats[1].input[0]
-    assert ("act-chain", "Concat") in [(i.rule, i.op) for i in check_onnxruntime_form(broken)]
+    gather = next(n for n in broken.graph.node if n.op_type == "Gather" and n.name.endswith("/taps"))
+    gather.input[1] = gather.input[0]
+    assert ("act-chain", "Gather") in [(i.rule, i.op) for i in check_onnxruntime_form(broken)]
+
+
+def test_an_im2col_gather_of_another_quantizers_codes_breaks_the_chain_rule(ort_graph):
+    """Gathering the pixels of another quantizer's codes multiplies them with this one's scale and
+    zero point: the MatMulIntegerToFloat no longer matches the QuantizeLinear its codes come from."""
+    broken = _copy(ort_graph[4])
+    gathers = [n for n in broken.graph.node if n.op_type == "Gather" and n.name.endswith("/taps")]
+    gathers[0].input[0] = gathers[-1].input[0]
+    assert ("act-chain", "MatMulIntegerToFloat") in [(i.rule, i.op) for i in check_onnxruntime_form(broken)]
 
 
 def test_check_reports_each_form(ort_graph, tmp_path, capsys):

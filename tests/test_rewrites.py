@@ -1,5 +1,5 @@
-"""`export/rewrites`: remove_unused keeps what a subgraph reads; integer_matmul and
-split_uint8_weights keep the linear's values."""
+"""`export/rewrites`: remove_unused keeps what a subgraph reads; integer_conv keeps a conv's
+values; integer_matmul, split_uint8_weights and widen_uint8_weights keep the linear's values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from repq_export.export.ort_check import check_onnxruntime_form
 from repq_export.export.graph_index import index_graph
-from repq_export.export.rewrites import integer_matmul, remove_unused, split_uint8_weights
+from repq_export.export.rewrites import integer_conv, integer_matmul, remove_unused, split_uint8_weights, \
+    widen_uint8_weights
 
 
 def test_remove_unused_keeps_values_read_inside_if_branches() -> None:
@@ -53,10 +54,45 @@ def _linear_graph(bits: int = 4) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
-def _run(*models: onnx.ModelProto) -> list[np.ndarray]:
+def _conv_graph(kernel: int, pad: int) -> onnx.ModelProto:
+    """x -> Q(uint8, 4-bit Clip) -> DQ -> Conv(DQ(int8 weight codes, per-channel scale)) -> float
+    output: the float-output conv `integer_conv` rewrites, on any batch, height and width."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-7, 8, (6, 8, kernel, kernel)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.zeros(6, np.int8), "wzp"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.02, 6).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(7), "xzp"),
+             numpy_helper.from_array(np.uint8(0), "lo"), numpy_helper.from_array(np.uint8(15), "hi")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xzp"], ["q0"]),
+             helper.make_node("Clip", ["q0", "lo", "hi"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "xs", "xzp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", pads=[pad] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_integer_conv_computes_the_same_conv_on_every_image_of_a_batch() -> None:
+    """im2col as one Gather of the taps' pixels + MatMulIntegerToFloat equals the float conv (to
+    float rounding) for 3 images of an odd size, with and without padding: the mask head's convs
+    run on a batch of RoIs."""
+    x = np.random.default_rng(1).normal(size=(3, 8, 9, 11)).astype(np.float32)
+    for kernel, pad in ((3, 1), (3, 0), (1, 0)):
+        before, after = _conv_graph(kernel, pad), _conv_graph(kernel, pad)
+        assert integer_conv(after) == 1 and integer_matmul(after) == 1
+        ops = [n.op_type for n in after.graph.node]
+        assert "Conv" not in ops and ops.count("MatMulIntegerToFloat") == 1
+        assert ("Gather" in ops) == (kernel > 1) and check_onnxruntime_form(after) == []
+        y0, y1 = _run(before, after, x=x)
+        assert y0.shape == y1.shape == (3, 6, 9 - kernel + 1 + 2 * pad, 11 - kernel + 1 + 2 * pad)
+        assert np.abs(y0 - y1).max() <= 1e-6 * np.abs(y0).max()
+
+
+def _run(*models: onnx.ModelProto, x: np.ndarray | None = None) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    x = {"x": np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)}
+    x = {"x": np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32) if x is None else x}
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, x)[0]
@@ -100,3 +136,26 @@ def test_a_split_into_wide_halves_breaks_the_saturation_rule() -> None:
     sixteen = next(i for i in model.graph.initializer if i.name.endswith("/sixteen"))
     sixteen.CopyFrom(numpy_helper.from_array(np.array(256, np.int16), sixteen.name))
     assert {i.rule for i in check_onnxruntime_form(model)} == {"u8s8-saturation"}
+
+
+def test_widen_uint8_weights_keeps_the_linear_on_one_full_range_int8_product() -> None:
+    """Target CPU 'vnni': the uint8 codes q and zero points zp become int8 q - 128 and zp - 128
+    (the same q - zp), so one MatMulIntegerToFloat with per-column zero points computes the linear."""
+    before, after = _linear_graph(8), _linear_graph(8)
+    signed = index_graph(before).constant("w").astype(np.int64) - index_graph(before).constant("wzp").astype(np.int64)
+    assert widen_uint8_weights(after) == 1 and integer_matmul(after) == 1 and split_uint8_weights(after) == 0
+    graph = index_graph(after)
+    w, wzp = graph.constant("w"), graph.constant("wzp")
+    assert w.dtype == wzp.dtype == np.int8
+    assert np.array_equal(w.astype(np.int64) - wzp.astype(np.int64), signed) and np.abs(signed).max() > 128
+    assert [n.op_type for n in after.graph.node] == ["QuantizeLinear", "MatMulIntegerToFloat"]
+    y0, y1 = _run(before, after)
+    assert np.abs(y0 - y1).max() <= 1e-5 * np.abs(y0).max()
+
+
+def test_widen_uint8_weights_leaves_codes_another_op_reads() -> None:
+    """A weight tensor read by anything but its DequantizeLinear keeps its uint8 codes."""
+    model = _linear_graph(8)
+    model.graph.node.append(helper.make_node("Cast", ["w"], ["w_float"], to=TensorProto.FLOAT))
+    assert widen_uint8_weights(model) == 0
+    assert index_graph(model).constant("w").dtype == np.uint8

@@ -6,8 +6,9 @@ quant, or an integer kernel could saturate):
 - ``act-type``: an activation QuantizeLinear is uint8 with a constant scalar zero point.
 - ``act-chain``: a QuantizeLinear output feeds only a Clip with constant uint8 bounds lo <= hi
   (the n-bit range), ops that move codes without changing them (Transpose, Slice, Reshape, a
-  Concat of this quantizer's codes only, a Pad with its zero point: the im2col of an integer
-  conv) and DequantizeLinear or MatMulIntegerToFloat nodes (codes as its A input); each of those
+  Concat of this quantizer's codes only, a Pad with its zero point, a Gather taking the codes as
+  its data, never as indices: the im2col of an integer conv), Shape (reads no value) and
+  DequantizeLinear or MatMulIntegerToFloat nodes (codes as its A input); each of those
   uses the QuantizeLinear's own scale and zero point, so codes come back as fake quant's values.
 - ``u8s8-saturation``: an int8 weight (of a DequantizeLinear or a MatMulIntegerToFloat) has
   codes within +-64. onnxruntime's u8s8 kernels on AVX2
@@ -105,10 +106,17 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
                                          "with its zero point (the code of 0.0)"))
             elif node.op_type == "Concat":
                 concats.append(node)
+            elif node.op_type == "Shape":
+                continue  # the codes' shape only (the im2col's pixel indices)
+            elif node.op_type == "Gather":
+                if node.input[1] in reached:
+                    issues.append(issue(node, "act-chain", f"Gather indexes with the codes of {q.name or q.output[0]}"
+                                         ": codes may only be moved"))
+                    continue
             elif node.op_type not in CODE_MOVES:
                 issues.append(issue(node, "act-chain", f"consumes the codes of {q.name or q.output[0]}: only "
                                      f"Clip(uint8), DequantizeLinear and moves ({', '.join(CODE_MOVES)}, Pad, "
-                                     "Concat) may"))
+                                     "Concat, Gather) may"))
                 continue
             reached.update(node.output)
             frontier.extend(c for name in node.output for c in graph.consumers.get(name, []))

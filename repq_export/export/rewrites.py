@@ -8,7 +8,7 @@ those run as float convs on dequantized weights, slower than the float model its
 rewrites, each a pattern, a check and a rewrite:
 
 - `integer_conv`: a conv whose output stays float is written as im2col on the integer codes
-  (NHWC Transpose, Pad with the zero point's code, one Slice per kernel tap, Concat) and a
+  (NHWC Transpose, Pad with the zero point's code, one Gather of the kh*kw taps' pixels) and a
   `DQ -> MatMul` over (kh*kw*C, K) weight codes. Padding with the zero point's code is padding
   with 0.0, as the conv does. (Cloning the RPN conv once per quantizer, so that each clone fuses
   into a QLinearConv, measured about 120 ms slower at 800x1216 on one thread than one im2col.)
@@ -40,7 +40,6 @@ from ..deploy_config import TARGET_ANY, TARGET_CPUS, TARGET_VNNI
 from .graph_index import Graph, index_graph, node_attr, zero_point_input
 from .locations import QuantizerCall
 
-INT64_MAX = np.iinfo(np.int64).max
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulIntegerToFloat)
 
 
@@ -110,7 +109,7 @@ def _match_float_output_conv(graph: Graph, conv: onnx.NodeProto) -> _ConvMatch |
 
 
 def _im2col_conv(m: _ConvMatch, add_init) -> list[onnx.NodeProto]:
-    """The rewrite: NHWC codes -> Pad(zero point) -> kh*kw Slices -> Concat -> DQ -> MatMul over
+    """The rewrite: NHWC codes -> Pad(zero point) -> Gather of the kh*kw taps -> DQ -> MatMul over
     (kh*kw*C, K) weight codes (+ bias) -> NCHW, writing the conv's own output name."""
     name, (k_out, c_in, kh, kw) = m.conv.name or m.conv.output[0], m.weight.shape
     codes, scale, zp = m.x_dq.input[0], m.x_dq.input[1], zero_point_input(m.x_dq)
@@ -122,19 +121,10 @@ def _im2col_conv(m: _ConvMatch, add_init) -> list[onnx.NodeProto]:
         nodes.append(helper.make_node("Pad", [cols, pads, zp], [f"{name}/padded"], name=f"{name}/pad", mode="constant"))
         cols = f"{name}/padded"
     if kh * kw > 1:
-        taps = []
-        for i in range(kh):
-            for j in range(kw):
-                starts = add_init(f"{name}/tap{i}_{j}/starts", np.array([i, j], np.int64))
-                ends = add_init(f"{name}/tap{i}_{j}/ends", np.array(
-                    [i - (kh - 1) if i < kh - 1 else INT64_MAX, j - (kw - 1) if j < kw - 1 else INT64_MAX], np.int64))
-                axes = add_init(f"{name}/tap_axes", np.array([1, 2], np.int64))
-                taps.append(f"{name}/tap{i}_{j}")
-                nodes.append(helper.make_node("Slice", [cols, starts, ends, axes], [taps[-1]], name=taps[-1]))
-        nodes.append(helper.make_node("Concat", taps, [f"{name}/im2col"], name=f"{name}/im2col", axis=3))
+        nodes += _gather_taps(name, cols, kh, kw, c_in, add_init)
         cols = f"{name}/im2col"
     nodes.append(helper.make_node("DequantizeLinear", [cols, scale, zp], [f"{name}/cols_dq"], name=f"{name}/cols_dq"))
-    # (kh, kw, C) order along the rows, as the Concat lays the taps out
+    # (kh, kw, C) order along the rows, as the Gather lays the taps out
     matrix = np.ascontiguousarray(m.weight.transpose(2, 3, 1, 0).reshape(kh * kw * c_in, k_out))
     # named after the conv's weight, so the calls of a shared conv (the RPN's, once per level) share it
     w_inputs = [add_init(f"{m.w_dq.input[0]}/im2col", matrix), m.w_dq.input[1]]
@@ -149,6 +139,48 @@ def _im2col_conv(m: _ConvMatch, add_init) -> list[onnx.NodeProto]:
         out = f"{name}/bias"
     nodes.append(helper.make_node("Transpose", [out], [m.conv.output[0]], name=f"{name}/nchw", perm=[0, 3, 1, 2]))
     return nodes
+
+
+def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_init) -> list[onnx.NodeProto]:
+    """im2col of NHWC codes (N, Hp, Wp, C) as one Gather of whole pixels: row (n, h, w) of the
+    result holds pixels (n, h + i, w + j) for every tap (i, j), so `{name}/im2col` is
+    (N, H, W, kh*kw*C).
+
+    The pixel indices (n * Hp + h + i) * Wp + (w + j) are computed from the shape at run time
+    (batch, height and width stay dynamic: the mask head's convs see one image per RoI). One Gather copying C-byte rows, parallel over rows, was 1.3-1.7x faster
+    than kh*kw Slices and a Concat at 200x304x256 (onnxruntime 1.32, 1-2 threads)."""
+    def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{name}/{out}"], name=f"{name}/{out}", **attrs)
+
+    def const(suffix: str, value) -> str:
+        return add_init(f"{name}/{suffix}", np.array(value, np.int64))
+
+    taps_i, taps_j = np.divmod(np.arange(kh * kw, dtype=np.int64), kw)  # tap t = (i, j), row-major
+    return [
+        node("Shape", [padded], "shape"),
+        node("Gather", [f"{name}/shape", const("axis0", 0)], "n", axis=0),
+        node("Gather", [f"{name}/shape", const("axis1", 1)], "hp", axis=0),
+        node("Gather", [f"{name}/shape", const("axis2", 2)], "wp", axis=0),
+        node("Sub", [f"{name}/hp", const("kh_1", kh - 1)], "h"),
+        node("Sub", [f"{name}/wp", const("kw_1", kw - 1)], "w"),
+        node("Range", [const("zero", 0), f"{name}/n", const("one", 1)], "images"),
+        node("Mul", [f"{name}/images", f"{name}/hp"], "image_rows"),
+        node("Reshape", [f"{name}/image_rows", const("as_n", [-1, 1, 1, 1])], "image_index"),
+        node("Range", [const("zero", 0), f"{name}/h", const("one", 1)], "rows"),
+        node("Range", [const("zero", 0), f"{name}/w", const("one", 1)], "cols"),
+        node("Reshape", [f"{name}/rows", const("as_h", [1, -1, 1, 1])], "row_in_image"),
+        node("Add", [f"{name}/image_index", f"{name}/row_in_image"], "row"),  # n * Hp + h
+        node("Mul", [f"{name}/row", f"{name}/wp"], "row_index"),
+        node("Reshape", [f"{name}/cols", const("as_w", [1, 1, -1, 1])], "col_index"),
+        node("Mul", [const("taps_i", taps_i), f"{name}/wp"], "tap_rows"),
+        node("Add", [f"{name}/tap_rows", const("taps_j", taps_j)], "tap_offsets"),
+        node("Reshape", [f"{name}/tap_offsets", const("as_t", [1, 1, 1, -1])], "tap_index"),
+        node("Add", [f"{name}/row_index", f"{name}/col_index"], "pixel_index"),
+        node("Add", [f"{name}/pixel_index", f"{name}/tap_index"], "index"),  # (N, H, W, kh*kw)
+        node("Reshape", [padded, const("as_pixels", [-1, channels])], "pixels"),
+        node("Gather", [f"{name}/pixels", f"{name}/index"], "taps", axis=0),  # (N, H, W, kh*kw, C)
+        node("Reshape", [f"{name}/taps", const("as_rows", [0, 0, 0, -1])], "im2col"),
+    ]
 
 
 def integer_conv(proto: onnx.ModelProto) -> int:
