@@ -137,6 +137,9 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
 
     cast_floors: clamp first and let the int32 Cast truncate (onnxruntime's Cast truncates toward
     zero, which is floor on 0 .. 2^n - 1), one pass fewer than Floor; the TensorRT form keeps Floor.
+    Below 8 bits the onnxruntime form also takes Log of x itself, not of max(x, tiny): Log(0) =
+    -inf gives the guess +inf, clamped to 2^n - 1 like any x under d * 2^-(2^n/2) (one pass fewer
+    again); the TensorRT form keeps the clamp, as TensorRT does not document Log(0).
     """
     levels = 2**n_bits
     tiny = torch.finfo(torch.float32).tiny
@@ -148,7 +151,8 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     else:
         x_guess, shift = x, 0.0
     # a product by 1/d rather than a quotient: cheaper, and the guess need not be exact
-    guess = torch.log(torch.clamp(x_guess, min=tiny) * torch.reciprocal(scale)) * (-2.0 / 0.6931471805599453)
+    positive = x_guess if cast_floors and not shift else torch.clamp(x_guess, min=tiny)
+    guess = torch.log(positive * torch.reciprocal(scale)) * (-2.0 / 0.6931471805599453)
     if shift:
         guess = guess + shift
     # int32 indices (codes are 0 .. 256): half the memory traffic of int64 over every attention map
