@@ -65,11 +65,7 @@ def locate_calls(proto: onnx.ModelProto, lowered: nn.Module) -> list[QuantizerCa
 def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -> tuple[str, str]:
     """(float input, codes) value names of one call, from the nodes its lowering emitted."""
     if kind == LOG_SQRT2:
-        clip = next(n for n in nodes if n.op_type == "Clip")  # clamp(x, min=tiny) reads x ...
-        x = clip.input[0]
-        scaled = producer.get(x)
-        if scaled is not None and scaled.op_type == "Mul" and scaled in nodes:  # ... or x * 2^64 (8 bits)
-            x = scaled.input[0]
+        x = next(n for n in nodes if n.op_type == "Less").input[0]  # x < t_g compares x itself, in every form
         table = next(n for n in nodes if n.op_type == "GatherElements" and n.input[0].endswith(".lut"))
         shaped = next(n for n in nodes if n.op_type == "Reshape" and n.input[0] == table.output[0])
         return x, shaped.output[0]  # lut[code] in the shape of x (`qdq.TableLookup`)
