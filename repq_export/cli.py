@@ -95,12 +95,14 @@ def run_check(argv: list[str]) -> int:
                       "after QuantizeLinear) and check it against its backend's rules: TensorRT's documented "
                       "rules for explicit quantization (zero points, per-channel activations, Q/DQ types and "
                       "placement, unsupported ops), or what keeps the onnxruntime form exact on integer "
-                      "kernels (uint8 chains, int16 saturation of u8s8 kernels). Exit 1 if any error is found. "
+                      "kernels (uint8 chains, int16 saturation of u8s8 kernels, the target CPU it was exported for). "
+                      "Exit 1 if any error is found. "
                       "Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
     from .export.deploy_settings import artifact_onnx_file
-    from .export.forms import ONNXRUNTIME, graph_form
+    from .deploy_config import TARGET_ANY, TARGET_VNNI
+    from .export.forms import ONNXRUNTIME, graph_form, graph_target_cpu
     from .export.ort_check import check_onnxruntime_form, format_ort_report
     from .export.trt_check import check_tensorrt_compat, format_report
 
@@ -119,6 +121,11 @@ def run_check(argv: list[str]) -> int:
         issues += check_tensorrt_compat(proto)
         print(format_report(issues))
     if form in (ONNXRUNTIME, "mixed"):
+        target = graph_target_cpu(proto)
+        print(f"target CPU: {target}" + {
+            TARGET_ANY: " (int8 weight codes within +-64: exact on every CPU)",
+            TARGET_VNNI: " (8-bit weights as full-range int8: exact only on x86 CPUs with AVX-512 VNNI, "
+                         "AVX-VNNI or AMX, and on ARM64; the onnxruntime runner refuses other CPUs)"}.get(target, ""))
         ort = check_onnxruntime_form(proto)
         print(format_ort_report(ort))
         issues += ort

@@ -236,7 +236,8 @@ def test_an_im2col_gather_of_another_quantizers_codes_breaks_the_chain_rule(ort_
 def test_check_reports_each_form(ort_graph, tmp_path, capsys):
     bits, qmodel, img, path, _ = ort_graph
     assert cli_main(["check", str(path)]) == 0
-    assert "graph form: onnxruntime" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "graph form: onnxruntime" in out and f"target CPU: {graph_target_cpu(ort_graph[4])} (" in out
     if bits == 4:
         trt = export_onnx(qmodel, tmp_path / "trt.onnx", img, IMG_HW, form=TENSORRT)
         assert graph_form(trt) == TENSORRT and {c.form for c in read_calls(trt)} == {TENSORRT}

@@ -1,4 +1,5 @@
-"""Full-size Mask R-CNN Swin-T and Cascade Swin-S (random weights): export, TensorRT rules, parity tiers 1-2.
+"""Full-size Mask R-CNN Swin-T and Cascade Swin-S (random weights): export in the TensorRT form (and
+Swin-T in the onnxruntime form), the form's rules, parity tiers 1-2.
 
 Slow (minutes each on a 2-core CPU): run with `pytest -m slow tests/test_export_full_size.py`.
 """
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from repq_export.evaluation.parity import compare_codes, find_code_probes, match_detections, with_probe_outputs
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT
 from repq_export.export.onnx_export import count_qdq, export_onnx
+from repq_export.export.ort_check import check_onnxruntime_form
 from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.arch import ARCHS
 from repq_export.models.build import build_detector
@@ -23,10 +26,13 @@ from repq_export.runtime.base import NetOutput
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["mask_rcnn_swin_t", "cascade_swin_s"])
+CASES = [("mask_rcnn_swin_t", TENSORRT), ("cascade_swin_s", TENSORRT), ("mask_rcnn_swin_t", ONNXRUNTIME)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{f}" for a, f in CASES])
 def full_size(request, tmp_path_factory):
     """A calibrated full-size detector, its graph, and the graph's outputs with every probe."""
-    arch, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
+    (arch, form), tmp_path = request.param, tmp_path_factory.mktemp(request.param[0])
     torch.manual_seed(0)
     model = build_detector(config_from_arch(ARCHS[arch]))
     init_random_weights(model, 0)
@@ -36,8 +42,11 @@ def full_size(request, tmp_path_factory):
             head.fc_cls.bias[:5] += 6.0  # a few confident classes, so the mask head calibrates
     img, img_hw = torch.randn(1, 3, 800, 1216), torch.tensor([800.0, 1199.0])
     qmodel = quantize(model, [(img, img_hw)], 4, 4, progress=False)
-    proto = export_onnx(qmodel, tmp_path / "model.onnx", img, img_hw)
-    assert [i for i in check_tensorrt_compat(proto) if i.severity == "error"] == []
+    proto = export_onnx(qmodel, tmp_path / "model.onnx", img, img_hw, form=form)
+    if form == TENSORRT:
+        assert [i for i in check_tensorrt_compat(proto) if i.severity == "error"] == []
+    else:
+        assert check_onnxruntime_form(proto) == []
     quantizers = dict(named_quantizers(qmodel))
     weights = sum(1 for n in quantizers if n.endswith("weight_quantizer"))
     assert count_qdq(proto)["int8_weights"] == weights

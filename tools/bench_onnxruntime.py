@@ -19,7 +19,7 @@ Steps, each in its own process:
      ORT_ENABLE_ALL, no memory pattern unless --mem-pattern on; 1 inter-op thread), --warmup runs each, then
      --runs rounds running every model once in turn; the median per model. RSS growth when a
      session opens and runs, the process's peak RSS, op types of the optimized graph, and one
-     profiled run per model (kernel time by op type) at the largest thread count.
+     profiled run per model after the warm-up (kernel time by op type) at the largest thread count.
 Prints Markdown tables. Timings are wall clock on a shared machine: compare rows of one run.
 """
 
@@ -155,11 +155,15 @@ def session(path: str, threads: int, mem_pattern: bool, optimized: str | None = 
 
 
 def profile_by_op(trace_path: str) -> dict[str, float]:
-    """Kernel microseconds per op type from an onnxruntime profile."""
+    """Kernel microseconds per op type in the last run of an onnxruntime profile (the earlier,
+    warm-up runs pay for first-touch allocations)."""
+    events = json.loads(Path(trace_path).read_text())
+    last = max((ev.get("ts", 0) for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run"),
+               default=0)
     totals: collections.Counter = collections.Counter()
-    for ev in json.loads(Path(trace_path).read_text()):
+    for ev in events:
         args, name = ev.get("args", {}), ev.get("name", "")
-        if ev.get("cat") == "Node" and name.endswith("_kernel_time") and "op_name" in args:
+        if ev.get("cat") == "Node" and name.endswith("_kernel_time") and "op_name" in args and ev.get("ts", 0) >= last:
             totals[args["op_name"]] += ev.get("dur", 0)
     return dict(totals)
 
@@ -191,7 +195,8 @@ def latency_worker(task: dict) -> dict:
     if task["profile"]:
         for name, path in task["models"].items():
             sess = session(path, threads, task["mem_pattern"], None, str(work / f"profile_{name}"))
-            sess.run(None, feeds)
+            for _ in range(1 + task["warmup"]):  # the last run is the one counted
+                sess.run(None, feeds)
             info[name]["profile_us"] = profile_by_op(sess.end_profiling())
             del sess
     return {"models": info, "peak": bc.peak_rss_mib()}
