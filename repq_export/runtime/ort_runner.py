@@ -39,7 +39,7 @@ def session_options(opt_level: str = "all", threads: int = 0):
     The memory pattern (onnxruntime's default) plans one block for all intermediate tensors per
     run; at 800x1216 this graph's block is re-faulted from the OS on every run (about 28,000
     minor page faults a run against 15 without it), which cost about 9% of a W4A4 forward on 2
-    threads here (`tools/bench_onnxruntime.py --mem-pattern both`). Without it the arena reuses
+    threads here (compare `tools/bench_onnxruntime.py --mem-pattern on`). Without it the arena reuses
     its buffers across runs."""
     import onnxruntime as ort
 
