@@ -10,7 +10,8 @@ Candidates (each checked bit-exact against fake quant before it is timed):
   - one-sided, Gather: a floored guess, one comparison, two Gathers;
   - one-sided, flat (`qdq.log_sqrt2_lowered`, TensorRT form): the same, both lookups as flat
     GatherElements, a product by 1/d instead of a quotient;
-  - one-sided, flat, cast floors (the onnxruntime form): no Floor, the int32 Cast truncates.
+  - one-sided, flat, cast floors (the onnxruntime form): no Floor, the int32 Cast truncates, and
+    below 8 bits no clamp of x before Log.
 """
 
 from __future__ import annotations
