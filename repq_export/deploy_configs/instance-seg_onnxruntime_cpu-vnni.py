@@ -5,7 +5,7 @@ gets the onnxruntime form of the graph (uint8 activations, range clipped after Q
 int32 biases): at graph_optimization_level 'all' onnxruntime runs its convs and linears on
 integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat). target_cpu='vnni': 8-bit weights are
 stored as full-range int8 codes (q - 128, zero point zp - 128) and multiplied once, not as two
-halves (W8A8 about 1.3x faster; other bit widths are unchanged). Exact only on CPUs whose u8s8
+halves (W8A8 about 1.35x faster at 800x1216; other bit widths are unchanged). Exact only on CPUs whose u8s8
 kernels cannot saturate: x86 with AVX-512 VNNI, AVX-VNNI or AMX, and ARM64. The onnxruntime
 runner refuses such a graph on any other CPU; use instance-seg_onnxruntime_cpu.py there.
 """

@@ -170,7 +170,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
         log(f"exporting ONNX (QDQ, {form} form{f', target CPU {target}' if form == ONNXRUNTIME else ''}) ...")
         if form == ONNXRUNTIME and target == TARGET_ANY and req.w_bits == 8 and saturation_free():
             log("note: this CPU has VNNI/AMX; --deploy-config instance-seg_onnxruntime_cpu-vnni.py gives a "
-                "W8A8 graph about 1.3x faster for such CPUs")
+                "W8A8 graph about 1.35x faster for such CPUs")
         proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
                             deploy.onnx, form, target)
         check_form_rules(proto, form)
