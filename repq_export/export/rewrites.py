@@ -147,8 +147,9 @@ def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_in
     (N, H, W, kh*kw*C).
 
     The pixel indices (n * Hp + h + i) * Wp + (w + j) are computed from the shape at run time
-    (batch, height and width stay dynamic: the mask head's convs see one image per RoI). One Gather copying C-byte rows, parallel over rows, was 1.3-1.7x faster
-    than kh*kw Slices and a Concat at 200x304x256 (onnxruntime 1.32, 1-2 threads)."""
+    (batch, height and width stay dynamic: the mask head's convs see one image per RoI). One
+    Gather copying C-byte rows, parallel over rows, was 1.3-1.7x faster than kh*kw Slices and a
+    Concat at 200x304x256 (onnxruntime 1.32, 1-2 threads), with the same matrix."""
     def node(op: str, inputs: list[str], out: str, **attrs) -> onnx.NodeProto:
         return helper.make_node(op, inputs, [f"{name}/{out}"], name=f"{name}/{out}", **attrs)
 
