@@ -1,5 +1,5 @@
 """The onnxruntime form of the exported graph: exact codes at the default optimization level, integer
-kernels, W8A8, its static rules, and the form reported by `check`."""
+kernels, W8A8 (target CPU any and vnni), its static rules, and the form reported by `check`."""
 
 from __future__ import annotations
 

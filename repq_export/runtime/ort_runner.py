@@ -71,7 +71,7 @@ class OrtRunner:
                                                 providers=providers or ort_providers(device))
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
-        if "CPUExecutionProvider" == self.session.get_providers()[0]:
+        if self.session.get_providers()[0] == "CPUExecutionProvider":  # a GPU runs no u8s8 CPU kernels
             require_cpu_for(graph_target_cpu(self.session.get_modelmeta().custom_metadata_map), str(path))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.name = name
