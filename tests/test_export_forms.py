@@ -285,3 +285,30 @@ def test_cpu_features_read_the_vnni_flags(tmp_path):
     assert saturation_free("x86_64", {"avx2", "avx_vnni"}) and saturation_free("x86_64", {"amx_int8"})
     assert not saturation_free("x86_64", {"avx2", "avx512f"}) and not saturation_free("x86_64", set())
     assert saturation_free("aarch64", set())
+
+
+def test_target_vnni_without_8_bit_weights_is_the_portable_graph(tmp_path):
+    """Below 8 bits there is nothing to widen: target 'vnni' writes the byte-identical graph of
+    target 'any', recorded as 'any', so it runs on every CPU."""
+    qmodel, img = tiny_quant_model("mask", 4)
+    protos = [export_onnx(qmodel, tmp_path / f"{t}.onnx", img, IMG_HW, form=ONNXRUNTIME, target_cpu=t)
+              for t in (TARGET_ANY, TARGET_VNNI)]
+    assert graph_target_cpu(protos[1]) == TARGET_ANY
+    assert (tmp_path / "any.onnx").read_bytes() == (tmp_path / "vnni.onnx").read_bytes()
+
+
+def test_an_unknown_target_cpu_is_reported_and_refused(ort_graph, tmp_path):
+    """A graph whose metadata names a target CPU this version does not know fails `check`'s
+    target-cpu rule, and the runner refuses it on any CPU."""
+    from repq_export.export.forms import set_target_cpu
+    from repq_export.runtime.ort_runner import OrtRunner
+
+    broken = _copy(ort_graph[4])
+    set_target_cpu(broken, "avx10")
+    rules = {i.rule for i in check_onnxruntime_form(broken)}
+    # a widened 'vnni' graph then also meets the +-64 rule again, which only 'vnni' lifts
+    assert rules == ({"target-cpu", "u8s8-saturation"} if graph_target_cpu(ort_graph[4]) == TARGET_VNNI
+                     else {"target-cpu"})
+    onnx.save(broken, str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError, match="unknown target CPU 'avx10'"):
+        OrtRunner(tmp_path / "model.onnx")

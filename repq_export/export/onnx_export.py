@@ -68,7 +68,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
-    (`forms.TARGET_CPUS`), recorded in the graph's metadata.
+    (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
+    where 8-bit weights were widened).
 
     The same model and example input give a byte-identical file.
     """
@@ -80,8 +81,9 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
     if quantized:
         calls = locate_calls(proto, export_model)
         if form == ONNXRUNTIME:  # every quantized conv onto an integer kernel (rewrites.py)
-            calls = refresh_calls(optimize_for_onnxruntime(proto, target_cpu), calls)
-            set_target_cpu(proto, target_cpu)
+            needed = optimize_for_onnxruntime(proto, target_cpu)
+            calls = refresh_calls(proto, calls)
+            set_target_cpu(proto, needed)
         store_calls(proto, calls)
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -20,6 +20,7 @@ quant, or an integer kernel could saturate):
   `forms.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
   apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
 - ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
+- ``target-cpu``: the graph's recorded target CPU is one this version knows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ..deploy_config import TARGET_VNNI
+from ..deploy_config import TARGET_CPUS, TARGET_VNNI
 from .forms import graph_target_cpu
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
 from .graph_index import Graph, Issue, index_graph, issue, node_attr, zero_point_input
@@ -47,6 +48,10 @@ def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
         rules.remove(rule_u8s8_saturation)
     for rule in rules:
         issues.extend(rule(graph))
+    target = graph_target_cpu(model)
+    if target not in TARGET_CPUS:
+        issues.append(Issue(node="(graph metadata)", op="-", rule="target-cpu", message=f"unknown target CPU "
+                            f"{target!r}: runners refuse it (known: {', '.join(TARGET_CPUS)})"))
     return issues
 
 

@@ -43,18 +43,20 @@ from .locations import QuantizerCall
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (MatMulIntegerToFloat)
 
 
-def optimize_for_onnxruntime(proto: onnx.ModelProto, target_cpu: str = TARGET_ANY) -> onnx.ModelProto:
+def optimize_for_onnxruntime(proto: onnx.ModelProto, target_cpu: str = TARGET_ANY) -> str:
     """Every rewrite, in order: the im2col convs' MatMuls and the linears' then get their integer
     kernel and bias, and 8-bit weights their two int8 halves (target 'any') or one full-range int8
-    product (target 'vnni', widened first so that 8-bit convs fuse into QLinearConv)."""
+    product (target 'vnni', widened first so that 8-bit convs fuse into QLinearConv).
+
+    Returns the target CPU the rewritten graph needs: 'vnni' only where a weight was widened (a
+    graph without 8-bit weights is the same for both targets and runs on every CPU)."""
     if target_cpu not in TARGET_CPUS:
         raise ValueError(f"optimize_for_onnxruntime: unknown target_cpu {target_cpu!r} (one of {TARGET_CPUS})")
-    if target_cpu == TARGET_VNNI:
-        widen_uint8_weights(proto)
+    widened = widen_uint8_weights(proto) if target_cpu == TARGET_VNNI else 0
     integer_conv(proto)
     integer_matmul(proto)
     split_uint8_weights(proto)
-    return proto
+    return TARGET_VNNI if widened else TARGET_ANY
 
 
 # ----------------------------------------------------------------------------- float-output convs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ..deploy_config import TARGET_VNNI
+from ..deploy_config import TARGET_CPUS, TARGET_VNNI
 from ..errors import UserError
 
 #: /proc/cpuinfo flags of x86 CPUs whose u8s8 kernels accumulate in int32 (no int16 pair sums)
@@ -43,7 +43,11 @@ def saturation_free(machine: str | None = None, flags: set[str] | None = None) -
 
 def require_cpu_for(target_cpu: str, where: str, machine: str | None = None,
                     flags: set[str] | None = None) -> None:
-    """Refuse, in one line, to run a graph exported for `target_cpu` on a CPU it is not exact on."""
+    """Refuse, in one line, to run a graph exported for `target_cpu` on a CPU it is not exact on
+    (or for a target this version does not know)."""
+    if target_cpu not in TARGET_CPUS:
+        raise UserError(f"{where}: exported for an unknown target CPU {target_cpu!r} (this repq-export knows "
+                        f"{', '.join(TARGET_CPUS)}); re-export it with this version")
     if target_cpu == TARGET_VNNI and not saturation_free(machine, flags):
         raise UserError(f"{where}: exported for target CPU 'vnni' (full-range int8 weights), but this CPU "
                         f"has none of {', '.join(VNNI_FLAGS)}: its u8s8 kernels could saturate and change "
