@@ -33,7 +33,7 @@ def val_set(tmp_path_factory):
 
 @pytest.mark.parametrize("name, ckpt, config", BUNDLED, ids=[b[0] for b in BUNDLED])
 def test_bundled_detector_finds_the_shapes(name, ckpt, config, val_set):
-    """Float AP on 12 fresh synthetic images; the 200-image figures are in the README."""
+    """Float AP on 12 fresh synthetic images; the 200-image figures are in docs/bundled-detectors.md."""
     detector, info = load_checkpoint(ckpt, config)
     metrics = evaluate_detector(detector, *val_set, info.preprocess, progress=False)
     assert metrics["bbox_mAP"] > 0.4 and metrics["segm_mAP"] > 0.4, metrics

@@ -68,7 +68,7 @@ def test_full_size_codes_equal_fake_quant(full_size):
 
 
 @pytest.mark.xfail(strict=True, reason="float differences flip 4-bit codes and the flips propagate through "
-                   "12-24 blocks: on random full-size weights only ~37% of detections match (README, Parity)")
+                   "12-24 blocks: on random full-size weights only ~37% of detections match (docs/parity.md)")
 def test_full_size_detections_match(full_size):
     qmodel, img, img_hw, _, values = full_size
     with torch.no_grad():

@@ -3,7 +3,7 @@
 Integer kernels add the bias in the accumulator, as int32 in units of input_scale * weight_scale;
 onnxruntime rewrites a float bias that way on its own (rounding it), which would make the
 deployed graph differ from fake quant. Snapping the bias once, in the fake-quant model, makes
-both compute the same thing (a departure from the reference, measured in the README).
+both compute the same thing (a departure from the reference, measured in docs/reference.md).
 """
 
 from __future__ import annotations
