@@ -180,9 +180,11 @@ def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_in
         node("Reshape", [f"{name}/tap_offsets", const("as_t", [1, 1, 1, -1])], "tap_index"),
         node("Add", [f"{name}/row_index", f"{name}/col_index"], "pixel_index"),
         node("Add", [f"{name}/pixel_index", f"{name}/tap_index"], "index"),  # (N, H, W, kh*kw)
+        # -1 is the only unknown dim and C > 0, so it is inferred even from 0 elements (no RoI)
         node("Reshape", [padded, const("as_pixels", [-1, channels])], "pixels"),
         node("Gather", [f"{name}/pixels", f"{name}/index"], "taps", axis=0),  # (N, H, W, kh*kw, C)
-        node("Reshape", [f"{name}/taps", const("as_rows", [0, 0, 0, -1])], "im2col"),
+        # the row width is written out: a -1 beside a copied 0 (N = 0 RoIs) cannot be inferred
+        node("Reshape", [f"{name}/taps", const("as_rows", [0, 0, 0, kh * kw * channels])], "im2col"),
     ]
 
 
