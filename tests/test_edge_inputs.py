@@ -222,3 +222,116 @@ def test_deployed_graph_runs_every_edge_image_like_the_float_graph(form, regime,
         assert got[image][0] == (detections, 4) and got[image][3] == (detections, 28, 28), image
     for image, (elements, differ) in tier1(qmodel, proto, inputs).items():
         assert elements > 10_000 and differ == 0, (image, elements, differ)
+
+
+# ----------------------------------------------------------------------------- command line and serving
+
+
+#: flat images, in which the silent artifact below finds nothing
+FLAT_IMAGES = {"black": np.zeros((400, 600, 3), np.uint8), "white": np.full((400, 600, 3), 255, np.uint8),
+               "8x8": np.zeros((8, 8, 3), np.uint8), "row": np.zeros((1, 400, 3), np.uint8),
+               "column": np.zeros((400, 1, 3), np.uint8)}
+
+
+@pytest.fixture(scope="module")
+def silent_artifact(tmp_path_factory) -> Path:
+    """A tiny W8A8 artifact (onnxruntime form, split 8-bit weights: every stride-1 conv is im2col)
+    whose deploy config keeps detections scoring above 0.9: it finds some on its calibration image
+    (0.98) and none in a flat image (the float model's best there: 0.78 black, 0.64 white), so
+    the mask head gets 0 RoIs there, as an empty scene gives a trained detector."""
+    from cli_helpers import TINY_MASK, make_checkpoint, make_coco
+    from repq_export.export.artifact import ExportRequest, export_artifact
+
+    root = tmp_path_factory.mktemp("silent")
+    text = (DEPLOY_CONFIGS_DIR / "instance-seg_onnxruntime_cpu.py").read_text()
+    assert "score_threshold=0.05" in text
+    (root / "deploy.py").write_text(text.replace("score_threshold=0.05", "score_threshold=0.9"))
+    _, img_dir = make_coco(root / "coco", num_images=1)
+    request = ExportRequest(ckpt=make_checkpoint(root / "tiny.pth"), out=root / "artifact", w_bits=8, a_bits=8,
+                            config=TINY_MASK, calib_dir=img_dir, deploy_config=root / "deploy.py")
+    export_artifact(request, progress=False, log=lambda *_: None)
+    return root / "artifact"
+
+
+def write_png(path: Path, name: str) -> Path:
+    """Flat image `name` as a PNG file."""
+    import cv2
+
+    assert cv2.imwrite(str(path), FLAT_IMAGES[name])
+    return path
+
+
+def test_predict_says_there_are_no_detections_on_a_black_image(silent_artifact, tmp_path):
+    """`repq-export predict ARTIFACT black.png` exits 0, says 0 detections and draws the picture."""
+    import cv2
+    from cli_helpers import CLI, run_cli
+
+    black = write_png(tmp_path / "black.png", "black")
+    result = run_cli(CLI, "predict", silent_artifact, black, "--save", tmp_path / "pred.png")
+    assert result.rc == 0 and "Traceback" not in result.err, result.err[-3000:]
+    assert "0 detections with score >= 0.3 (0 in all)" in result.out
+    assert cv2.imread(str(tmp_path / "pred.png")).shape == (400, 600, 3)
+
+
+@pytest.mark.parametrize("name", ["white", "8x8", "row"])
+def test_predict_on_other_empty_images(silent_artifact, name, tmp_path, capsys):
+    """The same in-process for a white, an 8x8 and a 1-pixel-high image."""
+    from cli_helpers import call_main
+    from repq_export.cli import main as cli_main
+
+    image = write_png(tmp_path / f"{name}.png", name)
+    result = call_main(cli_main, ["predict", silent_artifact, image, "--save", tmp_path / "pred.png"], capsys)
+    assert result.rc == 0 and "(0 in all)" in result.out, result.err
+
+
+def test_serving_returns_an_empty_detection_list(silent_artifact):
+    """The server's request function and the Triton repository's steps around the network answer
+    an image without detections with an empty list, in the image's own size."""
+    import cv2
+    from repq_export.serving import codec
+    from repq_export.serving.server import ServeOptions, model_instances
+    from repq_export.serving.triton_stages import run_postprocess, run_preprocess
+
+    models, manifest = model_instances(silent_artifact, ServeOptions())
+    for name, image in FLAT_IMAGES.items():
+        data = cv2.imencode(".png", image)[1].reshape(1, -1)
+        served = [codec.decode_response(models[0].detect({codec.IMAGE: data}))]
+        pre = run_preprocess(data, manifest["preprocess"])
+        net = models[0].runner(torch.from_numpy(pre["img"]), torch.from_numpy(pre["img_hw"]))
+        served.append(codec.decode_response(run_postprocess({**{k: v.numpy() for k, v in net._asdict().items()},
+                                                             **pre}, manifest["classes"])))
+        for answer in served:
+            assert (len(answer), answer.boxes.shape, answer.masks) == (0, (0, 4), []), name
+            assert answer.image_size == image.shape[:2], name
+
+
+def test_serving_refuses_an_image_that_shrinks_to_nothing_as_a_bad_request(silent_artifact):
+    """A 1x2000 image has no pixel row left at the tiny scale: a BadRequest (the server keeps
+    serving), from both serving paths, not an error from inside the model."""
+    import cv2
+    from repq_export.serving import codec
+    from repq_export.serving.server import ServeOptions, model_instances
+    from repq_export.serving.triton_stages import run_preprocess
+
+    models, manifest = model_instances(silent_artifact, ServeOptions())
+    data = cv2.imencode(".png", np.zeros((1, 2000, 3), np.uint8))[1].reshape(1, -1)
+    with pytest.raises(codec.BadRequest, match="shrinks to nothing"):
+        models[0].detect({codec.IMAGE: data})
+    with pytest.raises(codec.BadRequest, match="shrinks to nothing"):
+        run_preprocess(data, manifest["preprocess"])
+
+
+def test_triton_preprocessing_pads_to_a_static_graphs_size():
+    """The Triton repository's preprocessing step pads to the static input size a static artifact
+    records (pad_to), as predict and the server do, and refuses an image that does not fit."""
+    from repq_export.serving import codec
+    from repq_export.serving.triton_stages import run_preprocess
+    import cv2
+
+    settings = dataclasses.replace(preprocess_settings(load_config(CONFIGS["mask"])), pad_to=(256, 288))
+    data = cv2.imencode(".png", edge_images()["landscape"])[1].reshape(1, -1)
+    pre = run_preprocess(data, settings.as_dict())
+    assert pre["img"].shape == (1, 3, 256, 288) and pre["img_hw"].tolist() == [128, 256]
+    small = dataclasses.replace(settings, pad_to=(64, 64)).as_dict()
+    with pytest.raises(codec.BadRequest, match="static input size"):
+        run_preprocess(data, small)
