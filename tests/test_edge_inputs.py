@@ -284,6 +284,31 @@ def test_predict_on_other_empty_images(silent_artifact, name, tmp_path, capsys):
     assert result.rc == 0 and "(0 in all)" in result.out, result.err
 
 
+def test_tools_test_scores_a_set_with_an_image_without_detections(silent_artifact, tmp_path, capsys):
+    """`tools/test.py CFG CKPT --backend ort --model ARTIFACT` over the calibration image and a black
+    one (no detection there): it runs to the end, exit 0, and writes its metrics."""
+    import json
+    import shutil
+
+    from cli_helpers import TINY_MASK, call_main
+    from repq_export.commands import test_tool
+
+    root = silent_artifact.parent
+    coco = json.loads((root / "coco/annotations/instances_val.json").read_text())
+    img_dir = tmp_path / "images"
+    shutil.copytree(root / "coco/val", img_dir)
+    write_png(img_dir / "black.png", "black")
+    coco["images"].append({"id": max(i["id"] for i in coco["images"]) + 1, "file_name": "black.png",
+                           "height": 400, "width": 600})
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    argv = [TINY_MASK, root / "tiny.pth", "--eval", "bbox", "segm", "--backend", "ort", "--model", silent_artifact,
+            "--ann", tmp_path / "ann.json", "--img-dir", img_dir, "--quiet", "--json-out", tmp_path / "metrics.json"]
+    result = call_main(test_tool.main, argv, capsys)
+    assert result.rc == 0 and "Traceback" not in result.err, result.err[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"bbox_mAP", "segm_mAP"} <= set(metrics), metrics
+
+
 def test_serving_returns_an_empty_detection_list(silent_artifact):
     """The server's request function and the Triton repository's steps around the network answer
     an image without detections with an empty list, in the image's own size."""
