@@ -224,6 +224,17 @@ def test_deployed_graph_runs_every_edge_image_like_the_float_graph(form, regime,
         assert elements > 10_000 and differ == 0, (image, elements, differ)
 
 
+def test_the_largest_edge_image_fills_the_box_heads_rois():
+    """The RPN gives its maximum of proposals (max_proposals, 1000) on the largest input, so the
+    matrix runs the box head at its largest RoI batch too; the thinnest strip gives far fewer."""
+    model = tiny_float_model("mask").eval()
+    inputs = network_inputs("mask")
+    with torch.no_grad():
+        counts = {name: len(model.rpn_head(model.extract_feat(inputs[name][0]), inputs[name][1])[0])
+                  for name in ("largest", "row")}
+    assert counts["largest"] == model.rpn_head.max_proposals == 1000 and counts["row"] < 1000
+
+
 # ----------------------------------------------------------------------------- command line and serving
 
 
