@@ -166,6 +166,7 @@ def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_in
         node("Gather", [f"{name}/shape", const("axis2", 2)], "wp", axis=0),
         node("Sub", [f"{name}/hp", const("kh_1", kh - 1)], "h"),
         node("Sub", [f"{name}/wp", const("kw_1", kw - 1)], "w"),
+        # every -1 of the index reshapes below stands beside 1s only: inferred from 0 images too
         node("Range", [const("zero", 0), f"{name}/n", const("one", 1)], "images"),
         node("Mul", [f"{name}/images", f"{name}/hp"], "image_rows"),
         node("Reshape", [f"{name}/image_rows", const("as_n", [-1, 1, 1, 1])], "image_index"),
