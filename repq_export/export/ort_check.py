@@ -188,8 +188,9 @@ def rule_empty_reshape(graph: Graph) -> list[Issue]:
             continue
         shape = graph.constant(node.input[1])
         if shape is not None and shape.ndim == 1 and -1 in shape.tolist() and 0 in shape.tolist():
-            issues.append(issue(node, "empty-reshape", f"shape {shape.tolist()} cannot infer -1 from a tensor of 0 "
-                                 "elements (the mask head gets 0 RoIs on an image without detections); write the dim out"))
+            issues.append(issue(node, "empty-reshape", f"shape {shape.tolist()} cannot infer -1 from a tensor of "
+                                 "0 elements (the mask head gets 0 RoIs on an image without detections); "
+                                 "write the dim out"))
     return issues
 
 
