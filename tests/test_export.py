@@ -27,8 +27,8 @@ CONFIGS = {"mask": "configs/tiny/mask_rcnn_tiny.py", "cascade": "configs/tiny/ca
 IMG_HW = torch.tensor([150.0, 210.0])
 
 
-def tiny_quant_model(kind: str, bits: int = 4):
-    """A tiny random detector with confident classes, calibrated at W`bits`A`bits` on one random image."""
+def tiny_float_model(kind: str):
+    """A tiny random detector with confident classes (every image fills keep_top_k), in float."""
     model = build_detector(load_config(CONFIGS[kind]))
     init_random_weights(model, 0)
     heads = model.roi_head.bbox_head if isinstance(model.roi_head.bbox_head, torch.nn.ModuleList) else [
@@ -36,6 +36,12 @@ def tiny_quant_model(kind: str, bits: int = 4):
     with torch.no_grad():
         for head in heads:
             head.fc_cls.bias[:3] += 6.0
+    return model
+
+
+def tiny_quant_model(kind: str, bits: int = 4):
+    """A tiny random detector with confident classes, calibrated at W`bits`A`bits` on one random image."""
+    model = tiny_float_model(kind)
     torch.manual_seed(0)
     img = torch.randn(1, 3, 160, 224)
     return quantize(model, [(img, IMG_HW)], bits, bits, progress=False), img

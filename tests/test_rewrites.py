@@ -4,6 +4,7 @@ values; integer_matmul, split_uint8_weights and widen_uint8_weights keep the lin
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -159,3 +160,64 @@ def test_widen_uint8_weights_leaves_codes_another_op_reads() -> None:
     model.graph.node.append(helper.make_node("Cast", ["w"], ["w_float"], to=TensorProto.FLOAT))
     assert widen_uint8_weights(model) == 0
     assert index_graph(model).constant("w").dtype == np.uint8
+
+
+def _shape_of(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """The constant shape a Reshape node named `name` reshapes to."""
+    node = next(n for n in model.graph.node if n.name == name)
+    value = index_graph(model).constant(node.input[1])
+    return None if value is None else value.tolist()
+
+
+def test_integer_conv_runs_on_a_batch_of_zero_images() -> None:
+    """0 RoIs (an image without detections) give the mask head's convs a batch of 0: the rewritten
+    conv gives the float conv's empty output, shape (0, K, H', W'), with and without padding, at
+    onnxruntime's default level too. The im2col row width is written out (kh*kw*C)."""
+    import onnxruntime as ort
+
+    x = np.zeros((0, 8, 14, 14), np.float32)
+    for kernel, pad in ((3, 1), (3, 0), (1, 0)):
+        before, after = _conv_graph(kernel, pad), _conv_graph(kernel, pad)
+        assert integer_conv(after) == 1 and integer_matmul(after) == 1
+        if kernel > 1:
+            assert _shape_of(after, "conv/im2col") == [0, 0, 0, kernel * kernel * 8]
+        y0, y1 = _run(before, after, x=x)
+        assert y0.shape == y1.shape == (0, 6, 14 - kernel + 1 + 2 * pad, 14 - kernel + 1 + 2 * pad)
+        session = ort.InferenceSession(after.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"x": x})[0].shape == y0.shape
+
+
+def test_the_old_im2col_shape_fails_on_zero_images_and_check_says_so() -> None:
+    """The im2col's last Reshape as it was, (0, 0, 0, -1): onnxruntime cannot infer -1 from 0
+    elements, and `check`'s empty-reshape rule names the node."""
+    import onnxruntime as ort
+
+    model = _conv_graph(3, 1)
+    integer_conv(model)
+    node = next(n for n in model.graph.node if n.name == "conv/im2col")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, -1], np.int64), "old_shape"))
+    node.input[1] = "old_shape"
+    assert [(i.rule, i.node) for i in check_onnxruntime_form(model)] == [("empty-reshape", "conv/im2col")]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 8, 5, 5), np.float32)})[0].shape == (2, 6, 5, 5)
+    with pytest.raises(Exception, match="cannot be reshaped"):
+        session.run(None, {"x": np.zeros((0, 8, 5, 5), np.float32)})
+
+
+def _zero_rows(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The linear graph with a dynamic leading dim, fed 0 rows below (the box head's fcs on 0 RoIs)."""
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "rois"
+    return model
+
+
+def test_linear_rewrites_run_on_zero_rows() -> None:
+    """integer_matmul (4-bit), split_uint8_weights (8-bit, target 'any') and widen_uint8_weights
+    (8-bit, target 'vnni') each give the float linear's (0, 5, 8) output on 0 rows."""
+    x = np.zeros((0, 5, 16), np.float32)
+    cases = {"integer_matmul": (4, [integer_matmul]), "split": (8, [integer_matmul, split_uint8_weights]),
+             "widen": (8, [widen_uint8_weights, integer_matmul])}
+    for name, (bits, rewrites) in cases.items():
+        before, after = _zero_rows(_linear_graph(bits)), _zero_rows(_linear_graph(bits))
+        assert all(rewrite(after) == 1 for rewrite in rewrites), name
+        y0, y1 = _run(before, after, x=x)
+        assert y0.shape == y1.shape == (0, 5, 8), name

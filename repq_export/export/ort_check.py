@@ -21,6 +21,9 @@ quant, or an integer kernel could saturate):
   apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
 - ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
 - ``target-cpu``: the graph's recorded target CPU is one this version knows.
+- ``empty-reshape``: no Reshape has a constant shape with -1 beside a 0 (copy that input dim).
+  With a 0 there (the mask head's batch when an image has no detection) the other dims multiply
+  to 0 and onnxruntime cannot infer -1: the graph would fail on every image without a detection.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
     """Run every onnxruntime-form rule on ``model``; an empty list means none is broken."""
     graph = index_graph(model)
     issues: list[Issue] = []
-    rules = [rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type]
+    rules = [rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type, rule_empty_reshape]
     if graph_target_cpu(model) == TARGET_VNNI:
         rules.remove(rule_u8s8_saturation)
     for rule in rules:
@@ -174,6 +177,20 @@ def rule_bias_type(graph: Graph) -> list[Issue]:
             zp = graph.constant(zero_point_input(node))
             if zp is not None and np.any(zp):
                 issues.append(issue(node, "bias-type", "an int32 bias must have zero point 0"))
+    return issues
+
+
+def rule_empty_reshape(graph: Graph) -> list[Issue]:
+    """Reshapes that fail on a tensor of 0 elements: a constant shape with both -1 and a copied 0."""
+    issues = []
+    for node in graph.nodes:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node_attr(node, "allowzero", 0):
+            continue
+        shape = graph.constant(node.input[1])
+        if shape is not None and shape.ndim == 1 and -1 in shape.tolist() and 0 in shape.tolist():
+            issues.append(issue(node, "empty-reshape", f"shape {shape.tolist()} cannot infer -1 from a tensor of "
+                                 "0 elements (the mask head gets 0 RoIs on an image without detections); "
+                                 "write the dim out"))
     return issues
 
 

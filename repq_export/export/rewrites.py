@@ -166,6 +166,7 @@ def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_in
         node("Gather", [f"{name}/shape", const("axis2", 2)], "wp", axis=0),
         node("Sub", [f"{name}/hp", const("kh_1", kh - 1)], "h"),
         node("Sub", [f"{name}/wp", const("kw_1", kw - 1)], "w"),
+        # every -1 of the index reshapes below stands beside 1s only: inferred from 0 images too
         node("Range", [const("zero", 0), f"{name}/n", const("one", 1)], "images"),
         node("Mul", [f"{name}/images", f"{name}/hp"], "image_rows"),
         node("Reshape", [f"{name}/image_rows", const("as_n", [-1, 1, 1, 1])], "image_index"),
@@ -180,9 +181,11 @@ def _gather_taps(name: str, padded: str, kh: int, kw: int, channels: int, add_in
         node("Reshape", [f"{name}/tap_offsets", const("as_t", [1, 1, 1, -1])], "tap_index"),
         node("Add", [f"{name}/row_index", f"{name}/col_index"], "pixel_index"),
         node("Add", [f"{name}/pixel_index", f"{name}/tap_index"], "index"),  # (N, H, W, kh*kw)
+        # -1 is the only unknown dim and C > 0, so it is inferred even from 0 elements (no RoI)
         node("Reshape", [padded, const("as_pixels", [-1, channels])], "pixels"),
         node("Gather", [f"{name}/pixels", f"{name}/index"], "taps", axis=0),  # (N, H, W, kh*kw, C)
-        node("Reshape", [f"{name}/taps", const("as_rows", [0, 0, 0, -1])], "im2col"),
+        # the row width is written out: a -1 beside a copied 0 (N = 0 RoIs) cannot be inferred
+        node("Reshape", [f"{name}/taps", const("as_rows", [0, 0, 0, kh * kw * channels])], "im2col"),
     ]
 
 

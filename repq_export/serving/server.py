@@ -88,7 +88,7 @@ class DetectionModel:
         thr = codec.score_threshold(request)
         try:
             prep = preprocess(img, **vars(self.settings))
-        except ValueError as exc:  # e.g. a 1-pixel-high image shrinks to nothing
+        except (ValueError, UserError) as exc:  # a 1-pixel-high image shrinks to nothing, or misses a static size
             raise codec.BadRequest(str(exc)) from None
         dets = postprocess(*self.runner(prep.tensor, prep.img_hw_tensor), prep)
         return codec.encode_response(dets, self.classes, thr, prep.ori_hw)

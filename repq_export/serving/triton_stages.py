@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..data.postprocess import postprocess
-from ..data.transforms import Preprocessed, preprocess
+from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
+from ..errors import UserError
 from . import codec
 
 PRE_OUTPUTS = ("img", "img_hw", "scale_factor", "ori_hw")
@@ -25,10 +26,9 @@ RESPONSE = (codec.BOXES, codec.SCORES, codec.LABELS, codec.CLASS_NAMES, codec.MA
 def run_preprocess(image: np.ndarray, settings: dict) -> dict[str, np.ndarray]:
     """Encoded image bytes -> the network's inputs and what postprocessing needs to undo the resize."""
     img = codec.decode_image(image.reshape(1, -1) if image.ndim == 1 else image)
-    try:
-        prep = preprocess(img, scale=tuple(settings["scale"]), mean=tuple(settings["mean"]),
-                          std=tuple(settings["std"]), to_rgb=settings["to_rgb"], size_divisor=settings["size_divisor"])
-    except ValueError as exc:
+    try:  # every setting, pad_to included: a static graph takes only its own input size
+        prep = preprocess(img, **vars(PreprocessSettings.from_dict(settings)))
+    except (ValueError, UserError) as exc:  # too thin to resize, or too large for a static graph
         raise codec.BadRequest(str(exc)) from None
     return {"img": prep.tensor.numpy(), "img_hw": prep.img_hw_tensor.numpy(),
             "scale_factor": prep.scale_factor, "ori_hw": np.array(prep.ori_hw, np.int64)}
