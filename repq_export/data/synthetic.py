@@ -13,6 +13,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pycocotools.mask as mask_util
 from repq_export.data.rle import mask_to_rle
 from repq_export.errors import UserError
 from repq_export.files import write_atomically
+from repq_export.output_dir import FolderKind, staged_dir
 
 CATEGORIES = ("ellipse", "rectangle", "triangle", "star")
 SIDE_RANGE = (240, 520)  # image height and width, pixels
@@ -47,6 +49,10 @@ BACKGROUND_CONTRAST = 110.0
 TEXTURE_CONTRAST = 40.0  # largest per-channel step between an object's two texture colours
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_IMAGES = 100_000  # about 30 GB of PNGs; more is a typo
+SYNTHETIC_SET = FolderKind("a synthetic set", None, None, lambda manifest: {},
+                           re.compile(r"annotations/instances_[A-Za-z0-9_-]+\.json|[A-Za-z0-9_-]+/\d{12}\.png"),
+                           re.compile(r"[A-Za-z0-9_-]+"))
 
 
 @dataclass(frozen=True)
@@ -217,8 +223,8 @@ def _annotation(instance: Instance, ann_id: int, image_id: int) -> dict:
 def _check_arguments(out_dir: Path, split: str, num_images: int, seed: int) -> None:
     if not _SPLIT_NAME.match(split):
         raise UserError(f"--split: '{split}' is not a plain name (letters, digits, _ and -)")
-    if num_images < 1:
-        raise UserError(f"--num-images: must be at least 1, got {num_images}")
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise UserError(f"--num-images: must be 1..{MAX_IMAGES}, got {num_images}")
     if seed < 0:
         raise UserError(f"--seed: must be non-negative, got {seed}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -242,7 +248,7 @@ def make_synthetic_coco(
     for index in range(num_images):
         image_id = index + 1
         img, instances = synthesize_image(seed, split, index)
-        file_name = f"{image_id:012d}.png"
+        file_name = image_file_name(image_id)
         _, png = cv2.imencode(".png", img, PNG_PARAMS)
         write_atomically(img_dir / file_name, png.tobytes())
         height, width = img.shape[:2]
@@ -263,3 +269,32 @@ def make_synthetic_coco(
     ann_path = ann_dir / f"instances_{split}.json"
     write_atomically(ann_path, text.encode("utf-8"))
     return ann_path
+
+
+def image_file_name(image_id: int) -> str:
+    """The file name of an image of a synthetic set."""
+    return f"{image_id:012d}.png"
+
+
+def synthetic_set_complete(root: Path, split: str, num_images: int) -> bool:
+    """Whether `root` holds the whole set: its annotation file and every one of its images."""
+    return (root / "annotations" / f"instances_{split}.json").is_file() and all(
+        (root / split / image_file_name(i)).is_file() for i in range(1, num_images + 1))
+
+
+def make_synthetic_set(root: Path, split: str, num_images: int, seed: int,
+                       log: Callable[[], object] = lambda: None) -> Path:
+    """The annotation file of the synthetic set in `root`, made if missing: written into a hidden sibling
+    and renamed into place whole, so Ctrl-C or a full disk never leaves a partial set under `root`; an
+    incomplete `root` (of an older version) is completed in place (the same arguments give the same bytes)."""
+    _check_arguments(root, split, num_images, seed)
+    ann = root / "annotations" / f"instances_{split}.json"
+    if synthetic_set_complete(root, split, num_images):
+        return ann
+    log()
+    if root.is_dir():
+        make_synthetic_coco(root, split, num_images, seed)
+        return ann
+    with staged_dir(root, force=False, option="synthetic set", kind=SYNTHETIC_SET) as tmp:
+        make_synthetic_coco(tmp, split, num_images, seed)
+    return ann
