@@ -89,7 +89,7 @@ def artifact_records(manifest: dict) -> dict[str, str]:
         entry = manifest.get(key)
         if isinstance(entry, dict) and "file" in entry:
             records[entry["file"]] = entry.get("sha256")
-    records = checked_records(records, ARTIFACT_FILES, f"'onnx'/'quant_state'")
+    records = checked_records(records, ARTIFACT_FILES, "'onnx'/'quant_state'")
     return records | checked_records(manifest.get(ADDED_FILES, {}), ARTIFACT_FILES, f"'{ADDED_FILES}'")
 
 

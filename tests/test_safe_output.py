@@ -407,3 +407,11 @@ def test_an_incomplete_synthetic_set_is_remade(tmp_path):
     ann.unlink()
     synthetic_set(tmp_path, 3)
     assert tree(tmp_path) == whole  # the same bytes again
+
+
+def test_train_synthetic_never_writes_over_its_init_checkpoint(work):
+    before = tree(work)
+    result = run_cli((str(REPO / "tools/train_synthetic.py"),), "--config", REPO / "configs/synthetic/mask_rcnn_swin_synthetic.py",
+                     "--out", work / "m.pth", "--init-from", work / "m.pth", "--train-dir", work / "train")
+    one_error(result, "--out", "--init-from")
+    assert tree(work) == before
