@@ -358,10 +358,12 @@ def test_demo_json_out_never_writes_over_the_checkpoint(work, capsys):
     assert tree(work) == before
 
 
-@pytest.mark.parametrize("where", ["calib folder", "inside the calib folder", "parent of the checkpoint"])
+@pytest.mark.parametrize("where", ["calib folder", "inside the calib folder", "parent of the checkpoint",
+                                   "symlink to an artifact"])
 def test_export_never_writes_over_its_inputs(work, where, capsys):
+    (work / "link").symlink_to(work / "artifact")
     out = {"calib folder": work / "images", "inside the calib folder": work / "images" / "art",
-           "parent of the checkpoint": work}[where]
+           "parent of the checkpoint": work, "symlink to an artifact": work / "link"}[where]
     before = tree(work)
     result = call_main(cli.main, export(work, out, "--force"), capsys)
     one_error(result, "--out")
@@ -369,6 +371,18 @@ def test_export_never_writes_over_its_inputs(work, where, capsys):
 
 
 # ------------------------------------------------------------------ demo: the synthetic set, --num-images
+
+
+def test_demo_refuses_a_users_folder_where_it_would_write_an_artifact(work, capsys):
+    """Checked before the synthetic set is made: the demo replaces only artifact folders it wrote."""
+    folder = work / "d" / "m-w4a4"
+    folder.mkdir(parents=True)
+    (folder / "results.csv").write_text("mine\n")
+    before = tree(work)
+    result = call_main(cli.main, ["demo", "--ckpt", work / "m.pth", "--config", TINY_MASK, "--bits", 4,
+                                  "--work-dir", work / "d"], capsys)
+    one_error(result, "--work-dir", "m-w4a4", "left alone")
+    assert "generating" not in result.out and tree(work) == before
 
 
 def test_demo_num_images_is_bounded(tmp_path, capsys):
