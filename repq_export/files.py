@@ -83,6 +83,16 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
+def mount_point(folder: Path) -> Path:
+    """The mount point of the disk holding `folder` (how a user finds the disk in `df`)."""
+    path = folder.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
 def write_error(what: str, folder: Path, exc: BaseException) -> UserError:
     """One line for a failed write of `what` into `folder`: the disk and its free space where it is full,
     else the OS's reason (never torch's 'enforce fail' text)."""
@@ -91,8 +101,8 @@ def write_error(what: str, folder: Path, exc: BaseException) -> UserError:
     full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < LOW_SPACE)
     if full:
         left = "" if free is None else f", {free / 2**20:.1f} MiB free"
-        return UserError(f"{what}: cannot write it: the disk holding {folder} is full{left}; free some space "
-                         "or write elsewhere")
+        return UserError(f"{what}: cannot write it: the disk mounted at {mount_point(folder)} is full{left}; free "
+                         "some space or write elsewhere")
     reason = getattr(exc, "strerror", None) or ("the write failed" if isinstance(exc, RuntimeError)
                                                 else (str(exc).splitlines() or [type(exc).__name__])[0])
     return UserError(f"{what}: cannot write it ({reason})")

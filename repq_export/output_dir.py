@@ -357,5 +357,9 @@ def staged_dir(out: Path, force: bool, option: str = "--out", kind: FolderKind =
                 _delete_owned(old, owned)
     except OSError as exc:  # disk full, folder removed under us: nothing is written
         raise write_error(f"{option} {out}", resolved.parent, exc) from None
+    except UserError as exc:  # a file that could not be written names the folder the user asked for
+        if str(tmp) not in str(exc):
+            raise
+        raise UserError(str(exc).replace(str(tmp), str(out))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -195,7 +195,7 @@ def test_triton_repo_disk_full_names_the_disk(work, capsys, monkeypatch):
 
     monkeypatch.setattr(triton_repo, "copy_file", disk_full)
     line = one_error(call_main(cli.main, triton(work / "artifact", work / "repo"), capsys), "OUT", "repo",
-                     f"the disk holding {work} is full")
+                     f"the disk mounted at {files.mount_point(work)} is full")
     assert "MiB free" in line
     assert not (work / "repo").exists() and no_temporaries(work) == []
 
@@ -254,20 +254,25 @@ def test_default_out_under_a_file_named_repq_out(work, capsys, monkeypatch):
     assert "does not exist" not in line and tree(work) == before
 
 
-def test_quant_pth_on_a_full_disk_is_one_line(work, capsys, monkeypatch):
-    """torch.save fails with its own 'enforce fail' RuntimeError when a write fails; the user sees the file
-    and the disk. The write really fails (a file size limit); the free space is what a full disk reports."""
-    monkeypatch.setattr(files, "free_bytes", lambda folder: 0)
-    hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+@pytest.mark.parametrize("disk", ["full", "not full"])
+def test_quant_pth_write_failure_is_one_line(work, disk, capsys, monkeypatch):
+    """torch.save fails with its own 'enforce fail' RuntimeError when a write fails; the user sees the file,
+    and the disk where it is full. The write really fails (a file size limit, no root needed); a full disk's
+    free space is what `free_bytes` reports."""
+    if disk == "full":
+        monkeypatch.setattr(files, "free_bytes", lambda folder: 0)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))
     try:
         result = call_main(cli.main, export(work, work / "out"), capsys)
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, hard)
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
-    line = one_error(result, "quant.pth", "cannot write it: the disk holding", "is full")
-    assert "enforce" not in line and not (work / "out").exists() and no_temporaries(work) == []
+    reason = "cannot write it: the disk mounted at" if disk == "full" else "cannot write it (the write failed)"
+    line = one_error(result, f"{work / 'out' / 'quant.pth'}: {reason}")
+    assert "enforce" not in line and ".tmp" not in line
+    assert not (work / "out").exists() and no_temporaries(work) == []
 
 
 # ------------------------------------------------------------------ no command writes onto its own inputs
