@@ -107,12 +107,6 @@ def read_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def is_artifact(folder: Path) -> bool:
-    """Whether `folder` holds a repq.json written by this tool."""
-    manifest = read_manifest(folder / MANIFEST)
-    return manifest is not None and manifest.get("format") == MANIFEST_FORMAT
-
-
 def record_added_file(artifact: Path, path: Path) -> None:
     """Record a file written into an existing artifact (engine, parity report) with its sha256 in repq.json,
     so that --force may later delete it, and only while it is unchanged."""
@@ -175,18 +169,20 @@ def _refuse_dangerous(out: Path, option: str) -> Path:
     return resolved
 
 
-def check_replaceable(out: Path, force: bool, option: str = "--out", kind: FolderKind = ARTIFACT) -> None:
-    """Refuse an existing `out` unless --force was given and every file in it is one this tool wrote, unchanged."""
+def check_replaceable(out: Path, force: bool, option: str = "--out", kind: FolderKind = ARTIFACT) -> list[str]:
+    """Refuse an existing `out` unless --force was given and every file in it is one this tool wrote, unchanged;
+    the files --force may delete (none where `out` does not exist)."""
     resolved = _refuse_dangerous(out, option)
     if out.is_symlink():
         raise UserError(f"{option} {out}: is a symbolic link; name a new folder")
     if not resolved.exists():
-        return
+        return []
     if not resolved.is_dir():
         raise UserError(f"{option} {out}: is a file, not a folder; name a new folder")
-    owned_files(resolved, kind, f"{option} {out}")
+    owned = owned_files(resolved, kind, f"{option} {out}")
     if not force:
         raise UserError(f"{option} {out}: already exists (use --force to replace it)")
+    return owned
 
 
 def parent_problem(path: Path) -> str | None:
@@ -338,14 +334,13 @@ def staged_dir(out: Path, force: bool, option: str = "--out", kind: FolderKind =
         except OSError as exc:
             raise UserError(f"{option} {out}: cannot create the folder ({exc.strerror or exc})") from None
         yield tmp
-        check_replaceable(out, force, option, kind)  # again: the folder may have changed during the work
+        owned = check_replaceable(out, force, option, kind)  # again: the folder may have changed during the work
         with deferred_signals():  # the old folder is moved aside and the new one moved in as one step
-            old, owned = None, []
+            old = None
             if resolved.exists():
                 old = resolved.with_name(f".{resolved.name}.old{os.getpid()}")
                 if old.is_dir():
                     _delete_owned(old, owned_files(old, kind, str(old)))
-                owned = owned_files(resolved, kind, f"{option} {out}")
                 os.replace(resolved, old)
             try:
                 os.replace(tmp, resolved)

@@ -84,7 +84,8 @@ def test_triton_repo_force_replaces_only_its_own_unchanged_repository(work, caps
     assert first.rc == 0, first.err
     record = json.loads((out / "repq-triton.json").read_text())
     assert record["format"] == "repq-export-triton-repository"
-    assert set(record["files"]) == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"repq-triton.json"}
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert set(record["files"]) == written - {"repq-triton.json"}
     again = call_main(cli.main, triton(work / "artifact", out, "--force"), capsys)
     assert again.rc == 0, again.err
     assert (out / "repq_network/1/model.onnx").read_bytes() == (work / "artifact/model.onnx").read_bytes()
@@ -430,7 +431,8 @@ def test_an_incomplete_synthetic_set_is_remade(tmp_path):
 
 def test_train_synthetic_never_writes_over_its_init_checkpoint(work):
     before = tree(work)
-    result = run_cli((str(REPO / "tools/train_synthetic.py"),), "--config", REPO / "configs/synthetic/mask_rcnn_swin_synthetic.py",
-                     "--out", work / "m.pth", "--init-from", work / "m.pth", "--train-dir", work / "train")
+    result = run_cli((str(REPO / "tools/train_synthetic.py"),), "--config",
+                     REPO / "configs/synthetic/mask_rcnn_swin_synthetic.py", "--out", work / "m.pth",
+                     "--init-from", work / "m.pth", "--train-dir", work / "train")
     one_error(result, "--out", "--init-from")
     assert tree(work) == before
