@@ -3,9 +3,10 @@
 Folders this tool writes whole (an artifact, a Triton model repository, the demo's synthetic set):
 - the path is resolved first; `.`, `..`, the current folder, any folder above it and `/` are refused,
   and so is a symbolic link;
-- an existing folder is replaced (with --force) only if this tool wrote it: its manifest carries the
-  format marker, every file in it is one the manifest records under the tool's own names, and each
-  file's bytes still match the sha256 recorded; anything else leaves the whole folder alone;
+- an existing empty folder is taken as it is; any other is replaced (with --force) only if this tool
+  wrote it: its manifest carries the format marker, every file in it is one the manifest records under
+  the tool's own names, and each file's bytes still match the sha256 recorded; anything else leaves the
+  whole folder alone;
 - the new folder is written as a hidden sibling `.<name>.tmp<PID>` and renamed into place once
   complete; on any error (a full disk too), Ctrl-C or SIGTERM the sibling is removed and the old
   folder kept; only the recorded, unchanged files of the old folder are deleted;
@@ -179,6 +180,8 @@ def check_replaceable(out: Path, force: bool, option: str = "--out", kind: Folde
         return []
     if not resolved.is_dir():
         raise UserError(f"{option} {out}: is a file, not a folder; name a new folder")
+    if not any(resolved.iterdir()):
+        return []  # an empty folder (made for the output) holds nothing to lose
     owned = owned_files(resolved, kind, f"{option} {out}")
     if not force:
         raise UserError(f"{option} {out}: already exists (use --force to replace it)")

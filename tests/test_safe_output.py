@@ -107,6 +107,14 @@ def test_triton_repo_force_replaces_only_its_own_unchanged_repository(work, caps
 
 
 @needs_tritonclient
+def test_triton_repo_into_an_empty_folder_made_for_it(work, capsys):
+    (work / "repo").mkdir()
+    result = call_main(cli.main, triton(work / "artifact", work / "repo"), capsys)
+    assert result.rc == 0, result.err
+    assert (work / "repo" / "repq-triton.json").is_file() and no_temporaries(work) == []
+
+
+@needs_tritonclient
 def test_triton_repo_force_keeps_another_model_repository(work, capsys):
     other = work / "models"
     (other / "resnet" / "1").mkdir(parents=True)
