@@ -444,3 +444,21 @@ def test_train_synthetic_never_writes_over_its_init_checkpoint(work):
                      "--init-from", work / "m.pth", "--train-dir", work / "train")
     one_error(result, "--out", "--init-from")
     assert tree(work) == before
+
+
+def test_a_killed_generation_is_cleaned_by_the_next_run(tmp_path):
+    """SIGKILL leaves the staged folder; the next run removes it once its process is gone, unless it holds a
+    file the tool never writes there."""
+    from repq_export.commands.demo import synthetic_set
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = tmp_path / f".synthetic-val-3-seed2026.tmp{proc.pid}"
+    (stale / "val").mkdir(parents=True)
+    (stale / "val" / "000000000001.png").write_bytes(b"half")
+    (stale / "val" / ".000000000002.png.tmp77").write_bytes(b"half")
+    users = tmp_path / f".synthetic-val-3-seed2026.tmp{proc.pid + 100000}"
+    (users / "val").mkdir(parents=True)
+    (users / "val" / "holiday.jpg").write_bytes(b"mine")
+    synthetic_set(tmp_path, 3)
+    assert not stale.exists() and (users / "val" / "holiday.jpg").read_bytes() == b"mine"
