@@ -462,3 +462,27 @@ def test_a_killed_generation_is_cleaned_by_the_next_run(tmp_path):
     (users / "val" / "holiday.jpg").write_bytes(b"mine")
     synthetic_set(tmp_path, 3)
     assert not stale.exists() and (users / "val" / "holiday.jpg").read_bytes() == b"mine"
+
+
+def test_make_synthetic_coco_never_overwrites_a_users_files(tmp_path):
+    """`tools/make_synthetic_coco.py --out DIR` into a folder holding a user's COCO copy: refused, bytes kept;
+    rerunning into its own set gives the same files."""
+    tool = (str(REPO / "tools/make_synthetic_coco.py"),)
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_val.json").write_text('{"images": [], "info": {"description": "COCO"}}')
+    before = tree(tmp_path)
+    one_error(run_cli(tool, "--out", data, "--num-images", 2), "instances_val.json", "left alone")
+    assert tree(tmp_path) == before
+
+    mine = tmp_path / "mine"
+    (mine / "val").mkdir(parents=True)
+    (mine / "val" / "000000000001.png").write_bytes(b"a photo of the user's")
+    before = tree(tmp_path)
+    one_error(run_cli(tool, "--out", mine, "--num-images", 2), "000000000001.png", "left alone")
+    assert tree(tmp_path) == before
+
+    assert run_cli(tool, "--out", tmp_path / "set", "--num-images", 2).rc == 0
+    made = tree(tmp_path / "set")
+    assert run_cli(tool, "--out", tmp_path / "set", "--num-images", 2).rc == 0
+    assert tree(tmp_path / "set") == made

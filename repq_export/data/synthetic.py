@@ -229,6 +229,35 @@ def _check_arguments(out_dir: Path, split: str, num_images: int, seed: int) -> N
         raise UserError(f"--seed: must be non-negative, got {seed}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
+    ann = out_dir / "annotations" / f"instances_{split}.json"
+    if (ann.exists() or ann.is_symlink()) and not _is_synthetic_annotation(ann):
+        raise UserError(f"{ann}: exists and is not a synthetic set's annotation file; it is left alone: give "
+                        "another --out")
+
+
+SET_DESCRIPTION = "repq-export synthetic shapes"  # the annotation file's info.description: how a set is recognised
+MAX_ANNOTATION_BYTES = 1 << 30
+
+
+def _is_synthetic_annotation(path: Path) -> bool:
+    """Whether `path` is an annotation file this module wrote (a regular file whose info names the set)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_ANNOTATION_BYTES:
+            return False
+        info = json.loads(path.read_bytes()).get("info")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and info.get("description") == SET_DESCRIPTION
+
+
+def _write_new_or_same(path: Path, data: bytes) -> None:
+    """Write an image of the set, refusing to replace a file with other bytes (one that is not this set's)."""
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_file() or path.read_bytes() != data:
+            raise UserError(f"{path}: exists and is not this synthetic set's image; it is left alone: give "
+                            "another --out")
+        return
+    write_atomically(path, data)
 
 
 def make_synthetic_coco(
@@ -239,18 +268,14 @@ def make_synthetic_coco(
     out_dir = Path(out_dir)
     _check_arguments(out_dir, split, num_images, seed)
     img_dir, ann_dir = out_dir / split, out_dir / "annotations"
-    try:
-        img_dir.mkdir(parents=True, exist_ok=True)
-        ann_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{out_dir}: cannot create folders ({err.strerror or err})") from None
+    _make_folder(img_dir)
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
         img, instances = synthesize_image(seed, split, index)
         file_name = image_file_name(image_id)
         _, png = cv2.imencode(".png", img, PNG_PARAMS)
-        write_atomically(img_dir / file_name, png.tobytes())
+        _write_new_or_same(img_dir / file_name, png.tobytes())
         height, width = img.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for instance in instances:
@@ -259,16 +284,25 @@ def make_synthetic_coco(
         {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)
     ]
     dataset = {
-        "info": {"description": "repq-export synthetic shapes", "split": split, "seed": seed},
+        "info": {"description": SET_DESCRIPTION, "split": split, "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
     text = json.dumps(dataset, sort_keys=True, separators=(",", ":"))
+    _make_folder(ann_dir)  # made only now: a refused image leaves no empty annotations folder behind
     ann_path = ann_dir / f"instances_{split}.json"
     write_atomically(ann_path, text.encode("utf-8"))
     return ann_path
+
+
+def _make_folder(folder: Path) -> None:
+    """Create a folder of the set (and its parents) if missing; one line where that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot create the folder ({err.strerror or err})") from None
 
 
 def image_file_name(image_id: int) -> str:
