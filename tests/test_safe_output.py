@@ -358,6 +358,15 @@ def test_predict_never_writes_over_its_image(work, kind, capsys):
     assert tree(work) == before
 
 
+@needs_tritonclient
+def test_infer_never_writes_over_its_image(work, capsys):
+    image = work / "images" / "000000000001.png"
+    out = link("hardlink", image, work / "picture.png")
+    before = tree(work)
+    one_error(call_main(cli.main, ["infer", "http://127.0.0.1:9", image, "--save", out], capsys), "--save", "IMAGE")
+    assert tree(work) == before
+
+
 def test_predict_never_writes_into_the_artifact(work, capsys):
     before = tree(work)
     one_error(call_main(cli.main, ["predict", work / "artifact", work / "images" / "000000000001.png", "--save",
