@@ -58,11 +58,11 @@ def run_export(argv: list[str]) -> int:
     if w_bits is None or a_bits is None:
         raise UserError("--bits (or both --w-bits and --a-bits) is required")
     from .deploy_config import load_deploy_config
-    from .export.artifact import DEFAULT_DEPLOY, ExportRequest, export_artifact
+    from .export.artifact import DEFAULT_DEPLOY, ExportRequest, check_export_out, export_artifact
     from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
     from .export.forms import check_export_bits, form_for
     from .export.tensorrt_builder import build_engine, tensorrt_available
-    from .output_dir import check_out_dir
+    from .output_dir import record_added_file
 
     if not args.ckpt.is_file():
         raise UserError(f"--ckpt {args.ckpt}: " + ("is a folder, not a checkpoint file" if args.ckpt.is_dir()
@@ -75,16 +75,17 @@ def run_export(argv: list[str]) -> int:
         if not ok:
             raise UserError(f"--engine: {why}; nothing was written (leave out --engine for the ONNX artifact)")
     out = args.out or Path("repq-out") / f"{args.ckpt.stem}-w{w_bits}a{a_bits}"
-    check_out_dir(out, args.force, make_parent=args.out is None)
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
                         force=args.force, make_parent=args.out is None)
+    check_export_out(req)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")
     if args.engine:
         engine = artifact_engine_file(artifact)
         build_engine(artifact_onnx_file(artifact), engine, deploy)
+        record_added_file(artifact, engine)
         print(f"wrote {engine}")
     return 0
 

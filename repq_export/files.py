@@ -3,8 +3,10 @@ half-written one is ever left under its real name (also on Ctrl-C, SIGTERM or a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -63,9 +65,44 @@ def write_atomically(path: str | Path, content: bytes | str | Callable[[Path], o
         else:
             content(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports some I/O failures as RuntimeError
-        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: cannot write ({reason})") from None
+    except (OSError, RuntimeError) as exc:  # torch.save reports its I/O failures as RuntimeError ('enforce fail')
+        raise write_error(str(path), path.parent, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+LOW_SPACE = 16 << 20  # below this many free bytes a write that failed without an OS reason is taken for a full disk
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes a user may still write on the disk holding `folder` (None where that cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def mount_point(folder: Path) -> Path:
+    """The mount point of the disk holding `folder` (how a user finds the disk in `df`)."""
+    path = folder.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_error(what: str, folder: Path, exc: BaseException) -> UserError:
+    """One line for a failed write of `what` into `folder`: the disk and its free space where it is full,
+    else the OS's reason (never torch's 'enforce fail' text)."""
+    code = getattr(exc, "errno", None)
+    free = free_bytes(folder)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < LOW_SPACE)
+    if full:
+        left = "" if free is None else f", {free / 2**20:.1f} MiB free"
+        return UserError(f"{what}: cannot write it: the disk mounted at {mount_point(folder)} is full{left}; free "
+                         "some space or write elsewhere")
+    reason = getattr(exc, "strerror", None) or ("the write failed" if isinstance(exc, RuntimeError)
+                                                else (str(exc).splitlines() or [type(exc).__name__])[0])
+    return UserError(f"{what}: cannot write it ({reason})")

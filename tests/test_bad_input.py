@@ -25,7 +25,7 @@ from cli_helpers import CLI, REPO, TINY_MASK, call_main, one_error, tiny_artifac
 from repq_export import cli
 from repq_export.commands import test_tool
 from repq_export.commands.common import Terminated, _raise_terminated
-from repq_export.output_dir import MANIFEST_FORMAT, remove_stale_temporaries, staged_dir
+from repq_export.output_dir import MANIFEST_FORMAT, record_added_file, remove_stale_temporaries, staged_dir
 from repq_export.resources import DEPLOY_CONFIGS_DIR
 
 
@@ -96,8 +96,9 @@ def test_out_is_a_file(work, capsys):
 
 def test_force_replaces_an_artifact_and_leaves_no_temporary(work, art, capsys):
     shutil.copytree(art.path, work / "out")
+    (work / "out" / "parity_ort.json").write_text("{}\n")  # the demo writes these into an artifact, and records them
+    record_added_file(work / "out", work / "out" / "parity_ort.json")
     old = (work / "out" / "repq.json").read_bytes()
-    (work / "out" / "parity_ort.json").write_text("{}\n")  # the demo writes these into an artifact
     result = call_main(cli.main, export(work, "--force", "--calib-images", 2), capsys)
     assert result.rc == 0, result.err
     assert {p.name for p in (work / "out").iterdir()} == {"model.onnx", "quant.pth", "repq.json"}

@@ -168,7 +168,7 @@ EXPORT_CASES = {  # name -> (options changed, fragments the error line must hold
     "w-bits 3.5": (dict(bits=None, w_bits="3.5", a_bits=4), ["--w-bits", "3.5"]),
     "no bits at all": (dict(bits=None), ["--bits"]),
     "out exists without --force": (dict(out="artifact"), ["already exists", "--force"]),
-    "out is a file": (dict(out="ckpt"), ["tiny_mask.pth", "is a file"]),
+    "out is a file": (dict(out="ckpt"), ["tiny_mask.pth", "is --ckpt", "an input of this command"]),
     "out in a missing folder": (dict(out="missing_parent"), ["does not exist"]),
     "deploy config with an unknown key": (dict(deploy_config="deploy_unknown"), ["deploy_unknown.py", "batch_size",
                                                                                  "unknown key"]),
@@ -288,7 +288,7 @@ def test_predict_bad_arguments(bad, capsys):
         ([bad["artifact"], bad["work"] / "nope.png", "--save", bad["work"] / "p.png"], ["nope.png", "cannot read"]),
         ([bad["artifact"], image, "--save", bad["work"] / "no/such/p.png"], ["--save", "does not exist"]),
         ([bad["artifact"], image, "--save", bad["work"] / "p.gif"], ["--save", "p.gif"]),
-        ([bad["artifact"], image, "--save", image], ["--save", "overwrite the input image"]),
+        ([bad["artifact"], image, "--save", image], ["--save", "is IMAGE", "an input of this command"]),
         ([bad["artifact"], image, "--score-thr", "2"], ["--score-thr", "0..1"]),
     ]
     for argv, fragments in cases:

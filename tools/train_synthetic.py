@@ -33,8 +33,9 @@ from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector  # noqa: E402
 from repq_export.models.test_pipeline import preprocess_settings  # noqa: E402
-from repq_export.files import file_sha256  # noqa: E402
+from repq_export.files import file_sha256, write_atomically  # noqa: E402
 from repq_export.models.random_checkpoint import config_text, save_checkpoint  # noqa: E402
+from repq_export.output_dir import check_not_an_input, check_output_file  # noqa: E402
 from repq_export.models.config import load_config  # noqa: E402
 from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
 from repq_export.training.data import TrainSet  # noqa: E402
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         iters = args.iters if args.iters is not None else train_cfg.max_iters
         if iters < 1:
             raise UserError(f"--iters: must be at least 1, got {iters}")
+        metrics_out = Path(args.metrics_out) if args.metrics_out else None
+        for option, path in (("--out", Path(args.out)), ("--metrics-out", metrics_out)):
+            check_output_file(path, option)
+        check_not_an_input({"--out": Path(args.out), "--out's .state": Path(args.out + ".state"),
+                            "--metrics-out": metrics_out},
+                           {"--config": Path(args.config), "--init-from": args.init_from and Path(args.init_from)})
         settings = preprocess_settings(cfg)
         train_dir = Path(args.train_dir)
         ann = synthetic_split(train_dir, "train", args.train_images, args.data_seed)
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics["eval_minutes"] = (time.time() - start) / 60
             print(f"val: box AP {metrics['bbox_mAP']:.3f}, mask AP {metrics['segm_mAP']:.3f}")
             if args.metrics_out:
-                Path(args.metrics_out).write_text(json.dumps(dict(metrics, train_minutes=minutes), indent=1))
+                write_atomically(metrics_out, json.dumps(dict(metrics, train_minutes=minutes), indent=1))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

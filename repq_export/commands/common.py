@@ -137,11 +137,7 @@ def one_line(message: str) -> str:
 
 
 def output_file(path: Path | None, option: str) -> None:
-    """Refuse an output file that cannot be written before any work: a folder, or a missing parent."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UserError(f"{option} {path}: is a folder; give a file name")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{option} {path}: folder {parent} does not exist")
+    """Refuse an output file that cannot be written before any work (the rule lives in output_dir)."""
+    from ..output_dir import check_output_file
+
+    check_output_file(path, option)

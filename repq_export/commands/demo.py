@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.coco import CocoDataset
-from ..data.synthetic import make_synthetic_coco
+from ..data.synthetic import make_synthetic_set
 from ..deploy_config import load_deploy_config
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
@@ -21,6 +21,7 @@ from ..evaluation.parity_check import ParityReport, check_parity
 from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
 from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
 from ..models.checkpoint import load_checkpoint
+from ..output_dir import check_not_an_input, check_replaceable, record_added_file
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
 from .common import CommandParser, bits, fraction, output_file, positive_int
 from .runners import make_runner, model_file
@@ -33,6 +34,16 @@ BUNDLED = (
      CONFIGS_DIR / "synthetic/cascade_mask_rcnn_swin_synthetic.py"),
 )
 DEMO_SEED = 2026  # the validation split's seed; the bundled detectors were trained on another
+MAX_IMAGES = 5000  # COCO val2017's size; 40 take about 10 minutes, a synthetic image about 0.3 MB of disk
+
+
+def image_count(text: str) -> int:
+    """--num-images: 1..MAX_IMAGES."""
+    value = positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_IMAGES} images (COCO val2017's size; 40 "
+                                         "take about 10 minutes)")
+    return value
 
 
 @dataclass
@@ -67,9 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", type=Path, help="COCO annotation file (default: the synthetic val set)")
     p.add_argument("--img-dir", type=Path, help="image folder of --ann")
     p.add_argument("--bits", type=bits, nargs="+", default=[6, 4], help="precisions WnAn to run (default 6 4)")
-    p.add_argument("--num-images", type=positive_int, default=40,
+    p.add_argument("--num-images", type=image_count, default=40,
                    help="images evaluated (default 40, which keeps the demo under 10 minutes on 2 cores; "
-                   "the synthetic set is generated with this many)")
+                   f"the synthetic set is generated with this many; at most {MAX_IMAGES})")
     p.add_argument("--work-dir", type=Path, default=Path("repq-demo"), help="where the synthetic set and the "
                    "artifacts go (default ./repq-demo)")
     p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin, a fraction of "
@@ -82,12 +93,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def synthetic_set(work: Path, num_images: int) -> tuple[Path, Path]:
-    """The cached synthetic validation split (regenerated when missing or of another size)."""
+    """The cached synthetic validation split (made whole when missing, remade when incomplete)."""
     root = work / f"synthetic-val-{num_images}-seed{DEMO_SEED}"
-    ann = root / "annotations" / "instances_val.json"
-    if not ann.is_file():
-        print(f"generating {num_images} synthetic validation images in {root} ...")
-        make_synthetic_coco(root, "val", num_images, DEMO_SEED)
+    ann = make_synthetic_set(root, "val", num_images, DEMO_SEED,
+                             log=lambda: print(f"generating {num_images} synthetic validation images in {root} ..."))
     return ann, root / "val"
 
 
@@ -126,6 +135,7 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
                                     str(model_file(out, "ort")), progress=not args.quiet, ideal=ideal,
                                     match_margin=args.match_margin, ap_margin=args.ap_margin, float_parts=False)
         write_json(out / "parity_ort.json", report.as_dict())
+        record_added_file(out, out / "parity_ort.json")
         precision = f"W{n}A{n}"
         rows.append(Row(name, cfg_name, str(ckpt), precision, "fake quant", report.ap_ref["bbox_mAP"],
                         report.ap_ref["segm_mAP"], "-"))
@@ -152,11 +162,13 @@ def tensorrt_row(name: str, cfg_name: str, ckpt: Path, config: Path | None, n: i
     export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=n, a_bits=n, config=config, calib_paths=[dataset[0][1]],
                                   deploy_config=deploy_path, force=True), progress=not args.quiet, log=lambda *_: None)
     build_engine(artifact_onnx_file(out), artifact_engine_file(out), load_deploy_config(deploy_path))
+    record_added_file(out, artifact_engine_file(out))
     qmodel, _, settings = load_artifact_model(out)
     report, _, _ = check_parity(qmodel, make_runner("quant", qmodel), make_runner("trt", model_path=out), dataset,
                                 settings, args.num_images, None, progress=not args.quiet, ideal=ideal,
                                 match_margin=args.match_margin, ap_margin=args.ap_margin)
     write_json(out / "parity_trt.json", report.as_dict())
+    record_added_file(out, out / "parity_trt.json")
     return Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],
                report.ap_backend["segm_mAP"], parity_cell(report), parity_figures(report))
 
@@ -195,8 +207,15 @@ def check_demo_args(args: argparse.Namespace) -> None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--work-dir {args.work_dir}: {folder} is a file, not a folder")
     output_file(args.json_out, "--json-out")
+    check_not_an_input({"--json-out": args.json_out, "--work-dir": args.work_dir},
+                       {"--ckpt": args.ckpt, "--config": args.config, "--ann": args.ann, "--img-dir": args.img_dir})
     for n in args.bits:
         check_export_bits(n, n, ONNXRUNTIME, "--bits", "--bits")
+    names = [args.ckpt.stem] if args.ckpt else [name for name, _, _ in BUNDLED]
+    for name in names:  # the artifact folders the demo replaces: only ones it wrote, unchanged
+        for n in args.bits:
+            for suffix in ("", "-tensorrt"):
+                check_replaceable(args.work_dir / f"{name}-w{n}a{n}{suffix}", True, "--work-dir")
 
 
 def run_demo(argv: list[str]) -> int:

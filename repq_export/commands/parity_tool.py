@@ -20,6 +20,7 @@ from ..evaluation.noise_floor import Ulps, measure_noise_floor
 from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport, check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..export.artifact import load_artifact_model
+from ..output_dir import check_not_an_input
 from ..runtime.base import Runner
 from .common import CommandParser, device, fraction, non_negative_int, output_file, positive_int, run_command
 from .runners import make_runner, model_file
@@ -84,6 +85,8 @@ def run(argv: list[str] | None) -> int:
             raise UserError(f"{flag} {path}: not found")
     check_picture_paths(args)
     output_file(args.json_out, "--json-out")
+    check_not_an_input({"--json-out": args.json_out, "--save-plot": args.save_plot, "--save-images": args.save_images},
+                       {"ARTIFACT": args.artifact, "--ann": args.ann, "--img-dir": args.img_dir})
     qmodel, manifest, settings = load_artifact_model(args.artifact)
     dataset = CocoDataset(args.ann, args.img_dir)
     num_classes = manifest.get("architecture", {}).get("num_classes")

@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
 from ..export.artifact import artifact_preprocess, load_artifact_model, read_artifact
 from ..export.deploy_settings import post_processing_of
+from ..output_dir import check_not_an_input, check_output_file
 from ..runtime.base import Runner
 from .common import CommandParser, fraction
 from .runners import make_runner
@@ -40,12 +41,8 @@ def save_path(args: argparse.Namespace) -> Path:
     path = args.save or Path(f"{args.image.stem}_pred.png")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--save {path}: give a file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    if not path.resolve().parent.is_dir():
-        raise UserError(f"--save {path}: folder {path.resolve().parent} does not exist")
-    if path.is_dir():
-        raise UserError(f"--save {path}: is a directory")
-    if path.resolve() == args.image.resolve():
-        raise UserError(f"--save {path}: would overwrite the input image")
+    check_output_file(path, "--save")
+    check_not_an_input({"--save": path}, {"IMAGE": args.image, "ARTIFACT": getattr(args, "artifact", None)})
     return path
 
 

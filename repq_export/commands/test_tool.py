@@ -15,6 +15,7 @@ from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
 from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
 from ..models.checkpoint import load_checkpoint
+from ..output_dir import check_not_an_input
 from .common import CommandParser, bits, default_device, device, output_file, positive_int, run_command
 from .runners import BACKENDS, make_runner
 
@@ -90,6 +91,15 @@ def quantized_model(args, detector, dataset, settings):
     return qmodel
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that cannot be written or would overwrite an input or each other."""
+    outputs = {"--out": args.out, "--json-out": args.json_out, "--save-quant": args.save_quant}
+    for option, path in outputs.items():
+        output_file(path, option)
+    check_not_an_input(outputs, {"CONFIG": args.config, "CHECKPOINT": args.checkpoint, "--ann": args.ann,
+                                 "--img-dir": args.img_dir, "--load-quant": args.load_quant, "--model": args.model})
+
+
 def check_quant_source(quant_file: Path, checkpoint: Path, checkpoint_sha256: str) -> None:
     """Refuse a quant file calibrated from another checkpoint: it carries its own weights, so loading it
     would silently evaluate that other model under CHECKPOINT's name."""
@@ -129,8 +139,7 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
-    output_file(args.out, "--out")
-    output_file(args.json_out, "--json-out")
+    check_outputs(args)
     group = distributed.init_from_env(args.device)
     try:
         return evaluate(args, backend, group)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pycocotools.mask as mask_util
 from repq_export.data.rle import mask_to_rle
 from repq_export.errors import UserError
 from repq_export.files import write_atomically
+from repq_export.output_dir import FolderKind, staged_dir
 
 CATEGORIES = ("ellipse", "rectangle", "triangle", "star")
 SIDE_RANGE = (240, 520)  # image height and width, pixels
@@ -47,6 +49,10 @@ BACKGROUND_CONTRAST = 110.0
 TEXTURE_CONTRAST = 40.0  # largest per-channel step between an object's two texture colours
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_IMAGES = 100_000  # about 30 GB of PNGs; more is a typo
+SYNTHETIC_SET = FolderKind("a synthetic set", None, None, lambda manifest: {},
+                           re.compile(r"annotations/instances_[A-Za-z0-9_-]+\.json|[A-Za-z0-9_-]+/\d{12}\.png"),
+                           re.compile(r"[A-Za-z0-9_-]+"))
 
 
 @dataclass(frozen=True)
@@ -217,12 +223,41 @@ def _annotation(instance: Instance, ann_id: int, image_id: int) -> dict:
 def _check_arguments(out_dir: Path, split: str, num_images: int, seed: int) -> None:
     if not _SPLIT_NAME.match(split):
         raise UserError(f"--split: '{split}' is not a plain name (letters, digits, _ and -)")
-    if num_images < 1:
-        raise UserError(f"--num-images: must be at least 1, got {num_images}")
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise UserError(f"--num-images: must be 1..{MAX_IMAGES}, got {num_images}")
     if seed < 0:
         raise UserError(f"--seed: must be non-negative, got {seed}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
+    ann = out_dir / "annotations" / f"instances_{split}.json"
+    if (ann.exists() or ann.is_symlink()) and not _is_synthetic_annotation(ann):
+        raise UserError(f"{ann}: exists and is not a synthetic set's annotation file; it is left alone: give "
+                        "another --out")
+
+
+SET_DESCRIPTION = "repq-export synthetic shapes"  # the annotation file's info.description: how a set is recognised
+MAX_ANNOTATION_BYTES = 1 << 30
+
+
+def _is_synthetic_annotation(path: Path) -> bool:
+    """Whether `path` is an annotation file this module wrote (a regular file whose info names the set)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_ANNOTATION_BYTES:
+            return False
+        info = json.loads(path.read_bytes()).get("info")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(info, dict) and info.get("description") == SET_DESCRIPTION
+
+
+def _write_new_or_same(path: Path, data: bytes) -> None:
+    """Write an image of the set, refusing to replace a file with other bytes (one that is not this set's)."""
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_file() or path.read_bytes() != data:
+            raise UserError(f"{path}: exists and is not this synthetic set's image; it is left alone: give "
+                            "another --out")
+        return
+    write_atomically(path, data)
 
 
 def make_synthetic_coco(
@@ -233,18 +268,14 @@ def make_synthetic_coco(
     out_dir = Path(out_dir)
     _check_arguments(out_dir, split, num_images, seed)
     img_dir, ann_dir = out_dir / split, out_dir / "annotations"
-    try:
-        img_dir.mkdir(parents=True, exist_ok=True)
-        ann_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{out_dir}: cannot create folders ({err.strerror or err})") from None
+    _make_folder(img_dir)
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
         img, instances = synthesize_image(seed, split, index)
-        file_name = f"{image_id:012d}.png"
+        file_name = image_file_name(image_id)
         _, png = cv2.imencode(".png", img, PNG_PARAMS)
-        write_atomically(img_dir / file_name, png.tobytes())
+        _write_new_or_same(img_dir / file_name, png.tobytes())
         height, width = img.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for instance in instances:
@@ -253,13 +284,51 @@ def make_synthetic_coco(
         {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)
     ]
     dataset = {
-        "info": {"description": "repq-export synthetic shapes", "split": split, "seed": seed},
+        "info": {"description": SET_DESCRIPTION, "split": split, "seed": seed},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
     text = json.dumps(dataset, sort_keys=True, separators=(",", ":"))
+    _make_folder(ann_dir)  # made only now: a refused image leaves no empty annotations folder behind
     ann_path = ann_dir / f"instances_{split}.json"
     write_atomically(ann_path, text.encode("utf-8"))
     return ann_path
+
+
+def _make_folder(folder: Path) -> None:
+    """Create a folder of the set (and its parents) if missing; one line where that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{folder}: cannot create the folder ({err.strerror or err})") from None
+
+
+def image_file_name(image_id: int) -> str:
+    """The file name of an image of a synthetic set."""
+    return f"{image_id:012d}.png"
+
+
+def synthetic_set_complete(root: Path, split: str, num_images: int) -> bool:
+    """Whether `root` holds the whole set: its annotation file and every one of its images."""
+    return (root / "annotations" / f"instances_{split}.json").is_file() and all(
+        (root / split / image_file_name(i)).is_file() for i in range(1, num_images + 1))
+
+
+def make_synthetic_set(root: Path, split: str, num_images: int, seed: int,
+                       log: Callable[[], object] = lambda: None) -> Path:
+    """The annotation file of the synthetic set in `root`, made if missing: written into a hidden sibling
+    and renamed into place whole, so Ctrl-C or a full disk never leaves a partial set under `root`; an
+    incomplete `root` (of an older version) is completed in place (the same arguments give the same bytes)."""
+    _check_arguments(root, split, num_images, seed)
+    ann = root / "annotations" / f"instances_{split}.json"
+    if synthetic_set_complete(root, split, num_images):
+        return ann
+    log()
+    if root.is_dir():
+        make_synthetic_coco(root, split, num_images, seed)
+        return ann
+    with staged_dir(root, force=False, option="synthetic set", kind=SYNTHETIC_SET) as tmp:
+        make_synthetic_coco(tmp, split, num_images, seed)
+    return ann

@@ -29,7 +29,7 @@ from ..quant.layers import named_quantizers
 from ..quant.state import load_quant_state, save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..runtime.cpu_features import saturation_free
-from ..output_dir import MANIFEST, check_out_dir, staged_dir
+from ..output_dir import MANIFEST, check_not_an_input, check_out_dir, staged_dir
 from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
 from .forms import ONNXRUNTIME, check_export_bits, form_for, target_cpu_for
 from .onnx_export import count_qdq, export_onnx
@@ -58,6 +58,19 @@ class ExportRequest:
     device: str = "cpu"
     force: bool = False
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
+
+
+def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
+    """Every file and folder an export reads, by option: none of them may be its output."""
+    return {"--ckpt": req.ckpt, "--config": req.config, "--calib": req.calib_dir, "--calib-ann": req.calib_ann,
+            "--calib-img-dir": req.calib_img_dir, "--deploy-config": req.deploy_config,
+            **{f"calibration image {p.name}": p for p in req.calib_paths}}
+
+
+def check_export_out(req: ExportRequest) -> None:
+    """The output folder's checks (replaceable, writable, none of the inputs), before any work."""
+    check_not_an_input({"--out": req.out}, request_inputs(req), replaced=frozenset({"--out"}))
+    check_out_dir(req.out, req.force, req.make_parent)
 
 
 def calibration_paths(req: ExportRequest) -> list[Path]:
@@ -149,7 +162,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
 
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
     """Write the artifact directory for `req`; the directory appears only once complete."""
-    check_out_dir(req.out, req.force, req.make_parent)
+    check_export_out(req)
     deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
     form = form_for(deploy)
     check_export_bits(req.w_bits, req.a_bits, form)

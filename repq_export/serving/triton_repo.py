@@ -7,21 +7,41 @@
     repq_detector/      the ensemble: image bytes in, the same response as `repq-export serve`
     repq_detector_trt/  the same over the engine (where there is one)
 
+    repq-triton.json    what was written, with each file's sha256 (Triton reads only the folders)
+
 Every config.pbtxt is built as Triton's own ModelConfig protobuf (shipped with tritonclient) and
-checked by parsing the written text back; nothing here keeps its own copy of the schema.
+checked by parsing the written text back; nothing here keeps its own copy of the schema. The
+repository is written beside OUT and renamed into place whole (output_dir.staged_dir); --force
+replaces only a repository this command wrote whose files are unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import file_sha256
+from ..output_dir import FolderKind, check_not_an_input, check_out_dir, checked_records, staged_dir
 from . import codec
 from .triton_stages import NET_OUTPUTS, PRE_OUTPUTS, RESPONSE
 
 NETWORK, NETWORK_TRT, PRE, POST = "repq_network", "repq_network_trt", "repq_preprocess", "repq_postprocess"
+REPO_MANIFEST = "repq-triton.json"
+REPO_FORMAT = "repq-export-triton-repository"
+_MODELS = "|".join(re.escape(n) for n in (NETWORK, NETWORK_TRT, PRE, POST, codec.MODEL_NAME, f"{codec.MODEL_NAME}_trt"))
+REPO_FILES = re.compile(rf"(?:{_MODELS})/(?:config\.pbtxt|1/model\.(?:onnx|plan|py))")
+
+
+def repo_records(manifest: dict) -> dict[str, str]:
+    """{relative path: sha256} of the files a repository's repq-triton.json records."""
+    return checked_records(manifest.get("files"), REPO_FILES, "'files'")
+
+
+TRITON_REPO = FolderKind("a Triton model repository", REPO_MANIFEST, REPO_FORMAT, repo_records, REPO_FILES,
+                         re.compile(rf"(?:{_MODELS})(?:/1)?"))
 MODEL_PY = ('"""Triton Python-backend model written by repq-export triton-repo (needs repq-export installed in '
             'Triton\'s Python environment)."""\n\nfrom repq_export.serving.triton_stages import TritonPythonModel  '
             '# noqa: F401\n')
@@ -139,30 +159,44 @@ def parse_config(path: Path):
         raise UserError(f"{path}: not a Triton ModelConfig ({exc})") from None
 
 
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy a model file into the repository being written (a full disk raises OSError, caught by staged_dir)."""
+    shutil.copyfile(src, dst)
+
+
 def write_model_repository(artifact: Path, out: Path, force: bool = False, instances: int = 1,
                            kind: str = "cpu") -> list[str]:
-    """Write the repository for `artifact` into `out`; returns the model names written."""
+    """Write the repository for `artifact` into `out`, staged beside it and renamed into place once complete;
+    returns the model names written."""
     from ..export.artifact import read_artifact
-    from .repo_check import check_repository
 
     schema()
+    check_not_an_input({"OUT": out}, {"ARTIFACT": artifact}, replaced=frozenset({"OUT"}))
+    check_out_dir(out, force, option="OUT", kind=TRITON_REPO)
     manifest = read_artifact(artifact)
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (use --force to replace it)")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"{out}: parent folder {out.resolve().parent} does not exist")
-    shutil.rmtree(out, ignore_errors=True)
+    with staged_dir(out, force, "OUT", TRITON_REPO) as tmp:
+        written = fill_repository(tmp, artifact, manifest, instances, kind)
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        record = {"format": REPO_FORMAT, "artifact": str(artifact.resolve()), "models": written, "files": files}
+        (tmp / REPO_MANIFEST).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return written
+
+
+def fill_repository(out: Path, artifact: Path, manifest: dict, instances: int, kind: str) -> list[str]:
+    """Write every model folder of the repository into the (new, empty) folder `out`; the model names."""
+    from .repo_check import check_repository
+
     onnx_path = artifact / manifest["onnx"]["file"]
     io = onnx_io(onnx_path)
     write_config(out / NETWORK, network_config(NETWORK, "onnxruntime", io, instances, kind))
     (out / NETWORK / "1").mkdir()
-    shutil.copy2(onnx_path, out / NETWORK / "1" / "model.onnx")
+    copy_file(onnx_path, out / NETWORK / "1" / "model.onnx")
     written = [NETWORK]
     engine = artifact / "model.engine"
     if engine.is_file():
         write_config(out / NETWORK_TRT, network_config(NETWORK_TRT, "tensorrt", io, instances, "gpu"))
         (out / NETWORK_TRT / "1").mkdir()
-        shutil.copy2(engine, out / NETWORK_TRT / "1" / "model.plan")
+        copy_file(engine, out / NETWORK_TRT / "1" / "model.plan")
         written.append(NETWORK_TRT)
     for name, stage in ((PRE, "preprocess"), (POST, "postprocess")):
         write_config(out / name, python_config(name, stage, manifest, io[1], instances))
