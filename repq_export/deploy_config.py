@@ -27,6 +27,7 @@ from repq_export.models.config import evaluate_source
 INPUT_NAMES = ("img", "img_hw")
 OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)
+MAX_OPSET = 20  # the newest opset torch's TorchScript exporter (the one used here) writes
 SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32
 
 ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -245,6 +246,9 @@ class _Reader:
         if opset < MIN_OPSET:
             raise self.fail(f"{key}.opset_version", f"{opset} < {MIN_OPSET}: LayerNorm must export as one "
                             "LayerNormalization op (opset 17), or FP16 engines overflow")
+        if opset > MAX_OPSET:
+            raise self.fail(f"{key}.opset_version", f"{opset} > {MAX_OPSET}: the newest opset the exporter "
+                            f"writes (use {MIN_OPSET}..{MAX_OPSET})")
         save_file = self.expect(f"{key}.save_file", raw.get("save_file", OnnxConfig.save_file), "str")
         if Path(save_file).name != save_file or not save_file.endswith(".onnx") or save_file.startswith("."):
             raise self.fail(f"{key}.save_file", f"must be a plain file name ending in .onnx (it is written "

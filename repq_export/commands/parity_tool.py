@@ -84,8 +84,8 @@ def run(argv: list[str] | None) -> int:
             raise UserError(f"{flag} {path}: not found")
     check_picture_paths(args)
     output_file(args.json_out, "--json-out")
+    dataset = CocoDataset(args.ann, args.img_dir)  # first: a bad file costs no model work
     qmodel, manifest, settings = load_artifact_model(args.artifact)
-    dataset = CocoDataset(args.ann, args.img_dir)
     num_classes = manifest.get("architecture", {}).get("num_classes")
     if num_classes is not None and len(dataset.cat_ids) != num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
