@@ -60,7 +60,7 @@ def test_dataset_keeps_file_order_and_category_order(gt_file, tmp_path):
     assert ds[2][0]["file_name"] == "img13.png"
 
 
-ONE_IMAGE = [{"id": 1, "file_name": "a.png"}]
+ONE_IMAGE = [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}]
 ONE_CATEGORY = [{"id": 1, "name": "x"}]
 
 
@@ -73,7 +73,7 @@ ONE_CATEGORY = [{"id": 1, "name": "x"}]
         ({"images": ONE_IMAGE, "categories": ONE_CATEGORY}, "no 'annotations'"),
         ({"images": [], "annotations": [], "categories": ONE_CATEGORY}, "no images"),
         ({"images": ONE_IMAGE, "annotations": [], "categories": []}, "no categories"),
-        ({"images": [{"id": 1}], "annotations": [], "categories": ONE_CATEGORY}, "lacks 'id'"),
+        ({"images": [{"id": 1}], "annotations": [], "categories": ONE_CATEGORY}, r"images\[0\]\.file_name: missing"),
         ({"images": ONE_IMAGE * 2, "annotations": [], "categories": ONE_CATEGORY}, "not unique"),
     ],
 )
