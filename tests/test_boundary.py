@@ -52,6 +52,9 @@ ANNOTATIONS = {
     "uncompressed RLE that does not fill the image": (
         lambda d: d["annotations"][0]["segmentation"].update(counts=[5, 5]),
         ["annotations[0].segmentation.counts", "adding up"]),
+    "compressed RLE that does not fill the image": (
+        lambda d: d["annotations"][0]["segmentation"].update(counts="52"),
+        ["annotations[0].segmentation.counts", "compressed RLE"]),
     "RLE of another size": (lambda d: d["annotations"][0]["segmentation"].update(size=[10, 10]),
                             ["annotations[0].segmentation.size", "image's"]),
     "iscrowd 2": (lambda d: d["annotations"][2].update(iscrowd=2), ["annotations[2].iscrowd", "0 or 1"]),

@@ -178,8 +178,10 @@ class _AnnotationChecker:
             raise self.fail(f"{where}.size", f"{size} is not the image's [height, width] {list(image_size)}")
         counts = segm["counts"]
         if isinstance(counts, str):
-            if not counts.isascii() or not counts.isprintable():
-                raise self.fail(f"{where}.counts", "a compressed RLE string must be printable ASCII")
+            decoded = _compressed_rle_counts(counts)
+            if decoded is None or any(v < 0 for v in decoded) or sum(decoded) != size[0] * size[1]:
+                raise self.fail(f"{where}.counts", "not a compressed RLE of height x width = "
+                                f"{size[0] * size[1]} pixels (pycocotools would read past it or leave it short)")
         elif isinstance(counts, list):
             if not all(_is_count(v) for v in counts) or sum(counts) != size[0] * size[1]:
                 raise self.fail(f"{where}.counts", "uncompressed RLE counts must be integers >= 0 adding up to "
@@ -187,6 +189,27 @@ class _AnnotationChecker:
         else:
             raise self.fail(f"{where}.counts", f"must be a string (compressed RLE) or a list of integers "
                             f"(uncompressed RLE), got {_short(counts)}")
+
+
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString), or None if it is not one."""
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text) or not 48 <= ord(text[pos]) < 48 + 64:
+                return None
+            chunk = ord(text[pos]) - 48
+            value |= (chunk & 0x1F) << shift
+            more = bool(chunk & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and chunk & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 def _check_file_name(name: str, ann_file: str | Path, where: str = "file_name") -> None:
