@@ -49,10 +49,12 @@ def _is_id(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
+    """A finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_count(value: object) -> bool:
+    """An integer >= 0 that is not a bool."""
     return _is_id(value) and value >= 0
 
 
@@ -75,6 +77,7 @@ class _AnnotationChecker:
         self.image_sizes: dict[int, tuple[int, int] | None] = {}
 
     def fail(self, where: str, problem: str) -> UserError:
+        """One line naming the file and the field."""
         return UserError(f"{self.ann_file}: {where}: {problem}")
 
     def check(self, data: object) -> None:
@@ -98,6 +101,7 @@ class _AnnotationChecker:
             ann_ids.add(self.annotation(f"annotations[{i}]", ann, cat_ids, ann_ids))
 
     def record(self, where: str, value: object, required: tuple[str, ...]) -> dict:
+        """`value` if it is an object holding every `required` key."""
         if not isinstance(value, dict):
             raise self.fail(where, f"must be an object, got {_short(value)}")
         missing = [key for key in required if key not in value]
@@ -106,6 +110,7 @@ class _AnnotationChecker:
         return value
 
     def new_id(self, where: str, value: object, seen: set[int] | dict) -> int:
+        """`value` if it is an integer id not among `seen`."""
         if not _is_id(value):
             raise self.fail(where, f"must be an integer id, got {_short(value)}")
         if value in seen:

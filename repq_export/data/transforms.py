@@ -56,11 +56,13 @@ MAX_SCALE_SIDE = 8192
 
 
 def _finite_numbers(value: object, count: int) -> bool:
+    """A list or tuple of `count` finite numbers (no bools)."""
     return (isinstance(value, (list, tuple)) and len(value) == count
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
 def _positive_ints(value: object, count: int, limit: int) -> bool:
+    """A list or tuple of `count` integers in 1..limit (no bools)."""
     return (isinstance(value, (list, tuple)) and len(value) == count
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= limit for v in value))
 

@@ -36,10 +36,12 @@ class FoldRefused(Exception):
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An integer attribute of `node`, or `default`."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _broadcast(shapes: Sequence[tuple[int, ...]]) -> int:
+    """Elements of the broadcast of `shapes`, computed from the shapes alone."""
     try:
         return math.prod(np.broadcast_shapes(*shapes))
     except ValueError:
@@ -47,6 +49,7 @@ def _broadcast(shapes: Sequence[tuple[int, ...]]) -> int:
 
 
 def _ints(value: np.ndarray) -> list[int]:
+    """A shape or repeat vector as Python ints (no overflow in products)."""
     return [int(v) for v in np.asarray(value).reshape(-1)]
 
 

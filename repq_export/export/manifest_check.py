@@ -27,10 +27,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true is not a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -41,6 +43,7 @@ class _Fields:
         self.path = path
 
     def fail(self, key: str, problem: str, value: Any = ...) -> UserError:
+        """One line: the file, the field, the problem and (if given) the value found."""
         got = "" if value is ... else f", got {value!r:.60}"
         return UserError(f"{self.path}: {key}: {problem}{got}")
 
@@ -56,6 +59,7 @@ class _Fields:
         return value
 
     def get(self, entry: dict, key: str, where: str, required: bool = True) -> Any:
+        """entry[key], or a UserError naming `where.key` when a required key is missing."""
         if key not in entry:
             if required:
                 raise self.fail(f"{where}.{key}", "missing")
@@ -63,11 +67,13 @@ class _Fields:
         return entry[key]
 
     def string(self, value: Any, key: str) -> str:
+        """`value` if it is a string."""
         if not isinstance(value, str):
             raise self.fail(key, "must be a string", value)
         return value
 
     def sha256(self, value: Any, key: str) -> str:
+        """`value` if it is a sha256 hex digest (what every file record is compared with)."""
         if not (isinstance(value, str) and _SHA256.fullmatch(value)):
             raise self.fail(key, "must be a sha256 (64 lowercase hex digits)", value)
         return value
@@ -80,17 +86,20 @@ class _Fields:
         return value
 
     def int_in(self, value: Any, key: str, low: int, high: int | None = None) -> int:
+        """`value` if it is an integer (not a bool) in low..high."""
         if not (_is_int(value) and value >= low and (high is None or value <= high)):
             span = f">= {low}" if high is None else f"in {low}..{high}"
             raise self.fail(key, f"must be an integer {span}", value)
         return value
 
     def fraction(self, value: Any, key: str) -> float:
+        """`value` if it is a finite number in [0, 1] (a threshold)."""
         if not (_is_number(value) and 0.0 <= value <= 1.0):
             raise self.fail(key, "must be a number in [0, 1]", value)
         return value
 
     def one_of(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
+        """`value` if it is one of the `allowed` strings."""
         if value not in allowed or not isinstance(value, str):
             raise self.fail(key, f"must be one of {', '.join(allowed)}", value)
         return value
