@@ -27,7 +27,9 @@ from repq_export.models.config import evaluate_source
 INPUT_NAMES = ("img", "img_hw")
 OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)
+MAX_OPSET = 20  # the newest opset torch's TorchScript exporter (the one used here) writes
 SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32
+MAX_IMAGE_SIDE = 8192  # a static or profile side past this costs memory, not accuracy (the reference pads to 1344)
 
 ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -245,6 +247,9 @@ class _Reader:
         if opset < MIN_OPSET:
             raise self.fail(f"{key}.opset_version", f"{opset} < {MIN_OPSET}: LayerNorm must export as one "
                             "LayerNormalization op (opset 17), or FP16 engines overflow")
+        if opset > MAX_OPSET:
+            raise self.fail(f"{key}.opset_version", f"{opset} > {MAX_OPSET}: the newest opset the exporter "
+                            f"writes (use {MIN_OPSET}..{MAX_OPSET})")
         save_file = self.expect(f"{key}.save_file", raw.get("save_file", OnnxConfig.save_file), "str")
         if Path(save_file).name != save_file or not save_file.endswith(".onnx") or save_file.startswith("."):
             raise self.fail(f"{key}.save_file", f"must be a plain file name ending in .onnx (it is written "
@@ -271,6 +276,8 @@ class _Reader:
             raise self.fail(key, f"expected [width, height], got {value}")
         for i, side in enumerate(value):
             self.positive_int(f"{key}[{i}]", side)
+            if side > MAX_IMAGE_SIDE:
+                raise self.fail(f"{key}[{i}]", f"{side} > {MAX_IMAGE_SIDE}, the largest side taken")
             if side % SIZE_DIVISOR:
                 raise self.fail(f"{key}[{i}]", f"{side} is not a multiple of {SIZE_DIVISOR}")
         return (value[0], value[1])
@@ -363,6 +370,8 @@ class _Reader:
                 if len(shape) != 4 or shape[:2] != [1, 3]:
                     raise self.fail(f"{key}.{which}", f"expected [1, 3, H, W] (batch 1), got {shape}")
                 for i in (2, 3):
+                    if shape[i] > MAX_IMAGE_SIDE:
+                        raise self.fail(f"{key}.{which}[{i}]", f"{shape[i]} > {MAX_IMAGE_SIDE}, the largest side taken")
                     if shape[i] % SIZE_DIVISOR:
                         raise self.fail(f"{key}.{which}[{i}]",
                                         f"{shape[i]} is not a multiple of {SIZE_DIVISOR}")

@@ -39,7 +39,7 @@ ANNOTATIONS = {
     "unknown category": (lambda d: d["annotations"][0].update(category_id=777), ["category_id", "777"]),
     "file_name with ..": (lambda d: d["images"][0].update(file_name="../../etc/passwd"), ["outside", "passwd"]),
     "absolute file_name": (lambda d: d["images"][0].update(file_name="/etc/passwd"), ["outside"]),
-    "image id is a list": (lambda d: d["images"][0].update(id=[1]), ["lacks 'id'"]),
+    "image id is a list": (lambda d: d["images"][0].update(id=[1]), ["images[0].id", "integer id"]),
 }
 
 

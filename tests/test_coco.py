@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -60,7 +61,7 @@ def test_dataset_keeps_file_order_and_category_order(gt_file, tmp_path):
     assert ds[2][0]["file_name"] == "img13.png"
 
 
-ONE_IMAGE = [{"id": 1, "file_name": "a.png"}]
+ONE_IMAGE = [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}]
 ONE_CATEGORY = [{"id": 1, "name": "x"}]
 
 
@@ -73,7 +74,7 @@ ONE_CATEGORY = [{"id": 1, "name": "x"}]
         ({"images": ONE_IMAGE, "categories": ONE_CATEGORY}, "no 'annotations'"),
         ({"images": [], "annotations": [], "categories": ONE_CATEGORY}, "no images"),
         ({"images": ONE_IMAGE, "annotations": [], "categories": []}, "no categories"),
-        ({"images": [{"id": 1}], "annotations": [], "categories": ONE_CATEGORY}, "lacks 'id'"),
+        ({"images": [{"id": 1}], "annotations": [], "categories": ONE_CATEGORY}, r"images\[0\]\.file_name: missing"),
         ({"images": ONE_IMAGE * 2, "annotations": [], "categories": ONE_CATEGORY}, "not unique"),
     ],
 )
@@ -187,3 +188,20 @@ def test_evaluation_limited_to_some_images(gt_file):
     assert evaluate_coco(gt_file, only_42, metrics=("bbox",))["bbox_mAP"] < 1.0  # misses 7 and 13
     metrics = evaluate_coco(gt_file, only_42, metrics=("bbox",), img_ids=[42])
     assert metrics["bbox_mAP"] == pytest.approx(1.0)
+
+
+def test_compressed_rle_counts_read_as_pycocotools_reads_them():
+    """The annotation check decodes compressed RLE strings itself (to refuse ones that do not fill the
+    image before any inference): its run lengths must be pycocotools' own."""
+    from repq_export.data.coco import _compressed_rle_counts
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        rle = mask_util.encode(np.asfortranarray(mask[:, :, None]))[0]
+        counts = _compressed_rle_counts(rle["counts"].decode())
+        assert sum(counts) == h * w and min(counts) >= 0
+        np.testing.assert_array_equal(mask_util.decode(mask_util.frPyObjects({"size": [h, w], "counts": counts}, h, w)),
+                                      mask)
+    assert _compressed_rle_counts("5 2") is None and _compressed_rle_counts("p") is None  # not RLE characters

@@ -217,3 +217,21 @@ def test_backend_and_codebase_values(tmp_path):
 def test_pathologically_nested_config_is_a_user_error(tmp_path):
     assert "nested too deeply" in error_of(tmp_path, "onnx_config = 1" + " << 1" * 100000)
     assert "nested too deeply" in error_of(tmp_path, "onnx_config = " + "-" * 100000 + "1")
+
+
+@pytest.mark.parametrize("opset, accepted", [(17, True), (20, True), (21, False), (99, False)])
+def test_opset_range(tmp_path, opset, accepted):
+    """17..20: LayerNormalization is one op from 17, 20 is the newest the TorchScript exporter writes."""
+    text = GOOD_TRT.replace("opset_version=17", f"opset_version={opset}")
+    if accepted:
+        assert load_deploy_config(write(tmp_path, text)).onnx.opset_version == opset
+    else:
+        assert f"onnx_config.opset_version: {opset} > 20" in error_of(tmp_path, text)
+
+
+def test_image_sides_are_bounded(tmp_path):
+    """A 30000-pixel profile or static side is refused when the file is read, not after calibration."""
+    message = error_of(tmp_path, GOOD_TRT.replace("max_shape=[1, 3, 1344, 1344]", "max_shape=[1, 3, 1344, 30016]"))
+    assert "img.max_shape[3]: 30016 > 8192" in message
+    static = GOOD_TRT.replace("dynamic_axes=dict(img={2: 'height', 3: 'width'})", "input_shape=[30016, 800]")
+    assert "onnx_config.input_shape[0]: 30016 > 8192" in error_of(tmp_path, static)

@@ -54,13 +54,18 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" 'setuptools>=77.0.3,<81' wheel
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
-"${pip[@]}" mmengine==0.10.7
+# mmengine-lite: mmengine's code without its opencv-python requirement, so that the one OpenCV here is
+# the headless build the project itself requires (two distributions of `cv2` overwrite each other)
+"${pip[@]}" mmengine-lite==0.10.7 matplotlib opencv-python-headless
 "${pip[@]}" --no-deps "$mmcv_wheel"
 "${pip[@]}" packaging pillow pyyaml addict yapf  # mmcv's own requirements (skipped by --no-deps)
 "${pip[@]}" mmdet==3.3.0
 "${pip[@]}" pytest numpy
 
 echo "checking the installation"
+if "$venv/bin/python" -m pip list 2>/dev/null | grep -qiE '^opencv-(contrib-)?python '; then
+    die "a non-headless opencv-python was installed beside opencv-python-headless; remove it"
+fi
 "$venv/bin/python" - <<'EOF'
 import mmcv
 import mmdet

@@ -87,8 +87,8 @@ def run(argv: list[str] | None) -> int:
     output_file(args.json_out, "--json-out")
     check_not_an_input({"--json-out": args.json_out, "--save-plot": args.save_plot, "--save-images": args.save_images},
                        {"ARTIFACT": args.artifact, "--ann": args.ann, "--img-dir": args.img_dir})
+    dataset = CocoDataset(args.ann, args.img_dir)  # first: a bad file costs no model work
     qmodel, manifest, settings = load_artifact_model(args.artifact)
-    dataset = CocoDataset(args.ann, args.img_dir)
     num_classes = manifest.get("architecture", {}).get("num_classes")
     if num_classes is not None and len(dataset.cat_ids) != num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "

@@ -11,6 +11,7 @@ from ..data.images import read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
 from ..files import write_atomically
+from ..export.deploy_settings import recorded_manifest
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
 from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
@@ -111,6 +112,18 @@ def check_quant_source(quant_file: Path, checkpoint: Path, checkpoint_sha256: st
                         f"{checkpoint} (sha256 {checkpoint_sha256[:12]}...)")
 
 
+def check_model_source(model: Path, manifest: dict | None, checkpoint: Path, checkpoint_sha256: str) -> None:
+    """Refuse an artifact (or its graph or engine) exported from another checkpoint: its AP would be
+    reported under CHECKPOINT's name. A graph from elsewhere (no manifest) records no source."""
+    if manifest is None:
+        return
+    source = manifest["source_checkpoint"]
+    if source["sha256"] != checkpoint_sha256:
+        raise UserError(f"--model {model}: exported from another checkpoint ({source['name']}, sha256 "
+                        f"{source['sha256'][:12]}...), not {checkpoint} (sha256 {checkpoint_sha256[:12]}...); give "
+                        "the checkpoint it was made from")
+
+
 def sharded_run(runner, dataset: CocoDataset, settings, max_images: int | None,
                 group: distributed.ProcessGroup) -> DatasetRun | None:
     """This rank's share of the images run, gathered on rank 0 in loader order (None on other ranks).
@@ -149,8 +162,10 @@ def run(argv: list[str] | None) -> int:
 
 def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
     """Evaluate in this process, or as one rank of a torchrun job (rank 0 reports)."""
+    dataset = CocoDataset(args.ann, args.img_dir, tuple(args.eval))  # first: a bad file costs no model work
+    recorded = recorded_manifest(args.model) if backend in ("ort", "trt") and args.model is not None else None
     detector, info = load_checkpoint(args.checkpoint, args.config)
-    dataset = CocoDataset(args.ann, args.img_dir)
+    check_model_source(args.model, recorded, args.checkpoint, info.sha256)
     if len(dataset.cat_ids) != info.arch.num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
                         f"{info.arch.num_classes} classes")

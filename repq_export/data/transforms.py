@@ -4,6 +4,7 @@ parity is about the network alone.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,11 +37,62 @@ class PreprocessSettings:
                 "size_divisor": self.size_divisor, "pad_to": list(self.pad_to) if self.pad_to else None}
 
     @classmethod
-    def from_dict(cls, raw: dict) -> PreprocessSettings:
-        """The inverse of ``as_dict`` (a missing ``pad_to`` means none)."""
-        pad_to = raw.get("pad_to")
-        return cls(scale=tuple(raw["scale"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-                   to_rgb=raw["to_rgb"], size_divisor=raw["size_divisor"], pad_to=tuple(pad_to) if pad_to else None)
+    def from_dict(cls, raw: dict, where: str = "preprocess") -> PreprocessSettings:
+        """The inverse of ``as_dict`` (a missing ``pad_to`` means none), each field checked; a UserError
+        names ``where`` and the field (e.g. ``repq.json: preprocess.std``)."""
+        if not isinstance(raw, dict):
+            raise UserError(f"{where}: must be an object, got {type(raw).__name__}")
+        missing = [key for key in ("scale", "mean", "std", "to_rgb", "size_divisor") if key not in raw]
+        if missing:
+            raise UserError(f"{where}.{missing[0]}: missing")
+        return checked_settings({key: raw.get(key) for key in FIELD_NAMES}, {key: f"{where}.{key}" for key in FIELD_NAMES})
+
+
+FIELD_NAMES = ("scale", "mean", "std", "to_rgb", "size_divisor", "pad_to")
+#: the network's coarsest feature stride: a padded side that is not a multiple of it breaks the FPN
+NETWORK_STRIDE = 32
+#: the longest side a pipeline may resize to (the reference's is 1333; past this memory, not accuracy, rules)
+MAX_SCALE_SIDE = 8192
+
+
+def _finite_numbers(value: object, count: int) -> bool:
+    """A list or tuple of `count` finite numbers (no bools)."""
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _positive_ints(value: object, count: int, limit: int) -> bool:
+    """A list or tuple of `count` integers in 1..limit (no bools)."""
+    return (isinstance(value, (list, tuple)) and len(value) == count
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= limit for v in value))
+
+
+def checked_settings(raw: dict, names: dict[str, str]) -> PreprocessSettings:
+    """PreprocessSettings from raw values, each checked on entry so no image fails later; a UserError
+    names the field as ``names`` spells it (a config path or a manifest key)."""
+    def fail(key: str, problem: str) -> UserError:
+        return UserError(f"{names[key]}: {problem}, got {raw.get(key)!r:.60}")
+
+    if not _positive_ints(raw["scale"], 2, MAX_SCALE_SIDE):
+        raise fail("scale", f"must be two integers in 1..{MAX_SCALE_SIDE} (long, short)")
+    if not _finite_numbers(raw["mean"], 3):
+        raise fail("mean", "must be 3 finite numbers (one a colour channel)")
+    if not (_finite_numbers(raw["std"], 3) and all(v > 0 for v in raw["std"])):
+        raise fail("std", "must be 3 finite numbers > 0 (one a colour channel; the image is divided by them)")
+    if not isinstance(raw["to_rgb"], bool):
+        raise fail("to_rgb", "must be True or False")
+    divisor = raw["size_divisor"]
+    if not (isinstance(divisor, int) and not isinstance(divisor, bool) and 0 < divisor <= 1024
+            and divisor % NETWORK_STRIDE == 0):
+        raise fail("size_divisor", f"must be a positive multiple of {NETWORK_STRIDE} up to 1024 (the network's "
+                   "coarsest stride)")
+    pad_to = raw.get("pad_to")
+    if pad_to is not None and not (_positive_ints(pad_to, 2, MAX_SCALE_SIDE)
+                                   and all(v % NETWORK_STRIDE == 0 for v in pad_to)):
+        raise fail("pad_to", f"must be null or two multiples of {NETWORK_STRIDE} in 1..{MAX_SCALE_SIDE} (h, w)")
+    return PreprocessSettings(scale=(raw["scale"][0], raw["scale"][1]), mean=tuple(float(m) for m in raw["mean"]),
+                              std=tuple(float(v) for v in raw["std"]), to_rgb=raw["to_rgb"], size_divisor=divisor,
+                              pad_to=None if pad_to is None else (pad_to[0], pad_to[1]))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..runtime.cpu_features import saturation_free
 from ..output_dir import MANIFEST, check_not_an_input, check_out_dir, staged_dir
 from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
+from .manifest_check import read_manifest
 from .forms import ONNXRUNTIME, check_export_bits, form_for, target_cpu_for
 from .onnx_export import count_qdq, export_onnx
 from .ort_check import check_onnxruntime_form, format_ort_report
@@ -73,8 +74,19 @@ def check_export_out(req: ExportRequest) -> None:
     check_out_dir(req.out, req.force, req.make_parent)
 
 
+def check_calibration_options(req: ExportRequest) -> None:
+    """Refuse calibration options that would be ignored: one source only (--calib or --calib-ann), and
+    --calib-img-dir only with --calib-ann."""
+    if req.calib_dir is not None and req.calib_ann is not None:
+        raise UserError(f"--calib {req.calib_dir} and --calib-ann {req.calib_ann}: give one calibration source, "
+                        "not both")
+    if req.calib_img_dir is not None and req.calib_ann is None:
+        raise UserError(f"--calib-img-dir {req.calib_img_dir}: only goes with --calib-ann (the folder of its images)")
+
+
 def calibration_paths(req: ExportRequest) -> list[Path]:
     """The calibration images: a folder sorted by name, or a COCO file in annotation order."""
+    check_calibration_options(req)
     if req.calib_paths:
         return list(req.calib_paths[: req.calib_images])
     if req.calib_dir is not None:
@@ -89,7 +101,7 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
     if req.calib_ann is not None:
         if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
             raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
-        dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent)
+        dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent, metrics=())
         return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
 
@@ -197,7 +209,10 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
     preprocessing: the reference side of every parity check."""
     artifact = Path(artifact)
     manifest = read_artifact(artifact)
-    detector = build_detector(manifest["model_config"])
+    try:
+        detector = build_detector(manifest["model_config"])
+    except UserError as err:  # the model config's own 'config: <field>: ...' messages
+        raise UserError(f"{artifact / MANIFEST}: model_config: {str(err).removeprefix('config: ')}") from None
     apply_post_processing(detector, post_processing_of(manifest))
     qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"], manifest["w_bits"],
                               manifest["a_bits"])
@@ -206,7 +221,7 @@ def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, Pr
 
 def artifact_preprocess(manifest: dict) -> PreprocessSettings:
     """The host-side preprocessing recorded in an artifact's manifest (what every backend is fed)."""
-    return PreprocessSettings.from_dict(manifest["preprocess"])
+    return PreprocessSettings.from_dict(manifest["preprocess"], f"{MANIFEST}: preprocess")
 
 
 def static_preprocess(pre: PreprocessSettings, deploy: DeployConfig) -> PreprocessSettings:
@@ -218,27 +233,15 @@ def static_preprocess(pre: PreprocessSettings, deploy: DeployConfig) -> Preproce
 
 
 def read_artifact(artifact: str | Path) -> dict:
-    """The manifest of an artifact directory, checked against the files it names."""
+    """The manifest of an artifact directory, checked field by field and against the files it names."""
     artifact = Path(artifact)
-    manifest_path = artifact / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{artifact}: not an artifact directory (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise UserError(f"{manifest_path}: not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "repq-export-artifact":
-        raise UserError(f"{manifest_path}: not a repq-export manifest")
-    missing = [key for key in ("w_bits", "a_bits", "model_config", "preprocess", "onnx", "quant_state")
-               if key not in manifest]
-    if missing:
-        raise UserError(f"{manifest_path}: incomplete manifest (no {', '.join(missing)})")
+    manifest = read_manifest(artifact)
     for key in ("onnx", "quant_state"):
-        entry = manifest.get(key) or {}
-        path = artifact / str(entry.get("file", ""))
+        entry = manifest[key]
+        path = artifact / entry["file"]
         if not path.is_file():
-            raise UserError(f"{artifact}: {entry.get('file')} named in {MANIFEST} is missing")
-        if file_sha256(path) != entry.get("sha256"):
+            raise UserError(f"{artifact}: {entry['file']} named in {MANIFEST} is missing")
+        if file_sha256(path) != entry["sha256"]:
             raise UserError(f"{path}: does not match the sha256 in {MANIFEST} (file changed or truncated)")
     check_quantizer_table(manifest, artifact)
     return manifest

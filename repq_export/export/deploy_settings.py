@@ -8,7 +8,6 @@ and the onnxruntime session settings travel in the manifest to every runner of t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
@@ -53,20 +52,14 @@ def engine_name(onnx_file: str) -> str:
     return str(Path(onnx_file).with_suffix(".engine"))
 
 
-def read_manifest_quietly(artifact: Path) -> dict | None:
-    """The manifest of `artifact` if it is a readable one, else None (for name lookups only;
-    ``artifact.read_artifact`` is the checked read)."""
-    try:
-        manifest = json.loads((artifact / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
 def artifact_onnx_file(artifact: Path) -> Path:
-    """The ONNX file of an artifact directory, as its manifest names it."""
-    manifest = read_manifest_quietly(artifact) or {}
-    return artifact / str((manifest.get("onnx") or {}).get("file", DEFAULT_ONNX_FILE))
+    """The ONNX file of an artifact directory, as its (checked) manifest names it; a folder without a
+    manifest is looked into for the default name."""
+    from .manifest_check import read_manifest
+
+    if not (artifact / MANIFEST).exists():
+        return artifact / DEFAULT_ONNX_FILE
+    return artifact / read_manifest(artifact)["onnx"]["file"]
 
 
 def artifact_engine_file(artifact: Path) -> Path:
@@ -74,10 +67,25 @@ def artifact_engine_file(artifact: Path) -> Path:
     return artifact_onnx_file(artifact).with_suffix(".engine")
 
 
+def recorded_manifest(model: Path) -> dict | None:
+    """The checked manifest that describes `model`: an artifact directory's, or that of the artifact
+    directory holding the ONNX file or engine `model`; None for a graph from elsewhere."""
+    from .manifest_check import read_manifest
+
+    if model.is_dir():
+        return read_manifest(model) if (model / MANIFEST).exists() else None
+    folder = model.parent
+    if not (folder / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(folder)
+    onnx_file = manifest["onnx"]["file"]
+    return manifest if model.name in (onnx_file, engine_name(onnx_file)) else None
+
+
 def ort_session_settings(artifact: Path) -> tuple[list[str] | None, str | None]:
     """(providers, graph optimization level) an artifact's deploy config asked for; (None, None)
     for a bare ONNX file or an artifact exported for TensorRT."""
-    manifest = read_manifest_quietly(artifact) if artifact.is_dir() else None
+    manifest = recorded_manifest(artifact) if artifact.is_dir() else None
     backend = (manifest or {}).get("backend") or {}
     if backend.get("type") != "onnxruntime":
         return None, None

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .const_eval import FoldRefused, evaluate
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -38,6 +40,7 @@ class Graph:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     outputs: set[str] = field(default_factory=set)
     folded_values: dict[str, np.ndarray] = field(default_factory=dict)  # cache of `folded`
+    fold_refusals: dict[str, str] = field(default_factory=dict)  # why `folded` gave None for a name
 
     def constant(self, name: str) -> np.ndarray | None:
         return self.constants.get(name) if name else None
@@ -47,11 +50,14 @@ class Graph:
 
     def folded(self, name: str, max_nodes: int = 16) -> np.ndarray | None:
         """The value of `name` where it is a constant or a small expression of constants only
-        (onnxruntime folds those when a session opens), evaluated with ONNX's reference runtime."""
+        (onnxruntime folds those when a session opens), evaluated within an element budget and
+        without control flow (``const_eval``); None where it is not, the reason in ``fold_refusals``."""
         if not name or name in self.constants:
             return self.constant(name)
         if name in self.folded_values:
             return self.folded_values[name]
+        if name in self.fold_refusals:
+            return None
         ids, stack = set(), [name]
         while stack:
             value = stack.pop()
@@ -64,13 +70,12 @@ class Graph:
                 ids.add(id(node))
                 stack.extend(i for i in node.input if i)
         nodes = [n for n in self.nodes if id(n) in ids]  # graph order is topological
-        leaves = {i for n in nodes for i in n.input if i in self.constants}
-        model = onnx.helper.make_model(onnx.helper.make_graph(
-            nodes, "folded", [], [onnx.helper.make_empty_tensor_value_info(name)],
-            [numpy_helper.from_array(self.constants[i], i) for i in sorted(leaves)]), opset_imports=self.model.opset_import)
-        from onnx.reference import ReferenceEvaluator
-
-        self.folded_values[name] = value = ReferenceEvaluator(model).run(None, {})[0]
+        try:
+            value = evaluate(nodes, self.constant, self.model.opset_import, name)
+        except FoldRefused as refused:
+            self.fold_refusals[name] = str(refused)
+            return None
+        self.folded_values[name] = value
         return value
 
 
@@ -162,3 +167,34 @@ def quantized_type(graph: Graph, node: onnx.NodeProto) -> tuple[int | None, str]
 
 def is_weight_dq(graph: Graph, node: onnx.NodeProto) -> bool:
     return node.op_type == "DequantizeLinear" and graph.is_constant(node.input[0])
+
+
+def qdq_shape_problem(graph: Graph, node: onnx.NodeProto) -> str | None:
+    """Why a Q/DQ node's constant scale, zero point and input do not fit together (onnx.checker does
+    not look at values), or None: zero point as many values as the scale; a per-axis scale with an
+    axis inside the input's rank and one value per element along it."""
+    scale = graph.constant(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        return None
+    zero_point = graph.constant(zero_point_input(node))
+    if zero_point is not None and zero_point.size != scale.size:
+        return f"zero point has {zero_point.size} value(s), the scale {scale.size}"
+    data = graph.constant(node.input[0])
+    if scale.ndim != 1 or data is None:
+        return None
+    axis = node_attr(node, "axis", 1)
+    if not -data.ndim <= axis < data.ndim:
+        return f"axis {axis} is outside the input's rank {data.ndim}"
+    if scale.size != 1 and scale.size != data.shape[axis]:
+        return f"{scale.size} per-axis scales for axis {axis} of length {data.shape[axis]}"
+    return None
+
+
+def rule_qdq_shapes(graph: Graph) -> list[Issue]:
+    """Every Q/DQ node's scale, zero point and axis fit its input (``qdq_shape_problem``)."""
+    issues = []
+    for node in qdq_nodes(graph):
+        problem = qdq_shape_problem(graph, node)
+        if problem:
+            issues.append(issue(node, "qdq-shape", problem))
+    return issues

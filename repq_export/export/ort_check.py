@@ -19,6 +19,9 @@ quant, or an integer kernel could saturate):
   them through their folded expression. A graph exported for target CPU 'vnni' (its metadata,
   `forms.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
   apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
+- ``qdq-shape``: as in ``trt_check``: zero point and scale of one size, per-axis scales that fit.
+- ``weight-path``: weight codes computed by control flow (Loop, Scan, If), an op ``const_eval`` does
+  not take, or past its element budget: check does not run them, and says so.
 - ``bias-type``: a DequantizeLinear of an int32 constant (a bias) has zero point 0.
 - ``target-cpu``: the graph's recorded target CPU is one this version knows.
 - ``empty-reshape``: no Reshape has a constant shape with -1 beside a 0 (copy that input dim).
@@ -35,7 +38,7 @@ from onnx import TensorProto
 from ..deploy_config import TARGET_CPUS, TARGET_VNNI
 from .forms import graph_target_cpu
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
-from .graph_index import Graph, Issue, index_graph, issue, node_attr, zero_point_input
+from .graph_index import Graph, Issue, index_graph, issue, node_attr, rule_qdq_shapes, zero_point_input
 
 UINT8_MAX = 255
 #: ops that only move codes (the im2col of `rewrites.integer_conv`): values pass through unchanged
@@ -46,7 +49,8 @@ def check_onnxruntime_form(model: onnx.ModelProto) -> list[Issue]:
     """Run every onnxruntime-form rule on ``model``; an empty list means none is broken."""
     graph = index_graph(model)
     issues: list[Issue] = []
-    rules = [rule_activation_type, rule_activation_chain, rule_u8s8_saturation, rule_bias_type, rule_empty_reshape]
+    rules = [rule_qdq_shapes, rule_activation_type, rule_activation_chain, rule_weight_path, rule_u8s8_saturation,
+             rule_bias_type, rule_empty_reshape]
     if graph_target_cpu(model) == TARGET_VNNI:
         rules.remove(rule_u8s8_saturation)
     for rule in rules:
@@ -90,7 +94,10 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
             seen.add(id(node))
             if node.op_type == "Clip":
                 lo, hi = (graph.constant(node.input[i]) if len(node.input) > i else None for i in (1, 2))
-                if lo is None or hi is None or not 0 <= int(lo) <= int(hi) <= UINT8_MAX or graph.types.get(
+                if lo is None or hi is None or lo.size != 1 or hi.size != 1:
+                    issues.append(issue(node, "act-chain", "Clip after QuantizeLinear needs constant scalar uint8 "
+                                         "bounds lo <= hi"))
+                elif not 0 <= int(lo.reshape(-1)[0]) <= int(hi.reshape(-1)[0]) <= UINT8_MAX or graph.types.get(
                         node.input[1]) != TensorProto.UINT8:
                     issues.append(issue(node, "act-chain", "Clip after QuantizeLinear needs constant uint8 "
                                          "bounds lo <= hi"))
@@ -135,18 +142,46 @@ def rule_activation_chain(graph: Graph) -> list[Issue]:
     return issues
 
 
-def _weight_codes(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-    """(int8 weight codes, their zero point, its axis) that `node` multiplies by, if any."""
+def _codes_input(node: onnx.NodeProto) -> tuple[str, str, int] | None:
+    """(codes, zero point, axis) inputs of a node that multiplies by weight codes, if it is one."""
     if node.op_type == "DequantizeLinear":
-        codes, zp, axis = node.input[0], zero_point_input(node), _axis(node)
-    elif node.op_type == "MatMulIntegerToFloat":
-        codes, zp, axis = node.input[1], node.input[5] if len(node.input) > 5 else "", 1
-    else:
+        return node.input[0], zero_point_input(node), _axis(node)
+    if node.op_type == "MatMulIntegerToFloat" and len(node.input) > 1:
+        return node.input[1], node.input[5] if len(node.input) > 5 else "", 1
+    return None
+
+
+def _weight_codes(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """(int8 weight codes, their zero point, its axis in range) that `node` multiplies by, if any; None
+    also where the zero point does not fit the codes (``rule_qdq_shapes`` reports that)."""
+    found = _codes_input(node)
+    if found is None:
         return None
+    codes, zp, axis = found
     value = graph.folded(codes)  # a constant, or derived from one (`rewrites.split_uint8_weights`)
     if value is None or value.dtype != np.int8 or value.ndim < 2:
         return None
-    return value, graph.constant(zp), axis
+    zero_point = graph.constant(zp)
+    if not -value.ndim <= axis < value.ndim:
+        return None
+    axis %= value.ndim
+    if zero_point is not None and zero_point.size not in (1, value.shape[axis]):
+        return None
+    return value, zero_point, axis
+
+
+def rule_weight_path(graph: Graph) -> list[Issue]:
+    """Weight codes computed by an expression check does not evaluate (control flow, over budget)."""
+    issues = []
+    for node in graph.nodes:
+        found = _codes_input(node)
+        if found is None or graph.is_constant(found[0]) or found[0] not in graph.producer:
+            continue
+        graph.folded(found[0])
+        if found[0] in graph.fold_refusals:
+            issues.append(issue(node, "weight-path", f"its weight is not a constant expression check can read: "
+                                 f"{graph.fold_refusals[found[0]]}"))
+    return issues
 
 
 def rule_u8s8_saturation(graph: Graph) -> list[Issue]:
@@ -157,7 +192,7 @@ def rule_u8s8_saturation(graph: Graph) -> list[Issue]:
             continue
         codes, zp, axis = found
         signed = codes.astype(np.int64) - (0 if zp is None else zp.astype(np.int64).reshape(
-            [-1 if i == axis else 1 for i in range(codes.ndim)] if zp.ndim else []))
+            [-1 if i == axis else 1 for i in range(codes.ndim)] if zp.size > 1 else []))
         peak = int(np.abs(signed).max()) if signed.size else 0
         if peak > U8S8_SAFE_WEIGHT:
             issues.append(issue(node, "u8s8-saturation", f"int8 weight codes reach {peak}: 2 x 255 x {peak} = "

@@ -21,6 +21,8 @@ Q/DQ placement recommendations). Rules, with their ``rule`` id:
   weight with block scales (block 64 or 128 along one of the last two axes). A QuantizeLinear
   without zero point and output_dtype is uint8 in ONNX (int8 in TensorRT): flagged.
 - ``scale``: scales must be build-time constants, finite and > 0.
+- ``qdq-shape``: a zero point has as many values as its scale; a per-axis scale has an axis inside
+  the input's rank and one value per element along it.
 - ``per-channel``: per-channel (or blocked) scales only on DequantizeLinear of a constant
   weight; such a DequantizeLinear must give ``axis`` explicitly (ONNX defaults to axis 1, the
   TensorRT parser to axis 0).
@@ -43,7 +45,7 @@ import onnx
 from onnx import TensorProto
 
 from .graph_index import (Graph, Issue, index_graph, is_weight_dq, issue, label, node_attr, qdq_nodes,
-                          quantized_type, type_name, zero_point_input)
+                          quantized_type, rule_qdq_shapes, type_name, zero_point_input)
 
 # onnx-tensorrt 10.x docs/operators.md, rows marked "Y" (ops supported by the ONNX parser).
 TENSORRT_SUPPORTED_OPS = frozenset("""
@@ -354,6 +356,7 @@ RULES: tuple[Callable[[Graph], list[Issue]], ...] = (
     rule_unsupported_ops,
     rule_topk,
     rule_resize,
+    rule_qdq_shapes,
     rule_zero_point,
     rule_qdq_type,
     rule_scale,

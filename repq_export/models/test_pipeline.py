@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from repq_export.data.transforms import PreprocessSettings
+from repq_export.data.transforms import PreprocessSettings, checked_settings
 from repq_export.errors import UserError
 from repq_export.models.config_fields import expect_value, get_field
 
@@ -39,12 +39,10 @@ def preprocess_settings(cfg: Mapping) -> PreprocessSettings:
     scale = resize.get("img_scale", scale)
     if isinstance(scale, list) and len(scale) == 1:
         scale = scale[0]
-    if not (isinstance(scale, (list, tuple)) and len(scale) == 2
-            and all(isinstance(v, int) and v > 0 for v in scale)):
-        raise UserError(f"config: test pipeline img_scale {scale!r} must be one (long, short) pair")
-    return PreprocessSettings(
-        scale=(int(scale[0]), int(scale[1])),
-        mean=tuple(float(m) for m in get_field(norm, "mean", "test pipeline Normalize")),
-        std=tuple(float(s) for s in get_field(norm, "std", "test pipeline Normalize")),
-        to_rgb=bool(norm.get("to_rgb", True)),
-        size_divisor=int(get_field(pad, "size_divisor", "test pipeline Pad")))
+    where = "config: test pipeline "
+    raw = {"scale": scale, "mean": get_field(norm, "mean", "test pipeline Normalize"),
+           "std": get_field(norm, "std", "test pipeline Normalize"), "to_rgb": norm.get("to_rgb", True),
+           "size_divisor": get_field(pad, "size_divisor", "test pipeline Pad"), "pad_to": None}
+    return checked_settings(raw, {"scale": f"{where}img_scale", "mean": f"{where}Normalize.mean",
+                                  "std": f"{where}Normalize.std", "to_rgb": f"{where}Normalize.to_rgb",
+                                  "size_divisor": f"{where}Pad.size_divisor", "pad_to": f"{where}Pad"})
