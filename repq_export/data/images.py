@@ -247,10 +247,20 @@ def preprocess_file(path: str | Path, settings, max_pixels: int = MAX_PIXELS) ->
         raise UserError(f"{path}: {exc}") from None
 
 
+# The fewest grey levels a calibration image must span (max - min of its pixel values): below this
+# it is black or one colour with faint noise, and its activations give quantizer ranges that leave
+# out zero (seen with 0..1), which no integer graph can hold. Any photograph spans far more.
+MIN_CALIBRATION_SPAN = 8
+
+
 def check_calibration_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse an image that cannot calibrate anything: one flat colour (every pixel the same)."""
+    """Refuse an image that cannot calibrate anything: one flat colour, or nearly (see MIN_CALIBRATION_SPAN)."""
     img = read_image(path, max_pixels)
-    if int(img.min()) == int(img.max()):
-        h, w = img.shape[:2]
-        raise UserError(f"{path}: calibration image of {w}x{h} pixels is one flat colour (value {int(img.min())}); "
+    low, high = int(img.min()), int(img.max())
+    h, w = img.shape[:2]
+    if low == high:
+        raise UserError(f"{path}: calibration image of {w}x{h} pixels is one flat colour (value {low}); "
                         "the quantizers would see constant inputs: use real pictures")
+    if high - low < MIN_CALIBRATION_SPAN:
+        raise UserError(f"{path}: calibration image of {w}x{h} pixels is nearly one flat colour (its values span "
+                        f"only {low}..{high} of 0..255, no dynamic range to calibrate on): use real pictures")
