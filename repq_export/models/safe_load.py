@@ -15,6 +15,7 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+from _compat_pickle import IMPORT_MAPPING as PY2_MODULES, NAME_MAPPING as PY2_NAMES  # what pickle itself imports
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,12 @@ def safe_torch_load(path: Path) -> Any:
     if kind != "torch":
         raise UserError(f"{path}: not a PyTorch checkpoint ({kind})")
     try:
-        names = _pickled_globals(path)
+        pairs = _pickled_globals(path)
     except Exception:
-        names = None  # not readable as pickles: torch.load says why below
-    if names:
-        _refuse_code(path, names)
+        pairs = None  # not readable as pickles: torch.load says why below
+    names = None if pairs is None else {_torch_name(m, n) for m, n in pairs}
+    if pairs:
+        _refuse_code(path, {_python3_name(m, n) for m, n in pairs} | names | {f"{m}.{n}" for m, n in pairs})
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
             warnings.simplefilter("ignore")
@@ -96,7 +98,17 @@ def _refuse_code(path: Path, names: set[str]) -> None:
 
 
 def _python3_name(module: str, name: str) -> str:
-    """'module.name' as torch's loader looks it up: protocol-2 pickles spell builtins '__builtin__' etc."""
+    """'module.name' that Python's own unpickler would import: protocol-2 pickles spell Python 3's
+    names the Python 2 way ('__builtin__', 'commands' for subprocess)."""
+    if (module, name) in PY2_NAMES:
+        module, name = PY2_NAMES[(module, name)]
+    elif module in PY2_MODULES:
+        module = PY2_MODULES[module]
+    return f"{module}.{name}"
+
+
+def _torch_name(module: str, name: str) -> str:
+    """'module.name' as torch's weights-only loader looks it up (its own, shorter, table of those names)."""
     if (module, name) in NAME_MAPPING:
         module, name = NAME_MAPPING[(module, name)]
     elif module in IMPORT_MAPPING:
@@ -104,9 +116,8 @@ def _python3_name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
-def _pickled_globals(path: Path) -> set[str]:
-    """'module.name' (Python 3 spelling) of every GLOBAL opcode in the checkpoint's pickle(s), found
-    without loading."""
+def _pickled_globals(path: Path) -> set[tuple[str, str]]:
+    """(module, name) as written, of every GLOBAL opcode in the checkpoint's pickle(s), found without loading."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             streams = [io.BytesIO(archive.read(n)) for n in archive.namelist() if n.endswith("data.pkl")]
@@ -115,14 +126,14 @@ def _pickled_globals(path: Path) -> set[str]:
         pickles = [(s, 1) for s in streams]
     else:  # legacy format: magic number, protocol, sys info, then the object, in a row
         pickles = [(open(path, "rb"), 4)]
-    names: set[str] = set()
+    names: set[tuple[str, str]] = set()
     for stream, count in pickles:
         with stream:
             for _ in range(count):
                 for opcode, arg, _pos in pickletools.genops(stream):
                     if opcode.name == "GLOBAL":
                         module, _, name = str(arg).partition(" ")
-                        names.add(_python3_name(module, name))
+                        names.add((module, name))
     return names
 
 
