@@ -39,38 +39,41 @@ def _not_regular(mode: int) -> str | None:
     return "is a special file"
 
 
-def check_input_file(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None) -> int:
-    """Refuse a missing file, anything but a regular file, or one over `max_bytes`; return its size."""
+def check_input_file(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None,
+                     hint: str = "") -> int:
+    """Refuse a missing file, anything but a regular file, or one over `max_bytes` (saying `hint`); return its size."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise UserError(f"{_label(path, option)}: {what} file not found") from None
     except OSError as err:
         raise UserError(f"{_label(path, option)}: cannot read the {what} file ({err.strerror or err})") from None
-    _check_stat(info, path, what, option, max_bytes)
+    _check_stat(info, path, what, option, max_bytes, hint)
     return info.st_size
 
 
-def _check_stat(info: os.stat_result, path: str | Path, what: str, option: str | None, max_bytes: int | None) -> None:
+def _check_stat(info: os.stat_result, path: str | Path, what: str, option: str | None, max_bytes: int | None,
+                hint: str = "") -> None:
     """The checks of check_input_file on a stat result (of a path or of an open descriptor)."""
     kind = _not_regular(info.st_mode)
     if kind is not None:
         raise UserError(f"{_label(path, option)}: {kind}, not a regular file: give the {what} file itself")
     if max_bytes is not None and info.st_size > max_bytes:
         raise UserError(f"{_label(path, option)}: {what} file of {info.st_size:,} bytes is over the limit of "
-                        f"{max_bytes:,} bytes")
+                        f"{max_bytes:,} bytes{hint}")
 
 
-def read_input_bytes(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None) -> bytes:
+def read_input_bytes(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None,
+                     hint: str = "") -> bytes:
     """The bytes of a regular input file within `max_bytes`, opened without blocking (a FIFO is refused,
     not waited on) and read no further than the budget (a file that grows meanwhile is refused too)."""
-    check_input_file(path, what, option, max_bytes)
+    check_input_file(path, what, option, max_bytes, hint)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
         raise UserError(f"{_label(path, option)}: cannot read the {what} file ({err.strerror or err})") from None
     try:
-        _check_stat(os.fstat(fd), path, what, option, max_bytes)  # the file opened is the one checked
+        _check_stat(os.fstat(fd), path, what, option, max_bytes, hint)  # the file opened is the one checked
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as err:

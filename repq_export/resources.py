@@ -30,8 +30,15 @@ MAX_ANNOTATION_BYTES = 1 << 30
 # refuses larger requests; the command line takes --max-pixels to raise it.
 MAX_PIXELS = 64 * 1024 * 1024
 # Bytes of one image file per allowed pixel: an uncompressed 16-bit RGBA picture (8 bytes a pixel)
-# fits twice, so no real file of an admitted size is refused for its bytes.
+# fits twice, so no real file of an admitted size is refused for its bytes; plus 64 MiB for what a
+# file carries besides its pixels (EXIF, ICC profiles, XMP, thumbnails), however small the picture.
 IMAGE_BYTES_PER_PIXEL = 16
+IMAGE_METADATA_BYTES = 64 << 20
+
+
+def image_file_budget(max_pixels: int) -> int:
+    """The largest image file read under a pixel budget of `max_pixels`."""
+    return IMAGE_BYTES_PER_PIXEL * max_pixels + IMAGE_METADATA_BYTES
 # Elements of one state-dict tensor: the largest weight of a Swin-L Cascade Mask R-CNN (a box head's
 # shared fc, 12544x1024) has 12.8 M; 2^28 (1 GiB of float32) is twenty times that, and stops a tensor
 # that claims 10^12 elements over a one-element storage (stride 0) before anything touches it.

@@ -89,7 +89,7 @@ def max_pixels_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help="refuse images of more pixels "
                    f"(width x height) than this, read from the file's header before decoding where it says "
                    f"(default {MAX_PIXELS:,}, an 8192x8192 picture); image files may hold "
-                   "16 bytes per allowed pixel")
+                   "16 bytes per allowed pixel plus 64 MiB")
 
 
 def default_device() -> str:

@@ -27,7 +27,7 @@ import numpy as np
 
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
-from repq_export.resources import IMAGE_BYTES_PER_PIXEL, MAX_PIXELS
+from repq_export.resources import MAX_PIXELS, image_file_budget
 
 if TYPE_CHECKING:
     from repq_export.data.transforms import Preprocessed
@@ -210,7 +210,8 @@ def captured_stderr() -> Iterator[list[str]]:
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS, option: str | None = None) -> np.ndarray:
     """Decode an image file into an (H, W, 3) uint8 BGR array, as mmcv.imfrombytes(flag='color'),
     once it is known to be a regular file within the byte and pixel budgets."""
-    content = read_input_bytes(path, "image", option, IMAGE_BYTES_PER_PIXEL * max_pixels)
+    content = read_input_bytes(path, "image", option, image_file_budget(max_pixels),
+                               f" for --max-pixels {max_pixels:,}; raise the limit with --max-pixels")
     name = f"{option} {path}" if option else str(path)
     if not content:
         raise UserError(f"{name}: cannot decode image (empty file)")
