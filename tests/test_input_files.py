@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -326,12 +327,11 @@ def test_an_mmdet3_training_checkpoint_loads_without_mmengine(tmp_path):
         torch.load(path, weights_only=True)
     script = ("import sys; from repq_export.models.checkpoint import load_checkpoint; "
               f"d, info = load_checkpoint({str(path)!r}); "
-              "print(info.layout, list(info.classes), info.meta['epoch'], 'mmengine' in sys.modules, 'numpy.core' in sys.modules)")
+              "print(info.layout, list(info.classes), info.meta['epoch'], 'mmengine' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["mmdet3", "['ellipse',", "'rectangle',", "'triangle',", "'star']", "1", "False",
-                                   "False"]
+    assert proc.stdout.split() == ["mmdet3", "['ellipse',", "'rectangle',", "'triangle',", "'star']", "1", "False"]
 
 
 def test_an_mmdet3_training_checkpoint_exports(art, tmp_path):
@@ -383,7 +383,9 @@ def test_state_dict_tensors_are_checked_on_entry(work, case, capsys):
     ckpt = raw_checkpoint(work / "m.pth")
     sd = ckpt["state_dict"]
     key = KEY if make else next(k for k in sd if k.endswith("relative_position_index"))
-    sd[key] = make(sd[key]) if make else sd[key].float()
+    with warnings.catch_warnings():  # torch deprecates making quantized tensors: not what is tested
+        warnings.simplefilter("ignore")
+        sd[key] = make(sd[key]) if make else sd[key].float()
     torch.save(ckpt, work / "bad.pth")
     result = call_main(cli.main, export(work, ckpt="bad.pth"), capsys)
     one_error(result, "bad.pth", key, fragment)
