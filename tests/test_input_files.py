@@ -428,3 +428,13 @@ def test_a_checkpoint_that_runs_code_is_refused_naming_it(work, func, shown, cap
                      "torch.save({'state_dict': model.state_dict()}")
     assert "weights_only" not in line and "malicious" not in line and "trust the source" not in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n but not really, a text after the signature",
+                                  b"BM is how this note starts, and it says nothing of pixels"])
+def test_a_file_with_only_an_image_signature_is_not_called_too_large(art, tmp_path, data, capsys):
+    image = tmp_path / "fake.png"
+    image.write_bytes(data)
+    line = one_error(call_main(cli.main, ["predict", art.path, image, "--save", tmp_path / "o.png"], capsys), image,
+                     "cannot decode image")
+    assert "too large" not in line

@@ -37,6 +37,7 @@ JPEG_MAGIC = b"\xff\xd8"
 # JPEG start-of-frame markers: they carry the picture's height and width (not DHT C4, JPG C8, DAC CC)
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn stand alone
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB header versions: a 'BM' file without one is no BMP
 
 
 def image_format(data: bytes) -> str | None:
@@ -59,11 +60,11 @@ def image_format(data: bytes) -> str | None:
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) as the image's header declares them, without decoding; None where not found."""
     fmt = image_format(data)
-    if fmt == "PNG" and len(data) >= 24:
+    if fmt == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     if fmt == "JPEG":
         return _jpeg_size(data)
-    if fmt == "BMP" and len(data) >= 26:
+    if fmt == "BMP" and len(data) >= 26 and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
         if int.from_bytes(data[14:18], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
             return int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little")
         width = int.from_bytes(data[18:22], "little", signed=True)
