@@ -82,14 +82,13 @@ def fraction(text: str) -> float:
     return value
 
 
-def max_pixels_option(p: argparse.ArgumentParser) -> None:
+def max_pixels_option(p: argparse.ArgumentParser, what: str = "image the command reads") -> None:
     """--max-pixels: the pixel budget of every image the command reads (resources.MAX_PIXELS by default)."""
     from ..resources import MAX_PIXELS
 
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help="refuse images of more pixels "
-                   f"(width x height) than this, read from the file's header before decoding where it says "
-                   f"(default {MAX_PIXELS:,}, an 8192x8192 picture); image files may hold "
-                   "16 bytes per allowed pixel plus 64 MiB")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help=f"refuse an {what} of more "
+                   "pixels (width x height) than this, read from the image's header before decoding where it "
+                   f"says (PNG, JPEG, BMP, GIF, WebP, TIFF) (default {MAX_PIXELS:,}, an 8192x8192 picture)")
 
 
 def default_device() -> str:

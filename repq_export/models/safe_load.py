@@ -120,7 +120,10 @@ def _pickled_globals(path: Path) -> set[tuple[str, str]]:
     """(module, name) as written, of every GLOBAL opcode in the checkpoint's pickle(s), found without loading."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            streams = [io.BytesIO(archive.read(n)) for n in archive.namelist() if n.endswith("data.pkl")]
+            entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
+            if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > path.stat().st_size for i in entries):
+                raise ValueError("a compressed data.pkl: torch.save never writes one")  # nor is it unpacked here
+            streams = [io.BytesIO(archive.read(i)) for i in entries]
         if not streams:
             raise ValueError("no data.pkl in the archive")
         pickles = [(s, 1) for s in streams]
