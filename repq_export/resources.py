@@ -43,3 +43,6 @@ def image_file_budget(max_pixels: int) -> int:
 # shared fc, 12544x1024) has 12.8 M; 2^28 (1 GiB of float32) is twenty times that, and stops a tensor
 # that claims 10^12 elements over a one-element storage (stride 0) before anything touches it.
 MAX_TENSOR_ELEMENTS = 1 << 28
+# The pickle inside a checkpoint (data.pkl; the tensors' bytes are stored beside it): structure only,
+# a few MB even with an optimizer's state; a (compressed) one declaring more than 256 MiB is not unpacked.
+MAX_PICKLE_BYTES = 256 << 20

@@ -23,6 +23,7 @@ import torch
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING  # the Python 2 -> 3 names torch's loader looks up
 
 from repq_export.errors import UserError
+from repq_export.resources import MAX_PICKLE_BYTES
 from repq_export.models.checkpoint_checks import sniff_file
 
 
@@ -121,8 +122,8 @@ def _pickled_globals(path: Path) -> set[tuple[str, str]]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             entries = [i for i in archive.infolist() if i.filename.endswith("data.pkl")]
-            if any(i.compress_type != zipfile.ZIP_STORED or i.file_size > path.stat().st_size for i in entries):
-                raise ValueError("a compressed data.pkl: torch.save never writes one")  # nor is it unpacked here
+            if any(i.file_size > MAX_PICKLE_BYTES for i in entries):  # zipfile reads no more than this size
+                raise ValueError("data.pkl is larger than any checkpoint's pickle")
             streams = [io.BytesIO(archive.read(i)) for i in entries]
         if not streams:
             raise ValueError("no data.pkl in the archive")
