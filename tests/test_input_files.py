@@ -263,8 +263,8 @@ def test_a_dark_image_whose_calibration_cannot_be_exported_is_named(work, capsys
 
 def strict_utf8_run(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict", "LC_ALL": "C.UTF-8"}
-    return subprocess.run([sys.executable, *CLI, *(os.fsencode(str(a)) for a in args)], cwd=cwd, env=env, capture_output=True,
-                          timeout=300)
+    argv = [sys.executable, *CLI, *(os.fsencode(str(a)) for a in args)]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=300)
 
 
 def test_a_non_utf8_file_name_prints_under_strict_utf8_output(art, work):

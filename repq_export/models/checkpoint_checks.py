@@ -59,7 +59,8 @@ def tensor_problem(key: str, value: Tensor) -> str | None:
     if value.is_quantized:
         return f"is a quantized tensor ({value.dtype}); save the float model's state dict instead"
     if value.layout != torch.strided or value.is_nested:
-        return f"is a {str(value.layout).replace('torch.', '')} tensor; weights must be dense (call .to_dense() before saving)"
+        layout = str(value.layout).replace("torch.", "")
+        return f"is a {layout} tensor; weights must be dense (call .to_dense() before saving)"
     if value.is_meta or value.device.type == "meta":
         return "is a meta-device tensor (a shape without data); save the weights themselves"
     if value.numel() > MAX_TENSOR_ELEMENTS:
