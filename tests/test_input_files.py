@@ -438,3 +438,22 @@ def test_a_file_with_only_an_image_signature_is_not_called_too_large(art, tmp_pa
     line = one_error(call_main(cli.main, ["predict", art.path, image, "--save", tmp_path / "o.png"], capsys), image,
                      "cannot decode image")
     assert "too large" not in line
+
+
+def test_a_calibration_failure_in_quant_names_the_images(tmp_path):
+    """quant/calibrate.py reports 'calibration images: ...' without knowing the files; export and
+    tools/test.py put their names in front."""
+    from repq_export.data.images import blame_calibration_images
+    from repq_export.errors import UserError
+    from repq_export.quant.calibrate import check_float_detections
+
+    def finds_nothing(img, img_hw):
+        return (torch.zeros(0, 4),)
+
+    with pytest.raises(UserError) as info:
+        check_float_detections(finds_nothing, [(torch.zeros(1, 3, 32, 32), torch.tensor([32.0, 32.0]))])
+    paths = [tmp_path / "night.png"]
+    message = str(blame_calibration_images(info.value, paths))
+    assert message.startswith(f"{paths[0]}: the float model detects nothing in it")
+    other = UserError("--bits: something else")
+    assert blame_calibration_images(other, paths) is other

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..data.coco import CocoDataset
-from ..data.images import read_image
+from ..data.images import blame_calibration_images, read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
 from ..files import check_input_file, write_atomically
@@ -83,10 +83,13 @@ def quantized_model(args, detector, dataset, settings):
     w_bits, a_bits = args.w_bits or 4, args.a_bits or 4  # the reference's defaults
     paths = [dataset[i][1] for i in range(min(args.calib_images, len(dataset)))]
     preps = [preprocess(read_image(p, args.max_pixels), **vars(settings)) for p in paths]
-    qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
-                                                 for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
-                      integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
-                      progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
+    try:
+        qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
+                                                     for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
+                          integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
+                          progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
+    except UserError as exc:
+        raise blame_calibration_images(exc, paths) from None
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")

@@ -266,3 +266,20 @@ def check_calibration_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> N
     if high - low < MIN_CALIBRATION_SPAN:
         raise UserError(f"{path}: calibration image of {w}x{h} pixels is nearly one flat colour (its values span "
                         f"only {low}..{high} of 0..255, no dynamic range to calibrate on): use real pictures")
+
+
+def blame_calibration_images(exc: UserError, paths: list[Path]) -> UserError:
+    """A calibration failure told with the calibration images' names first: 'calibration images: ...'
+    from quant/calibrate.py, or a quantizer that calibrated to what cannot be exported (a range that
+    leaves out zero, from reparameterizing a dark image's activations: quant/reparam.py), which
+    export/lowering.py reports under the quantizer's name. Any other error is returned as it is."""
+    message = str(exc)
+    names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    prefix = "calibration images: "
+    if message.startswith(prefix):
+        return UserError(f"{names}: {message[len(prefix):]}")
+    if message.split(":", 1)[0].endswith("_quantizer"):
+        return UserError(f"{names}: calibration on {'this image' if len(paths) == 1 else 'these images'} cannot "
+                         f"be exported ({message}): the picture has too little dynamic range (dark or nearly one "
+                         "colour), so a quantizer saw a range that leaves out zero; calibrate on real pictures")
+    return exc

@@ -16,7 +16,7 @@ import torch
 import repq_export
 
 from ..data.coco import CocoDataset
-from ..data.images import check_calibration_image, preprocess_file
+from ..data.images import blame_calibration_images, check_calibration_image, preprocess_file
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..errors import UserError
@@ -148,19 +148,6 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
     }
 
 
-def calibration_error(exc: UserError, paths: list[Path]) -> UserError:
-    """A quantizer that calibrated to what cannot be exported (a range that leaves out zero, so its
-    zero point falls outside the codes) is the calibration images' doing: name them, and say why."""
-    message = str(exc)
-    quantizer = message.split(":", 1)[0]
-    if not quantizer.endswith("_quantizer"):
-        return exc
-    names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-    return UserError(f"{names}: calibration on {'this image' if len(paths) == 1 else 'these images'} cannot be "
-                     f"exported ({message}): the picture has too little dynamic range (dark or nearly one colour), so "
-                     "a quantizer saw a range that leaves out zero; calibrate on real pictures")
-
-
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_out_dir(req.out, req.force, req.make_parent)
@@ -175,8 +162,11 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     pre = static_preprocess(info.preprocess, deploy)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
     preps = [preprocess_file(p, pre, req.max_pixels) for p in paths]
-    qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
-                                                for p in preps], req.w_bits, req.a_bits, progress=progress)
+    try:
+        qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
+                                                    for p in preps], req.w_bits, req.a_bits, progress=progress)
+    except UserError as exc:
+        raise blame_calibration_images(exc, paths) from None
     qmodel = qmodel.cpu()
     with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
@@ -189,7 +179,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
             proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
                                 deploy.onnx, form, target)
         except UserError as exc:
-            raise calibration_error(exc, paths) from None
+            raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
