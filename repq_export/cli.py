@@ -14,7 +14,8 @@ import difflib
 import sys
 from pathlib import Path
 
-from .commands.common import CommandParser, bits, default_device, device, positive_int, run_command
+from .commands.common import (CommandParser, bits, default_device, device, max_pixels_option, positive_int,
+                              run_command)
 from .errors import UserError
 
 SUBCOMMANDS = ("export", "check", "demo", "predict", "serve", "infer", "triton-repo")
@@ -48,6 +49,7 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
                    "(default: cuda where available)")
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt and a GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    max_pixels_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -62,11 +64,15 @@ def run_export(argv: list[str]) -> int:
     from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
     from .export.forms import check_export_bits, form_for
     from .export.tensorrt_builder import build_engine, tensorrt_available
+    from .files import check_input_file
     from .output_dir import record_added_file
+    from .resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES
 
-    if not args.ckpt.is_file():
-        raise UserError(f"--ckpt {args.ckpt}: " + ("is a folder, not a checkpoint file" if args.ckpt.is_dir()
-                                                   else "checkpoint not found"))
+    check_input_file(args.ckpt, "checkpoint", "--ckpt")
+    if args.config is not None:
+        check_input_file(args.config, "config", "--config", MAX_CONFIG_BYTES)
+    if args.calib_ann is not None:
+        check_input_file(args.calib_ann, "annotation", "--calib-ann", MAX_ANNOTATION_BYTES)
     deploy = load_deploy_config(args.deploy_config or DEFAULT_DEPLOY)
     check_export_bits(w_bits, a_bits, form_for(deploy), "--w-bits" if args.w_bits else "--bits",
                       "--a-bits" if args.a_bits else "--bits")
@@ -78,7 +84,7 @@ def run_export(argv: list[str]) -> int:
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
-                        force=args.force, make_parent=args.out is None)
+                        force=args.force, make_parent=args.out is None, max_pixels=args.max_pixels)
     check_export_out(req)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")

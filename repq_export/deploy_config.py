@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any, Union
 
 from repq_export.errors import UserError
+from repq_export.files import read_input_bytes
 from repq_export.models import reference_settings as ref
 from repq_export.models.config import evaluate_source
+from repq_export.resources import MAX_CONFIG_BYTES
 
 #: The network boundary (contract): the exporter and every runner use these names.
 INPUT_NAMES = ("img", "img_hw")
@@ -133,13 +135,12 @@ class DeployConfig:
         return self.backend.type
 
 
-def load_deploy_config(path: str | Path) -> DeployConfig:
-    """Read, parse (never execute) and validate a deploy config file."""
+def load_deploy_config(path: str | Path, option: str | None = "--deploy-config") -> DeployConfig:
+    """Read (a regular file within MAX_CONFIG_BYTES), parse (never execute) and validate a deploy config file."""
     path = Path(path)
+    data = read_input_bytes(path, "deploy config", option, MAX_CONFIG_BYTES)
     try:
-        source = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"{path}: cannot read the deploy config ({error.strerror or error})") from None
+        source = data.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a deploy config (not UTF-8 text; deploy configs are .py files)") from None
     sections = _parse_sections(path, source)

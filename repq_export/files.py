@@ -1,5 +1,7 @@
-"""File helpers every stage shares: content hashes for manifests, and writing a file so that no
-half-written one is ever left under its real name (also on Ctrl-C, SIGTERM or a full disk)."""
+"""File helpers every stage shares: reading an input file only once it is known to be a regular file
+within its budget (never blocking on a FIFO, never reading /dev/zero until memory runs out), content
+hashes for manifests, and writing a file so that no half-written one is ever left under its real name
+(also on Ctrl-C, SIGTERM or a full disk)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,90 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from repq_export.errors import UserError
+
+
+def _label(path: str | Path, option: str | None) -> str:
+    """How a message names an input: '--option PATH' where the option is known, else 'PATH'."""
+    return f"{option} {path}" if option else str(path)
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of this mode is, where it is not a regular file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "is a character device"
+    if stat.S_ISBLK(mode):
+        return "is a block device"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    return "is a special file"
+
+
+def check_input_file(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None,
+                     hint: str = "") -> int:
+    """Refuse a missing file, anything but a regular file, or one over `max_bytes` (saying `hint`); return its size."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{_label(path, option)}: {what} file not found") from None
+    except OSError as err:
+        raise UserError(f"{_label(path, option)}: cannot read the {what} file ({err.strerror or err})") from None
+    _check_stat(info, path, what, option, max_bytes, hint)
+    return info.st_size
+
+
+def _check_stat(info: os.stat_result, path: str | Path, what: str, option: str | None, max_bytes: int | None,
+                hint: str = "") -> None:
+    """The checks of check_input_file on a stat result (of a path or of an open descriptor)."""
+    kind = _not_regular(info.st_mode)
+    if kind is not None:
+        raise UserError(f"{_label(path, option)}: {kind}, not a regular file: give the {what} file itself")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise UserError(f"{_label(path, option)}: {what} file of {info.st_size:,} bytes is over the limit of "
+                        f"{max_bytes:,} bytes{hint}")
+
+
+def read_input_bytes(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None,
+                     hint: str = "") -> bytes:
+    """The bytes of a regular input file within `max_bytes`, opened without blocking (a FIFO is refused,
+    not waited on) and read no further than the budget (a file that grows meanwhile is refused too)."""
+    check_input_file(path, what, option, max_bytes, hint)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise UserError(f"{_label(path, option)}: cannot read the {what} file ({err.strerror or err})") from None
+    try:
+        _check_stat(os.fstat(fd), path, what, option, max_bytes, hint)  # the file opened is the one checked
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as err:
+        raise UserError(f"{_label(path, option)}: cannot read the {what} file ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UserError(f"{_label(path, option)}: {what} file grew over the limit of {max_bytes:,} bytes while read")
+    return data
+
+
+def read_input_text(path: str | Path, what: str, option: str | None = None, max_bytes: int | None = None) -> str:
+    """A regular UTF-8 text input file within `max_bytes` (see read_input_bytes)."""
+    data = read_input_bytes(path, what, option, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{_label(path, option)}: not a {what} file (not UTF-8 text: byte {err.start})") from None
 
 
 def file_sha256(path: str | Path) -> str:

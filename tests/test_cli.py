@@ -285,7 +285,8 @@ def test_predict_bad_arguments(bad, capsys):
     image = next(bad["img_dir"].iterdir())
     cases = [
         ([bad["artifact"], bad["bad_image"], "--save", bad["work"] / "p.png"], ["000000000001.png", "cannot decode"]),
-        ([bad["artifact"], bad["work"] / "nope.png", "--save", bad["work"] / "p.png"], ["nope.png", "cannot read"]),
+        ([bad["artifact"], bad["work"] / "nope.png", "--save", bad["work"] / "p.png"],
+         ["nope.png", "image file not found"]),
         ([bad["artifact"], image, "--save", bad["work"] / "no/such/p.png"], ["--save", "does not exist"]),
         ([bad["artifact"], image, "--save", bad["work"] / "p.gif"], ["--save", "p.gif"]),
         ([bad["artifact"], image, "--save", image], ["--save", "is IMAGE", "an input of this command"]),

@@ -89,7 +89,7 @@ def test_defaults_and_literal_forms(tmp_path):
 
 
 def test_missing_file_and_syntax_error(tmp_path):
-    with pytest.raises(UserError, match=r"nope.py: cannot read the deploy config"):
+    with pytest.raises(UserError, match=r"nope.py: deploy config file not found"):
         load_deploy_config(tmp_path / "nope.py")
     assert "invalid Python syntax" in error_of(tmp_path, "backend_config = dict(type=\n")
 

@@ -82,6 +82,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def max_pixels_option(p: argparse.ArgumentParser, what: str = "image the command reads") -> None:
+    """--max-pixels: the pixel budget of every image the command reads (resources.MAX_PIXELS by default)."""
+    from ..resources import MAX_PIXELS
+
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help=f"refuse an {what} of more "
+                   "pixels (width x height) than this, read from the image's header before decoding where it "
+                   f"says (PNG, JPEG, BMP, GIF, WebP, TIFF) (default {MAX_PIXELS:,}, an 8192x8192 picture)")
+
+
 def default_device() -> str:
     """cuda where a GPU is visible, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,6 +119,7 @@ def run_command(body: Callable[[], int]) -> int:
     SIGTERM is turned into an exception, as SIGINT is by Python, so temporary outputs are removed
     on both; the exit codes are the shell's for those signals (143, 130)."""
     previous = None
+    printable_streams()
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -129,6 +139,16 @@ def run_command(body: Callable[[], int]) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def printable_streams() -> None:
+    """Let stdout and stderr print any text, whatever their encoding: a file name that is not valid in
+    it (bytes of another locale, kept by Python as surrogates) is shown with backslash escapes
+    instead of ending the command in a UnicodeEncodeError (PYTHONIOENCODING=utf-8:strict)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper; pytest's capture may not be
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def one_line(message: str) -> str:

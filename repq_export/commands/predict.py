@@ -15,7 +15,7 @@ from ..export.artifact import artifact_preprocess, load_artifact_model, read_art
 from ..export.deploy_settings import post_processing_of
 from ..output_dir import check_not_an_input, check_output_file
 from ..runtime.base import Runner
-from .common import CommandParser, fraction
+from .common import CommandParser, fraction, max_pixels_option
 from .runners import make_runner
 
 MAX_LISTED = 20  # detections printed one a line; the picture shows them all
@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
                    "onnxruntime (default); quant: the fake-quant PyTorch model; trt: the artifact's TensorRT engine")
     p.add_argument("--score-thr", type=fraction, default=0.3, help="draw detections scoring at least this "
                    "(default 0.3)")
+    max_pixels_option(p)
     return p
 
 
@@ -59,7 +60,7 @@ def artifact_runner(artifact: Path, backend: str) -> tuple[Runner, dict, Preproc
 def run_predict(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     out = save_path(args)
-    img = read_image(args.image)
+    img = read_image(args.image, args.max_pixels)
     runner, manifest, settings = artifact_runner(args.artifact, args.backend)
     try:
         prep = preprocess(img, **vars(settings))

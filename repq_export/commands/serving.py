@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import CommandParser, fraction, non_negative_int, positive_int, positive_number
+from .common import CommandParser, fraction, max_pixels_option, non_negative_int, positive_int, positive_number
 
 MAX_LISTED = 20
 
@@ -43,6 +43,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime threads per instance (default: "
                    "onnxruntime's choice)")
     p.add_argument("--max-image-mb", type=positive_number, default=32, help="refuse encoded images larger than this (default 32)")
+    max_pixels_option(p, "image sent")
     return p
 
 
@@ -54,7 +55,7 @@ def run_serve(argv: list[str]) -> int:
                            metrics_port=args.metrics_port, instances=args.instances,
                            max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                            backend=args.backend, threads=args.threads,
-                           max_image_bytes=int(args.max_image_mb * 1024 * 1024))
+                           max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_pixels)
     triton = start_server(args.artifact, options, log=lambda m: print(m, flush=True))
     return serve_until_signal(triton, log=lambda m: print(m, flush=True))
 
@@ -68,6 +69,7 @@ def infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thr", type=fraction, default=0.3, help="ask for detections scoring at least this "
                    "(default 0.3)")
     p.add_argument("--timeout", type=positive_number, default=60.0, help="seconds to wait for the server (default 60)")
+    max_pixels_option(p)
     return p
 
 
@@ -79,7 +81,7 @@ def run_infer(argv: list[str]) -> int:
     from .predict import save_path
 
     out = save_path(args)
-    img = read_image(args.image)
+    img = read_image(args.image, args.max_pixels)
     with DetectionClient(args.url, timeout_s=args.timeout) as client:
         if not client.ready():
             raise UserError(f"{args.url}: no ready repq-export server there")

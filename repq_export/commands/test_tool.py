@@ -7,17 +7,19 @@ import json
 from pathlib import Path
 
 from ..data.coco import CocoDataset
-from ..data.images import read_image
+from ..data.images import blame_calibration_images, read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
-from ..files import write_atomically
+from ..files import check_input_file, write_atomically
 from ..export.deploy_settings import recorded_manifest
+from ..resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES, MAX_PIXELS
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
 from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
 from ..models.checkpoint import load_checkpoint
 from ..output_dir import check_not_an_input
-from .common import CommandParser, bits, default_device, device, output_file, positive_int, run_command
+from .common import (CommandParser, bits, default_device, device, max_pixels_option, output_file, positive_int,
+                     run_command)
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the COCO-format detections (bbox and segm) to this JSON file")
     p.add_argument("--json-out", type=Path, help="write the metrics (bbox_mAP, segm_mAP, ... as fractions) to "
                    "this JSON file")
+    max_pixels_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -81,11 +84,14 @@ def quantized_model(args, detector, dataset, settings):
         return load_quant_state(detector, args.load_quant, args.w_bits, args.a_bits)
     w_bits, a_bits = args.w_bits or 4, args.a_bits or 4  # the reference's defaults
     paths = [dataset[i][1] for i in range(min(args.calib_images, len(dataset)))]
-    preps = [preprocess(read_image(p), **vars(settings)) for p in paths]
-    qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
-                                                 for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
-                      integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
-                      progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
+    preps = [preprocess(read_image(p, args.max_pixels), **vars(settings)) for p in paths]
+    try:
+        qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))
+                                                     for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
+                          integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
+                          progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
+    except UserError as exc:
+        raise blame_calibration_images(exc, paths) from None
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")
@@ -125,7 +131,7 @@ def check_model_source(model: Path, manifest: dict | None, checkpoint: Path, che
 
 
 def sharded_run(runner, dataset: CocoDataset, settings, max_images: int | None,
-                group: distributed.ProcessGroup) -> DatasetRun | None:
+                group: distributed.ProcessGroup, max_pixels: int = MAX_PIXELS) -> DatasetRun | None:
     """This rank's share of the images run, gathered on rank 0 in loader order (None on other ranks).
 
     Only what scoring needs travels: each image's id, path and detections (not the padded tensor)."""
@@ -134,7 +140,7 @@ def sharded_run(runner, dataset: CocoDataset, settings, max_images: int | None,
         mine = []
         for index in distributed.shard(count, group):
             info, path = dataset[index]
-            dets = run_image(runner, path, settings)[2]
+            dets = run_image(runner, path, settings, max_pixels)[2]
             mine.append((index, ImageResult(int(info["id"]), path, None, None, dets)))
     except UserError as exc:
         mine = str(exc)
@@ -152,6 +158,9 @@ def run(argv: list[str] | None) -> int:
     for flag, path in (("--ann", args.ann), ("--img-dir", args.img_dir)):
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
+    check_input_file(args.config, "config", None, MAX_CONFIG_BYTES)
+    check_input_file(args.checkpoint, "checkpoint")
+    check_input_file(args.ann, "annotation", "--ann", MAX_ANNOTATION_BYTES)
     check_outputs(args)
     group = distributed.init_from_env(args.device)
     try:
@@ -183,9 +192,10 @@ def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
         device = f"cuda:{group.local_rank}"
     runner = make_runner(backend, model, args.model, device)
     if group is None:
-        run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet)
+        run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet,
+                           max_pixels=args.max_pixels)
     else:
-        run_ = sharded_run(runner, dataset, info.preprocess, args.max_images, group)
+        run_ = sharded_run(runner, dataset, info.preprocess, args.max_images, group, args.max_pixels)
         if run_ is None:
             return 0
     metrics = score_run(run_, dataset, tuple(args.eval))

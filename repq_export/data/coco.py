@@ -16,22 +16,22 @@ from pathlib import Path, PurePath
 from pycocotools.coco import COCO
 
 from repq_export.errors import UserError
+from repq_export.files import read_input_text
+from repq_export.resources import MAX_ANNOTATION_BYTES
 
 METRICS_ALL = ("bbox", "segm")
 
 
-def load_coco(ann_file: str | Path, metrics: Sequence[str] = METRICS_ALL) -> COCO:
+def load_coco(ann_file: str | Path, metrics: Sequence[str] = METRICS_ALL, option: str | None = None) -> COCO:
     """Read and check a COCO annotation file; return a pycocotools COCO index (quietly).
 
     ``metrics`` are what the file will be scored with: each needs fields of every record that
     pycocotools would otherwise miss only after the whole inference run (``()``: images only, as
     calibration reads it)."""
+    text = read_input_text(ann_file, "annotation", option, MAX_ANNOTATION_BYTES)
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as err:
-        raise UserError(f"{ann_file}: cannot read ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
         raise UserError(f"{ann_file}: not a JSON file ({err})") from None
     except RecursionError:
         raise UserError(f"{ann_file}: not a COCO annotation file (nested too deeply)") from None

@@ -12,6 +12,7 @@ from ..data.coco_results import to_coco_results
 from ..data.images import read_image
 from ..data.postprocess import Detections, postprocess
 from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
+from ..resources import MAX_PIXELS
 from ..runtime.base import NetOutput, Runner
 from .coco_eval import evaluate_coco
 
@@ -39,21 +40,22 @@ class DatasetRun:
         return [r.image_id for r in self.images]
 
 
-def run_image(runner: Runner, path: Path, settings: PreprocessSettings) -> tuple[Preprocessed, NetOutput, Detections]:
-    """Read, preprocess, run and postprocess one image."""
-    prep = preprocess(read_image(path), **vars(settings))
+def run_image(runner: Runner, path: Path, settings: PreprocessSettings,
+              max_pixels: int = MAX_PIXELS) -> tuple[Preprocessed, NetOutput, Detections]:
+    """Read (within `max_pixels`), preprocess, run and postprocess one image."""
+    prep = preprocess(read_image(path, max_pixels), **vars(settings))
     net = runner(prep.tensor, prep.img_hw_tensor)
     return prep, net, postprocess(*net, prep)
 
 
 def run_dataset(runner: Runner, dataset: CocoDataset, settings: PreprocessSettings,
-                max_images: int | None = None, progress: bool = True) -> DatasetRun:
+                max_images: int | None = None, progress: bool = True, max_pixels: int = MAX_PIXELS) -> DatasetRun:
     """Run `runner` on the first `max_images` images of `dataset` (all if None) in loader order."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     run = DatasetRun(runner.name)
     for index in tqdm(range(count), desc=f"{runner.name:>6}", unit="img", disable=not progress, leave=False):
         info, path = dataset[index]
-        prep, net, dets = run_image(runner, path, settings)
+        prep, net, dets = run_image(runner, path, settings, max_pixels)
         run.images.append(ImageResult(int(info["id"]), path, prep, net, dets))
     return run
 

@@ -16,7 +16,7 @@ import torch
 import repq_export
 
 from ..data.coco import CocoDataset
-from ..data.images import check_calibration_image, preprocess_file
+from ..data.images import blame_calibration_images, check_calibration_image, preprocess_file
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..errors import UserError
@@ -27,7 +27,7 @@ from ..quant.calibrate import quantize
 from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
 from ..quant.state import load_quant_state, save_quant_state
-from ..resources import DEFAULT_DEPLOY_CONFIG
+from ..resources import DEFAULT_DEPLOY_CONFIG, MAX_PIXELS
 from ..runtime.cpu_features import saturation_free
 from ..output_dir import MANIFEST, check_not_an_input, check_out_dir, staged_dir
 from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
@@ -59,6 +59,7 @@ class ExportRequest:
     device: str = "cpu"
     force: bool = False
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
+    max_pixels: int = MAX_PIXELS  # pixel budget of each calibration image (--max-pixels)
 
 
 def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
@@ -180,14 +181,17 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     check_export_bits(req.w_bits, req.a_bits, form)
     paths = calibration_paths(req)
     for path in paths:  # cheap checks first: a bad image costs nothing
-        check_calibration_image(path)
+        check_calibration_image(path, req.max_pixels)
     detector, info = load_checkpoint(req.ckpt, req.config)
     apply_post_processing(detector, deploy.codebase.post_processing)
     pre = static_preprocess(info.preprocess, deploy)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess_file(p, pre) for p in paths]
-    qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
-                                                for p in preps], req.w_bits, req.a_bits, progress=progress)
+    preps = [preprocess_file(p, pre, req.max_pixels) for p in paths]
+    try:
+        qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
+                                                    for p in preps], req.w_bits, req.a_bits, progress=progress)
+    except UserError as exc:
+        raise blame_calibration_images(exc, paths) from None
     qmodel = qmodel.cpu()
     with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
@@ -196,8 +200,11 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
         if form == ONNXRUNTIME and target == TARGET_ANY and req.w_bits == 8 and saturation_free():
             log("note: this CPU has VNNI/AMX; --deploy-config instance-seg_onnxruntime_cpu-vnni.py gives a "
                 "W8A8 graph about 1.35x faster for such CPUs")
-        proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                            deploy.onnx, form, target)
+        try:
+            proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
+                                deploy.onnx, form, target)
+        except UserError as exc:
+            raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
-from repq_export.files import file_sha256
+from repq_export.files import check_input_file, file_sha256
 from repq_export.models.arch import Arch, arch_from_config, arch_from_state_dict
 from repq_export.models.build import build_detector
-from repq_export.models.checkpoint_checks import ARCH_KEYS, check_finite
+from repq_export.models.checkpoint_checks import ARCH_KEYS, check_finite, check_tensors
 from repq_export.models.config import load_config
 from repq_export.models.detector import Detector
 from repq_export.models.key_layout import detect_layout, mmdet3_to_swin_det
@@ -40,7 +40,7 @@ class LoadedCheckpoint:
     config_path: Path | None
     classes: tuple[str, ...] | None  # from meta['CLASSES'] (mmdet 2) / meta['dataset_meta'] (mmdet 3)
     preprocess: PreprocessSettings
-    meta: dict = field(default_factory=dict)  # the checkpoint's meta, plain values only
+    meta: dict = field(default_factory=dict)  # the meta's top-level plain values and class names (_meta)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -76,11 +76,11 @@ def load_checkpoint(path: str | Path, config_path: str | Path | None = None
     return detector.eval(), info
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
-    """(state dict in Swin-Det layout, plain meta, original layout) of a checkpoint file."""
+def read_checkpoint(path: str | Path, option: str | None = None) -> tuple[dict[str, Tensor], dict, str]:
+    """(state dict in Swin-Det layout, meta, original layout) of a checkpoint file; of everything
+    else in it (optimizer, message_hub, param_schedulers) nothing is kept."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint file not found")
+    check_input_file(path, "checkpoint", option)
     obj = safe_torch_load(path)
     if not isinstance(obj, Mapping):
         raise UserError(f"{path}: not a detector checkpoint (holds a {type(obj).__name__}, "
@@ -98,12 +98,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
     if bad:
         raise UserError(f"{path}: not a detector checkpoint (non-tensor state_dict entries: "
                         f"{_list_keys(bad)})")
+    check_tensors(state_dict, path)
     check_finite(state_dict, path)
     state_dict = _strip_module_prefix({str(k): v for k, v in state_dict.items()})
     layout = detect_layout(state_dict)
     if layout == "mmdet3":
         state_dict = mmdet3_to_swin_det(state_dict)
-    return state_dict, _plain(meta) if isinstance(meta, Mapping) else {}, layout
+    return state_dict, _meta(meta), layout
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], path: Path) -> None:
@@ -188,23 +189,30 @@ def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
-def _plain(value: Any) -> Any:
-    """Only str/number/bool/None and containers of them; placeholders and tensors are dropped."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            v = _plain(v)
-            if v is not _DROP and isinstance(k, (str, int)):
-                out[k] = v
-        return out
-    if isinstance(value, (list, tuple)):
-        items = [v for v in map(_plain, value) if v is not _DROP]
-        return items if isinstance(value, list) else tuple(items)
-    return _DROP
+def _meta(meta: Any) -> dict:
+    """What is kept of a checkpoint's meta: its top-level plain values (epoch, versions, CLASSES) and
+    dataset_meta's class names. Never walked further, so a meta that refers to itself any number of
+    times costs nothing (a deep copy of one would grow without end)."""
+    if not isinstance(meta, Mapping):
+        return {}
+    kept: dict[str, Any] = {}
+    for key, value in meta.items():
+        if isinstance(key, str) and (isinstance(value, (str, int, float, bool)) or value is None):
+            kept[key] = value
+    if _is_names(meta.get("CLASSES")):
+        kept["CLASSES"] = tuple(meta["CLASSES"])
+    elif "CLASSES" in meta:
+        kept["CLASSES"] = _NOT_NAMES
+    dataset_meta = meta.get("dataset_meta")
+    if isinstance(dataset_meta, Mapping) and "classes" in dataset_meta:
+        names = dataset_meta["classes"]
+        kept["dataset_meta"] = {"classes": tuple(names) if _is_names(names) else _NOT_NAMES}
+    return kept
 
 
-_DROP = object()
+def _is_names(value: Any) -> bool:
+    """A list or tuple of strings."""
+    return isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value)
 
 
+_NOT_NAMES = "<not a list of strings>"  # kept where meta's class names are something else, to be refused

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from repq_export.errors import UserError
+from repq_export.files import read_input_text
+from repq_export.resources import MAX_CONFIG_BYTES
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -56,18 +58,13 @@ def _load(path: Path, stack: tuple[Path, ...]) -> dict:
         raise UserError(f"{path}: circular _base_ inheritance ({chain})")
     if path.suffix != ".py":
         raise UserError(f"{path}: only Python (.py) config files are supported")
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read config file ({exc})") from None
+    source = read_input_text(path, "config", None, MAX_CONFIG_BYTES)
 
     own = evaluate_source(source, path)
     bases = _base_paths(own.pop(BASE_KEY, None), path)
     merged: dict = {}
     for base in bases:
-        if base.suffix == ".py" and not base.is_file():
+        if base.suffix == ".py" and not base.exists():
             raise UserError(f"{base}: config file not found (the _base_ of {path})")
         base_cfg = _load(base, (*stack, resolved))
         duplicates = sorted(set(merged) & set(base_cfg))

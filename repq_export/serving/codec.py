@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from ..data.images import decode, header_size, truncation
 from ..data.postprocess import Detections
+from ..resources import MAX_PIXELS  # and one that declares or decodes to more pixels than this
 from ..evaluation.visualize import class_name
 
 MODEL_NAME = "repq_detector"
@@ -21,7 +22,6 @@ IMAGE, SCORE_THR = "image", "score_thr"
 BOXES, SCORES, LABELS = "boxes", "scores", "labels"
 CLASS_NAMES, MASKS, IMAGE_SIZE = "class_names", "masks", "image_size"
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # an encoded picture larger than this is refused before decoding
-MAX_PIXELS = 64 * 1024 * 1024  # and one that decodes to more pixels than this
 
 
 class BadRequest(ValueError):
@@ -48,19 +48,9 @@ class ServedDetections:
 
 
 def header_pixels(data: bytes) -> int | None:
-    """Width x height read from a PNG or JPEG header without decoding (None where not found)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                return None
-            marker, size = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-                return int.from_bytes(data[i + 5:i + 7], "big") * int.from_bytes(data[i + 7:i + 9], "big")
-            i += 2 + size
-    return None
+    """Width x height read from the image's header without decoding (None where not found)."""
+    size = header_size(data)
+    return None if size is None else size[0] * size[1]
 
 
 def decode_image(data: np.ndarray, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -72,13 +62,14 @@ def decode_image(data: np.ndarray, max_bytes: int = MAX_IMAGE_BYTES, max_pixels:
         raise BadRequest("empty image")
     if data.size > max_bytes:
         raise BadRequest(f"image of {data.size} bytes is over the server's limit of {max_bytes}")
-    pixels = header_pixels(data.tobytes()[:65536])
+    raw = data.tobytes()
+    pixels = header_pixels(raw)
     if pixels is not None and pixels > max_pixels:
         raise BadRequest(f"image of {pixels} pixels is over the server's limit of {max_pixels}")
-    try:
-        img = cv2.imdecode(data.reshape(-1), cv2.IMREAD_COLOR)
-    except cv2.error:
-        img = None
+    cut = truncation(raw)
+    if cut is not None:
+        raise BadRequest(f"cannot decode image ({cut})")
+    img = decode(data)
     if img is None:
         raise BadRequest("cannot decode image (not a format OpenCV reads)")
     if img.shape[0] * img.shape[1] > max_pixels:

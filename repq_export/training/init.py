@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from repq_export.errors import UserError
+from repq_export.files import check_input_file
 from repq_export.models.detector import Detector
 
 
@@ -71,6 +72,8 @@ def init_from_checkpoint(detector: Detector, path: str | Path, parts: tuple[str,
     """Copy the tensors under ``parts`` from a checkpoint (``state_dict`` layout of this project's
     detectors) into ``detector``; every such key of the detector must be there with its shape.
     Returns the number of tensors copied."""
+    if Path(path).exists():  # a FIFO or a device is refused, not waited on or read without end
+        check_input_file(path, "checkpoint")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # missing, truncated, not a checkpoint, or objects weights_only refuses
