@@ -159,7 +159,6 @@ def run(argv: list[str] | None) -> int:
         if not path.exists():
             raise UserError(f"{flag} {path}: not found")
     check_input_file(args.config, "config", None, MAX_CONFIG_BYTES)
-    check_input_file(args.checkpoint, "checkpoint")
     check_input_file(args.ann, "annotation", "--ann", MAX_ANNOTATION_BYTES)
     check_outputs(args)
     group = distributed.init_from_env(args.device)
