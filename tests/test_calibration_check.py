@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from cli_helpers import TINY_MASK, call_main, make_checkpoint, make_coco, one_error
+
+from repq_export import cli
 
 from repq_export.data.calibration_choice import holdout_indices, spread_indices
 from repq_export.data.coco import CocoDataset
@@ -115,3 +121,91 @@ def test_the_bound_is_looser_at_four_bits_and_below():
     assert check_calibration(pairs, [], 4).judged.matched_share == 0.75
     assert check_calibration(pairs, [], 4).ok  # 75% >= 70%
     assert check_calibration(pairs, [], 6).failures == ["matched 75.0% < 80%"]
+
+
+# ----------------------------------------------------------------------------- the check in `repq-export`
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny checkpoint; a folder of 3 synthetic images; the same with a near-constant image first."""
+    root = tmp_path_factory.mktemp("calibcheck")
+    ckpt = make_checkpoint(root / "tiny.pth")
+    _, img_dir = make_coco(root / "coco", num_images=3)
+    flat_dir = root / "flat_first"
+    flat_dir.mkdir()
+    for i, image in enumerate(sorted(img_dir.iterdir())):
+        shutil.copy(image, flat_dir / f"b{i}.png")
+    rng = np.random.default_rng(0)
+    near_constant = np.full((64, 96, 3), 128, np.uint8) + rng.integers(0, 2, (64, 96, 3)).astype(np.uint8)
+    cv2.imwrite(str(flat_dir / "a_flat.png"), near_constant)  # sorted first: the one calibration image
+    return root, ckpt, img_dir, flat_dir
+
+
+def export_argv(root: Path, ckpt: Path, calib: Path, out: str, *extra) -> list:
+    # W8A8: the tiny random model keeps most of its confident detections at 8 bits when calibrated on real
+    # images (not at 4, where a random network's outputs scatter), so 8 bits can show a pass and a failure
+    return ["--ckpt", ckpt, "--config", TINY_MASK, "--bits", 8, "--calib", calib, "--out", root / out, "--quiet", *extra]
+
+
+def test_a_good_calibration_passes_and_is_recorded(tiny, capsys):
+    root, ckpt, img_dir, _ = tiny
+    result = call_main(cli.main, export_argv(root, ckpt, img_dir, "good", "--calib-images", 2, "--holdout", 1), capsys)
+    assert result.rc == 0, result.err
+    block = json.loads((root / "good" / "repq.json").read_text())["calibration_check"]
+    assert block["verdict"] == "PASS" and block["failures"] == []
+    assert block["images"] == {"calibration": ["000000000001.png", "000000000002.png"], "held-out": ["000000000003.png"]}
+    judged = block["sets"]["all"]
+    assert judged["images"] == 3 and judged["matched_share"] >= block["bound"]["min_matched_share"] == 0.80
+    assert judged["matched_share"] == pytest.approx((judged["float_found"] + judged["quant_found"])
+                                                    / (judged["float_detections"] + judged["quant_detections"]))
+    assert judged["box_ap_delta"] is None  # a folder has no annotations
+    assert "calibration check (float vs fake quant, 8 bits): PASS on 3 image(s)" in result.out
+
+
+def test_a_near_constant_calibration_image_is_refused_with_the_figures(tiny, capsys):
+    root, ckpt, _, flat_dir = tiny
+    result = call_main(cli.main, export_argv(root, ckpt, flat_dir, "bad", "--calib-images", 1, "--holdout", 3), capsys)
+    assert result.rc == 2 and not (root / "bad").exists()
+    line = one_error(result, "calibration check FAILED", "nothing was written", "--accept-accuracy-loss")
+    share = float(line.split("matched ")[1].split("%")[0])
+    assert share < 80.0  # the figure that failed is in the error
+    assert "calibrating W8A8 on 1 image(s): a_flat.png" in result.out
+    held = next(r for r in result.out.splitlines() if r.startswith("| held-out | 3 |"))
+    assert float(held.split("|")[4].strip(" %")) < 60.0  # misfit shows on the held-out images
+
+
+def test_accept_accuracy_loss_writes_the_artifact_and_records_the_failure(tiny, capsys):
+    root, ckpt, _, flat_dir = tiny
+    result = call_main(cli.main, export_argv(root, ckpt, flat_dir, "accepted", "--calib-images", 1, "--holdout", 3,
+                                             "--accept-accuracy-loss"), capsys)
+    assert result.rc == 0, result.err
+    assert "WARNING: calibration check FAILED" in result.out
+    manifest = json.loads((root / "accepted" / "repq.json").read_text())
+    block = manifest["calibration_check"]
+    assert block["verdict"] == "FAIL" and block["judged_on"] == "all"
+    assert block["bound"] == {"min_matched_share": 0.80, "max_ap_loss": 0.05, "bits": 8}
+    assert block["sets"]["all"]["matched_share"] < 0.80
+    assert block["failures"] == [f"matched {100 * block['sets']['all']['matched_share']:.1f}% < 80%"]
+    assert block["sets"]["held-out"]["matched_share"] < block["sets"]["calibration"]["matched_share"]
+    assert [c["name"] for c in manifest["calibration_images"]] == ["a_flat.png"]  # --calib-images 1: the first
+
+
+def test_one_calibration_image_is_the_reference_calibration_bit_for_bit(tiny, capsys):
+    """`--calib-images 1`: the first image, calibrated exactly as before the check existed (the check runs
+    the float model first and the quantized one after, and changes no state)."""
+    from repq_export.data.images import preprocess_file
+    from repq_export.models.checkpoint import load_checkpoint
+    from repq_export.quant.calibrate import quantize
+    from repq_export.quant.state import read_quant_state
+
+    root, ckpt, img_dir, _ = tiny
+    result = call_main(cli.main, export_argv(root, ckpt, img_dir, "one", "--calib-images", 1, "--holdout", 0,
+                                             "--accept-accuracy-loss"), capsys)
+    assert result.rc == 0, result.err
+    detector, info = load_checkpoint(ckpt, TINY_MASK)
+    prep = preprocess_file(img_dir / "000000000001.png", info.preprocess)
+    direct = quantize(detector, [(prep.tensor, prep.img_hw_tensor)], 8, 8, progress=False).state_dict()
+    _, saved = read_quant_state(root / "one" / "quant.pth")
+    assert saved.keys() == direct.keys()
+    assert all(torch.equal(saved[k], direct[k]) for k in saved)

@@ -142,6 +142,7 @@ class CalibrationCheck:
     def as_dict(self) -> dict:
         """The repq.json ``calibration_check`` block."""
         return {"verdict": self.verdict(), "judged_on": self.judged.name, "score_floor": SCORE_FLOOR,
+                "held_out_images": len(self.images.get("held-out", [])),
                 "bound": {"min_matched_share": self.min_matched, "max_ap_loss": self.max_ap_loss,
                           "bits": self.bits},
                 "failures": self.failures, "images": self.images,
