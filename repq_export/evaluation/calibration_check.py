@@ -38,12 +38,18 @@ from .parity import match_detections
 SCORE_FLOOR = 0.3  # detections below it are compared by AP only: near the test threshold (0.05) float and
 # quantized models keep or drop low-confidence boxes at random, which is no sign of a broken calibration
 
-# The bound. RepQ-ViT's own largest published loss is W4A4 Mask R-CNN Swin-T on COCO: -9.9 box / -5.6
-# mask AP; at W6A6 it loses about one point. A loss clearly beyond what the method itself costs at
-# the precision is a calibration that misfits the data, not quantization. The bundled detectors
-# lose at most 4.8 box AP at W4A4 (demo) and keep 80-90% of float's confident detections matched;
-# the one-small-image W8A8 calibration loses 25 box AP (see tools/diagnose_calibration.py).
-MIN_MATCHED = {4: 0.70, 8: 0.80}  # matched share below this fails (4: at 4 bits and fewer; 8: at 5 to 8)
+# The bound, two figures, each on all check images together; either one broken fails:
+# - AP loss. RepQ-ViT's own largest published loss is W4A4 Mask R-CNN Swin-T on COCO, -9.9 box / -5.6 mask
+#   AP; at W6A6 it loses about one point. A loss clearly beyond what the method costs at the precision
+#   is a calibration that misfits the data, not quantization: 10 points at 4 bits and fewer, 5 points
+#   from 5 bits on (room for the noise of a dozen images: the bundled Mask R-CNN's W4A4 is -4.8 box AP
+#   on the demo's 40 images and -6.3 on 9 of them).
+# - matched share (judged also where there are no annotations). Measured on the bundled Mask R-CNN,
+#   calibration image + 8 held-out ones (tools/diagnose_calibration.py, README): W4A4 calibrated as the
+#   demo keeps 96.6% of confident detections matched (box AP -6.3); W8A8 calibrated on one small image
+#   keeps 85.2% (box AP -27.4). At 8 bits quantization alone loses almost no detection, so 90% from 5
+#   bits on; 80% at 4 bits and fewer.
+MIN_MATCHED = {4: 0.80, 8: 0.90}  # matched share below this fails (4: at 4 bits and fewer; 8: at 5 to 8)
 MAX_AP_LOSS = {4: 0.10, 8: 0.05}  # box or mask AP lower than float's by more than this fails (fraction)
 
 
