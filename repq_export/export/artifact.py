@@ -193,12 +193,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     apply_post_processing(detector, deploy.codebase.post_processing)
     pre = static_preprocess(info.preprocess, deploy)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess_file(p, pre) for p in paths]
-    check_preps = preps + [preprocess_file(p, pre) for p in held]
-    float_outs = model_outputs(detector.to(req.device), check_preps, req.device, "float", progress)
-    qmodel = quantize(detector, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
-                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
-    check = judge_calibration(qmodel, paths, held, check_preps, float_outs, dataset, req, progress)
+    qmodel, check, preps = calibrate_and_check(detector, paths, held, pre, dataset, req, progress)
     log(format_check(check))
     if not held:
         log("WARNING: the calibration check ran on the calibration images only, which a calibration fits best "
@@ -231,6 +226,19 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
         manifest["calibration_check"] = check.as_dict()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return req.out
+
+
+def calibrate_and_check(detector: torch.nn.Module, paths: list[Path], held: list[Path], pre: PreprocessSettings,
+                        dataset: CocoDataset | None, req: ExportRequest,
+                        progress: bool) -> tuple[torch.nn.Module, CalibrationCheck, list[Preprocessed]]:
+    """Quantize ``detector`` in place on ``paths`` and check it against its float self on ``paths`` and
+    ``held``: (fake-quant model, check, the calibration images preprocessed)."""
+    preps = [preprocess_file(p, pre) for p in paths]
+    check_preps = preps + [preprocess_file(p, pre) for p in held]
+    float_outs = model_outputs(detector.to(req.device), check_preps, req.device, "float", progress)
+    qmodel = quantize(detector, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
+                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
+    return qmodel, judge_calibration(qmodel, paths, held, check_preps, float_outs, dataset, req, progress), preps
 
 
 def judge_calibration(qmodel: torch.nn.Module, paths: list[Path], held: list[Path], preps: list[Preprocessed],
