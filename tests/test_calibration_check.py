@@ -180,7 +180,7 @@ def test_a_near_constant_calibration_image_is_refused_with_the_figures(tiny, cap
     assert share < 90.0  # the figure that failed is in the error
     assert "calibrating W8A8 on 1 image(s): a_flat.png" in result.out
     held = next(r for r in result.out.splitlines() if r.startswith("| held-out | 3 |"))
-    assert float(held.split("|")[4].strip(" %")) < 60.0  # misfit shows on the held-out images
+    assert float(held.split("|")[4].strip(" %")) < 90.0  # the misfit shows on the held-out images
 
 
 def test_accept_accuracy_loss_writes_the_artifact_and_records_the_failure(tiny, capsys):
