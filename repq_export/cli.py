@@ -92,7 +92,8 @@ def run_export(argv: list[str]) -> int:
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, holdout=args.holdout,
-                        accept_accuracy_loss=args.accept_accuracy_loss, deploy_config=args.deploy_config, device=args.device,
+                        accept_accuracy_loss=args.accept_accuracy_loss, deploy_config=args.deploy_config,
+                        device=args.device,
                         force=args.force, make_parent=args.out is None)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")

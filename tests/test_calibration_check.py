@@ -144,7 +144,8 @@ def tiny(tmp_path_factory):
 def export_argv(root: Path, ckpt: Path, calib: Path, out: str, *extra) -> list:
     # W8A8: the tiny random model keeps most of its confident detections at 8 bits when calibrated on real
     # images (not at 4, where a random network's outputs scatter), so 8 bits can show a pass and a failure
-    return ["--ckpt", ckpt, "--config", TINY_MASK, "--bits", 8, "--calib", calib, "--out", root / out, "--quiet", *extra]
+    return ["--ckpt", ckpt, "--config", TINY_MASK, "--bits", 8, "--calib", calib, "--out", root / out, "--quiet",
+            *extra]
 
 
 def test_a_good_calibration_of_the_bundled_detector_passes(tmp_path):

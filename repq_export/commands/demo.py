@@ -160,7 +160,8 @@ def tensorrt_row(name: str, cfg_name: str, ckpt: Path, config: Path | None, n: i
     deploy_path = DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py"
     out = args.work_dir / f"{name}-w{n}a{n}-tensorrt"
     export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=n, a_bits=n, config=config, calib_paths=[dataset[0][1]],
-                                  deploy_config=deploy_path, accept_accuracy_loss=True, force=True), progress=not args.quiet, log=lambda *_: None)
+                                  deploy_config=deploy_path, accept_accuracy_loss=True, force=True),
+                    progress=not args.quiet, log=lambda *_: None)
     build_engine(artifact_onnx_file(out), artifact_engine_file(out), load_deploy_config(deploy_path))
     qmodel, _, settings = load_artifact_model(out)
     report, _, _ = check_parity(qmodel, make_runner("quant", qmodel), make_runner("trt", model_path=out), dataset,

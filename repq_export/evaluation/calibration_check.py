@@ -207,7 +207,8 @@ def format_check(check: CalibrationCheck) -> str:
              "| mask AP float / quant | delta |" % SCORE_FLOOR, "|---|---|---|---|---|---|---|---|"]
     for s in check.sets:
         lines.append(f"| {s.name} | {s.images} | {s.float_found}/{s.float_detections}, {s.quant_found}/"
-                     f"{s.quant_detections} | {100 * s.matched_share:.1f}% | {ap(s.box_ap_float)} / {ap(s.box_ap_quant)} | {delta(s.box_delta)} "
+                     f"{s.quant_detections} | {100 * s.matched_share:.1f}% | {ap(s.box_ap_float)} / {ap(s.box_ap_quant)} "
+                     f"| {delta(s.box_delta)} "
                      f"| {ap(s.mask_ap_float)} / {ap(s.mask_ap_quant)} | {delta(s.mask_delta)} |")
     lines.append(f"calibration check (float vs fake quant, {check.bits} bits): {check.summary()} "
                  f"[bound: matched >= {100 * check.min_matched:.0f}%, AP loss <= {100 * check.max_ap_loss:.0f} points]")
