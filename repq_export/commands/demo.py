@@ -261,5 +261,7 @@ def run_demo(argv: list[str]) -> int:
         print(f"tensorrt rows skipped: {trt_why}")
     if args.json_out:
         write_json(args.json_out, [vars(r) for r in rows])
-    failed = [r for r in rows if r.parity.startswith("FAIL") or r.vs_float.startswith("FAIL")]
+    # the exit code stays the parity verdict's: the check's column is judged on as few as one image
+    # (--num-images 1 in CI), too few for a verdict that should fail a run
+    failed = [r for r in rows if r.parity.startswith("FAIL")]
     return 1 if failed else 0
