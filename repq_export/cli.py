@@ -14,10 +14,16 @@ import difflib
 import sys
 from pathlib import Path
 
-from .commands.common import (CommandParser, bits, default_device, device, max_pixels_option, positive_int,
+from .commands.common import (CommandParser, bits, default_device, device, max_pixels_option, non_negative_int,
+                              positive_int,
                               run_command)
 from .errors import UserError
 
+# Several images spread over the set: one image can misfit the rest (tools/diagnose_calibration.py). Eight
+# keep the lockstep calibration's memory (eight forwards alive at once) within a few GB at full size.
+DEFAULT_CALIB_IMAGES = 8
+# Held-out images for the calibration check: a calibration fits its own images best, so misfits show on others.
+DEFAULT_HOLDOUT = 8
 SUBCOMMANDS = ("export", "check", "demo", "predict", "serve", "infer", "triton-repo")
 
 
@@ -39,9 +45,16 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
     p.add_argument("--calib-ann", type=Path, help="COCO annotation file: calibrate on its images in annotation "
                    "order, as the reference does")
     p.add_argument("--calib-img-dir", type=Path, help="image folder of --calib-ann")
-    p.add_argument("--calib-images", type=positive_int, default=1, help="number of calibration images "
-                   "(default 1, the reference's setting); with more, every quantizer calibrates on all of them "
-                   "(one forward per image, in lockstep: memory grows with N)")
+    p.add_argument("--calib-images", type=positive_int, default=DEFAULT_CALIB_IMAGES, help="number of calibration "
+                   f"images (default {DEFAULT_CALIB_IMAGES}), spread evenly over the folder or annotation file from "
+                   "its first image on; 1 is the reference's setting (its first image). Every quantizer calibrates "
+                   "on all of them (one forward per image, in lockstep: memory grows with N)")
+    p.add_argument("--holdout", type=non_negative_int, default=DEFAULT_HOLDOUT, help="images of the same folder or "
+                   "annotation file, not used to calibrate, on which the calibration check also compares the "
+                   f"quantized model with float (default {DEFAULT_HOLDOUT}; 0: the calibration images only)")
+    p.add_argument("--accept-accuracy-loss", action="store_true", help="write the artifact even when the "
+                   "calibration check fails (the quantized model lost more against float than the bound; the "
+                   "figures are recorded in repq.json as calibration_check)")
     p.add_argument("--out", type=Path, help="artifact directory (default: repq-out/<ckpt name>-w<W>a<A>)")
     p.add_argument("--deploy-config", type=Path, help="deploy config (deploy_configs/*.py); default: "
                    "onnxruntime CPU, dynamic shapes, opset 17")
@@ -83,8 +96,10 @@ def run_export(argv: list[str]) -> int:
     out = args.out or Path("repq-out") / f"{args.ckpt.stem}-w{w_bits}a{a_bits}"
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
-                        calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
-                        force=args.force, make_parent=args.out is None, max_pixels=args.max_pixels)
+                        calib_images=args.calib_images, holdout=args.holdout,
+                        accept_accuracy_loss=args.accept_accuracy_loss, deploy_config=args.deploy_config,
+                        device=args.device, force=args.force, make_parent=args.out is None,
+                        max_pixels=args.max_pixels)
     check_export_out(req)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")

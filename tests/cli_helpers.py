@@ -100,8 +100,10 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifact:
         from repq_export.export.tensorrt_builder import tensorrt_available
 
         engine = ("--engine",) if tensorrt_available()[0] else ()  # without TensorRT --engine is refused at once
+        # one calibration image, as the reference; a random checkpoint is no accurate model, so the
+        # calibration check's verdict must not stop the export
         result = run_cli(CLI, "--ckpt", ckpt, "--config", TINY_MASK, "--bits", 4, "--calib", img_dir,
-                         "--out", root / "artifact", *engine, "--quiet")
+                         "--calib-images", 1, "--accept-accuracy-loss", "--out", root / "artifact", *engine, "--quiet")
         if not (root / "artifact" / "repq.json").is_file():
             pytest.fail(f"repq-export could not write the tiny artifact (rc {result.rc}):\n{result.err[-3000:]}")
         done.write_text(json.dumps(vars(result)))

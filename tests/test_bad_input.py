@@ -49,9 +49,10 @@ def work(tmp_path, art) -> Path:
 
 
 def export(work: Path, *extra, out="out", ckpt="m.pth", calib="calib", bits=("--bits", 4)) -> list:
-    """An export command line over `work` (relative paths are taken there)."""
+    """An export command line over `work` (relative paths are taken there); a random checkpoint is no accurate
+    model, so its calibration check's verdict does not stop the export."""
     return ["--ckpt", work / ckpt, "--config", TINY_MASK, *bits, "--calib", work / calib, "--out",
-            out if isinstance(out, Path) else work / out, "--quiet", *extra]
+            out if isinstance(out, Path) else work / out, "--quiet", "--accept-accuracy-loss", *extra]
 
 
 # ------------------------------------------------------------------ 1. --force never deletes what is not ours

@@ -106,7 +106,7 @@ def bad(art, tmp_path_factory) -> dict[str, Path]:
 def export_argv(bad, **change) -> list:
     """A valid export command line with some options changed (None drops an option)."""
     opts = {"--ckpt": bad["ckpt"], "--config": TINY_MASK, "--bits": 4, "--calib": bad["img_dir"],
-            "--out": bad["work"] / "artifact", "--quiet": True}
+            "--out": bad["work"] / "artifact", "--quiet": True, "--accept-accuracy-loss": True}
     opts.update({f"--{k.replace('_', '-')}": v for k, v in change.items()})
     argv = []
     for flag, value in opts.items():

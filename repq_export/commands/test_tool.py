@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.calibration_choice import spread_indices
 from ..data.coco import CocoDataset
 from ..data.images import blame_calibration_images, read_image
 from ..data.transforms import preprocess
@@ -40,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--w_bits", "--w_bit", "--w-bits", dest="w_bits", type=bits, help="weight bits (2..8): "
                    "evaluate fake quant")
     p.add_argument("--a_bits", "--a_bit", "--a-bits", dest="a_bits", type=bits, help="activation bits (2..8)")
-    p.add_argument("--calib-images", type=positive_int, default=1, help="calibration images, the first of the "
-                   "dataset in loader order (default 1, as the reference; with more, every quantizer calibrates on "
-                   "all of them)")
+    p.add_argument("--calib-images", type=positive_int, default=1, help="calibration images (default 1: the first "
+                   "of the dataset in loader order, as the reference; with more, they are spread evenly over the "
+                   "dataset from the first on, and every quantizer calibrates on all of them)")
     p.add_argument("--save-quant", type=Path, help="save the calibrated quantization state to this file")
     p.add_argument("--load-quant", type=Path, help="load a saved quantization state instead of calibrating")
     ref = p.add_argument_group("the reference's behaviour, to measure each of our departures (fake quant only; "
@@ -83,7 +84,7 @@ def quantized_model(args, detector, dataset, settings):
     if args.load_quant:
         return load_quant_state(detector, args.load_quant, args.w_bits, args.a_bits)
     w_bits, a_bits = args.w_bits or 4, args.a_bits or 4  # the reference's defaults
-    paths = [dataset[i][1] for i in range(min(args.calib_images, len(dataset)))]
+    paths = [dataset[i][1] for i in spread_indices(len(dataset), args.calib_images)]
     preps = [preprocess(read_image(p, args.max_pixels), **vars(settings)) for p in paths]
     try:
         qmodel = quantize(detector.to(args.device), [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device))

@@ -227,6 +227,15 @@ def _check_file_name(name: str, ann_file: str | Path, where: str = "file_name") 
                         "(give a path relative to --img-dir, without '..')")
 
 
+def unscorable(dataset: "CocoDataset", metrics: Sequence[str] = METRICS_ALL) -> str | None:
+    """Why ``dataset`` (loaded for its images only) cannot be scored with ``metrics``, or None if it can."""
+    try:
+        _AnnotationChecker(dataset.ann_file, tuple(metrics)).check(dataset.coco.dataset)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 class CocoDataset:
     """Images of a COCO annotation file in file order, with the label <-> category mapping."""
 

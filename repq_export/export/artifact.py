@@ -15,11 +15,14 @@ import torch
 
 import repq_export
 
-from ..data.coco import CocoDataset
+from ..data.calibration_choice import holdout_indices, spread_indices
+from ..data.coco import CocoDataset, unscorable
 from ..data.images import blame_calibration_images, check_calibration_image, preprocess_file
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..errors import UserError
+from ..evaluation.calibration_check import (CalibrationCheck, check_calibration, dataset_ids, format_check,
+                                            image_pairs, model_outputs)
 from ..models.build import build_detector
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -55,6 +58,9 @@ class ExportRequest:
     calib_img_dir: Path | None = None
     calib_images: int = 1
     calib_paths: list[Path] = field(default_factory=list)  # used as given when set (the demo)
+    holdout: int = 0  # images of the same set, disjoint from the calibration ones, for the calibration check
+    holdout_paths: list[Path] = field(default_factory=list)  # used as given when set (the demo)
+    accept_accuracy_loss: bool = False  # write the artifact even when the calibration check fails
     deploy_config: Path | None = None
     device: str = "cpu"
     force: bool = False
@@ -86,10 +92,28 @@ def check_calibration_options(req: ExportRequest) -> None:
 
 
 def calibration_paths(req: ExportRequest) -> list[Path]:
-    """The calibration images: a folder sorted by name, or a COCO file in annotation order."""
+    """The calibration images: ``req.calib_images`` of them spread evenly over a folder (sorted by name)
+    or a COCO file (annotation order), starting at the first (data/calibration_choice.py)."""
     check_calibration_options(req)
     if req.calib_paths:
         return list(req.calib_paths[: req.calib_images])
+    candidates = candidate_paths(req)
+    return [candidates[i] for i in spread_indices(len(candidates), req.calib_images)]
+
+
+def holdout_paths(req: ExportRequest) -> list[Path]:
+    """``req.holdout`` images of the calibration source, spread over it and disjoint from the calibration images."""
+    if req.holdout_paths or req.calib_paths:
+        return list(req.holdout_paths[: req.holdout])
+    if req.holdout == 0:
+        return []
+    candidates = candidate_paths(req)
+    taken = spread_indices(len(candidates), req.calib_images)
+    return [candidates[i] for i in holdout_indices(len(candidates), taken, req.holdout)]
+
+
+def candidate_paths(req: ExportRequest) -> list[Path]:
+    """Every image calibration may take: a folder sorted by name, or a COCO file in annotation order."""
     if req.calib_dir is not None:
         if req.calib_dir.is_file():
             raise UserError(f"--calib {req.calib_dir}: is a file; give the folder of calibration images")
@@ -98,13 +122,20 @@ def calibration_paths(req: ExportRequest) -> list[Path]:
         paths = sorted(p for p in req.calib_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise UserError(f"{req.calib_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the calibration folder")
-        return paths[: req.calib_images]
+        return paths
     if req.calib_ann is not None:
-        if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
-            raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
-        dataset = CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent, metrics=())
-        return [dataset[i][1] for i in range(min(req.calib_images, len(dataset)))]
+        dataset = calibration_dataset(req)
+        return [dataset[i][1] for i in range(len(dataset))]
     raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
+
+
+def calibration_dataset(req: ExportRequest) -> CocoDataset | None:
+    """The COCO file calibration draws from (its annotations score the calibration check), if any."""
+    if req.calib_ann is None or req.calib_dir is not None:
+        return None
+    if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
+        raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
+    return CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent, metrics=())
 
 
 def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
@@ -180,18 +211,38 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     form = form_for(deploy)
     check_export_bits(req.w_bits, req.a_bits, form)
     paths = calibration_paths(req)
-    for path in paths:  # cheap checks first: a bad image costs nothing
+    held = holdout_paths(req)
+    for path in paths + held:  # cheap checks first: a bad image costs nothing
         check_calibration_image(path, req.max_pixels)
+    dataset = calibration_dataset(req)
+    if dataset is not None and (why := unscorable(dataset)):
+        log(f"note: {why}; the calibration check judges matched detections only, not AP")
+        dataset = None
     detector, info = load_checkpoint(req.ckpt, req.config)
     apply_post_processing(detector, deploy.codebase.post_processing)
     pre = static_preprocess(info.preprocess, deploy)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
-    preps = [preprocess_file(p, pre, req.max_pixels) for p in paths]
     try:
-        qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
-                                                    for p in preps], req.w_bits, req.a_bits, progress=progress)
+        qmodel, check, preps = calibrate_and_check(detector, paths, held, pre, dataset, req, progress)
     except UserError as exc:
         raise blame_calibration_images(exc, paths) from None
+    log(format_check(check))
+    if not held:
+        log("WARNING: the calibration check ran on the calibration images only, which a calibration fits best "
+            "(one small image gave a W8A8 model 25 AP worse than float while agreeing with it on that image): "
+            "give a folder or annotation file with more images than --calib-images, and --holdout N")
+    if req.calib_dir is not None:
+        log("note: no annotations (--calib folder): the check judges matched detections only; with --calib-ann it "
+            "also judges box/mask AP against float, which sees lost localization and scores that matching at IoU "
+            "0.5 does not")
+    if not check.ok:
+        if not req.accept_accuracy_loss:
+            raise UserError(f"calibration check FAILED, nothing was written: the W{req.w_bits}A{req.a_bits} model "
+                            f"lost more than the bound against float ({'; '.join(check.failures)}); calibrate on "
+                            "more or other images (--calib-images N, spread over the set), or pass "
+                            "--accept-accuracy-loss to write the artifact anyway")
+        log(f"WARNING: calibration check FAILED ({'; '.join(check.failures)}): the artifact is written because "
+            "of --accept-accuracy-loss; it computes a model this much worse than float (repq.json: calibration_check)")
     qmodel = qmodel.cpu()
     with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
@@ -207,8 +258,35 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
             raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
+        manifest["calibration_check"] = check.as_dict()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return req.out
+
+
+def calibrate_and_check(detector: torch.nn.Module, paths: list[Path], held: list[Path], pre: PreprocessSettings,
+                        dataset: CocoDataset | None, req: ExportRequest,
+                        progress: bool) -> tuple[torch.nn.Module, CalibrationCheck, list[Preprocessed]]:
+    """Quantize ``detector`` in place on ``paths`` and check it against its float self on ``paths`` and
+    ``held``: (fake-quant model, check, the calibration images preprocessed)."""
+    preps = [preprocess_file(p, pre, req.max_pixels) for p in paths]
+    check_preps = preps + [preprocess_file(p, pre, req.max_pixels) for p in held]
+    float_outs = model_outputs(detector.to(req.device), check_preps, req.device, "float", progress)
+    qmodel = quantize(detector, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
+                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
+    return qmodel, judge_calibration(qmodel, paths, held, check_preps, float_outs, dataset, req, progress), preps
+
+
+def judge_calibration(qmodel: torch.nn.Module, paths: list[Path], held: list[Path], preps: list[Preprocessed],
+                      float_outs: list, dataset: CocoDataset | None, req: ExportRequest,
+                      progress: bool) -> CalibrationCheck:
+    """The calibration check (evaluation/calibration_check.py): fake quant against the float outputs
+    ``float_outs`` on the calibration images and the held-out ones."""
+    quant_outs = model_outputs(qmodel, preps, req.device, "quant", progress)
+    ids = dataset_ids(dataset)
+    n = len(paths)
+    return check_calibration(image_pairs(paths, float_outs[:n], quant_outs[:n], ids),
+                             image_pairs(held, float_outs[n:], quant_outs[n:], ids),
+                             min(req.w_bits, req.a_bits), dataset)
 
 
 def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, PreprocessSettings]:
