@@ -136,7 +136,8 @@ def tiny(tmp_path_factory):
     for i, image in enumerate(sorted(img_dir.iterdir())):
         shutil.copy(image, flat_dir / f"b{i}.png")
     rng = np.random.default_rng(0)
-    near_constant = np.full((64, 96, 3), 128, np.uint8) + rng.integers(0, 2, (64, 96, 3)).astype(np.uint8)
+    # low-contrast noise: enough grey levels to pass the flat-image refusal, nothing like the real images
+    near_constant = np.full((64, 96, 3), 120, np.uint8) + rng.integers(0, 16, (64, 96, 3)).astype(np.uint8)
     cv2.imwrite(str(flat_dir / "a_flat.png"), near_constant)  # sorted first: the one calibration image
     return root, ckpt, img_dir, flat_dir
 
