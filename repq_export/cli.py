@@ -14,6 +14,7 @@ import difflib
 import sys
 from pathlib import Path
 
+from .commands.recon_options import add_recon_options, recon_settings
 from .commands.common import CommandParser, bits, default_device, device, positive_int, run_command
 from .errors import UserError
 
@@ -49,6 +50,7 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
     p.add_argument("--engine", action="store_true", help="also build a TensorRT engine (needs tensorrt and a GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_recon_options(p)
     return p
 
 
@@ -78,7 +80,7 @@ def run_export(argv: list[str]) -> int:
     req = ExportRequest(ckpt=args.ckpt, out=out, w_bits=w_bits, a_bits=a_bits, config=args.config,
                         calib_dir=args.calib, calib_ann=args.calib_ann, calib_img_dir=args.calib_img_dir,
                         calib_images=args.calib_images, deploy_config=args.deploy_config, device=args.device,
-                        force=args.force, make_parent=args.out is None)
+                        force=args.force, make_parent=args.out is None, recon=recon_settings(args))
     check_export_out(req)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")

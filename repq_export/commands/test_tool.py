@@ -17,6 +17,7 @@ from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dat
 from ..models.checkpoint import load_checkpoint
 from ..output_dir import check_not_an_input
 from .common import CommandParser, bits, default_device, device, output_file, positive_int, run_command
+from .recon_options import add_recon_options, maybe_reconstruct, recon_settings
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", type=Path, help="write the metrics (bbox_mAP, segm_mAP, ... as fractions) to "
                    "this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_recon_options(p)
     return p
 
 
@@ -85,6 +87,8 @@ def quantized_model(args, detector, dataset, settings):
                                                  for p in preps], w_bits, a_bits, reparam=not args.no_reparam,
                       integer_zero_point=not args.fractional_zero_point, exact_padding=not args.zero_padding,
                       progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
+    maybe_reconstruct(qmodel, [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device)) for p in preps],
+                      recon_settings(args), progress=not args.quiet)
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")

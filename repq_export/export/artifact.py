@@ -24,6 +24,8 @@ from ..models.build import build_detector
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
+from ..quant.recon_settings import ReconSettings
+from ..quant.reconstruct import reconstruct
 from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
 from ..quant.state import load_quant_state, save_quant_state
@@ -58,6 +60,7 @@ class ExportRequest:
     device: str = "cpu"
     force: bool = False
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
+    recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
 
 
 def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
@@ -176,6 +179,9 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     preps = [preprocess_file(p, pre) for p in paths]
     qmodel = quantize(detector.to(req.device), [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                                 for p in preps], req.w_bits, req.a_bits, progress=progress)
+    if req.recon is not None:
+        reconstruct(qmodel, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device)) for p in preps],
+                    req.recon, progress, log)
     qmodel = qmodel.cpu()
     with staged_dir(req.out, req.force) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)

@@ -163,6 +163,9 @@ def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], se
     reference_units = dict(reference.named_modules())
     generator = torch.Generator().manual_seed(settings.seed)
     units = list(recon_units(detector))
+    if log is not None:
+        log(f"reconstructing {len(units)} blocks, {settings.iters} steps each, on {len(inputs)} image(s), "
+            f"seed {settings.seed}")
     results = []
     with tqdm(total=len(units) * settings.iters, desc="reconstructing", unit="step", disable=not progress) as bar:
         for name, unit in units:
@@ -172,9 +175,11 @@ def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], se
             before, after, kept = reconstruct_unit(unit, records, targets, settings, generator, bar)
             results.append(UnitResult(name, before, after, kept, time.perf_counter() - start))
             if log is not None:
-                log(f"  {name}: output MSE {before:.4g} -> {after:.4g}"
-                    f"{' (kept nearest rounding)' if kept else ''} in {results[-1].seconds:.1f} s")
+                log(f"  {name}: output MSE vs float {before:.4g} -> {after:.4g}"
+                    f"{' (kept nearest rounding)' if kept else ''}, {results[-1].seconds:.1f} s")
     if quant_settings.integer_bias:
         snap_biases(detector)
     detector.quant_settings = dataclasses.replace(quant_settings, reconstruction=settings)
+    if log is not None:
+        log(f"reconstruction took {sum(r.seconds for r in results):.0f} s")
     return results
