@@ -4,6 +4,7 @@ exact export (tier 1) and a bit-identical reload of quant.pth."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -137,3 +138,18 @@ def test_repq_vit_alone_records_no_reconstruction():
     assert recon_settings(args) == ReconSettings(iters=7, seed=5)
     with pytest.raises(ValueError, match="method"):
         ReconSettings.from_dict({**ReconSettings().as_dict(), "method": "brecq"})
+
+
+def test_repq_export_recon_writes_an_artifact_that_records_it(tmp_path):
+    from cli_helpers import CLI, TINY_MASK, make_checkpoint, make_coco, run_cli
+
+    ckpt = make_checkpoint(tmp_path / "tiny_mask.pth")
+    _, img_dir = make_coco(tmp_path / "coco")
+    out = tmp_path / "artifact"
+    result = run_cli(CLI, "--ckpt", ckpt, "--config", TINY_MASK, "--bits", 4, "--calib", img_dir, "--calib-images",
+                     2, "--recon", "--recon-iters", 3, "--recon-seed", 9, "--out", out, "--quiet")
+    assert result.rc == 0, result.err[-3000:]
+    assert "backbone.layers.3.blocks.1: output MSE vs float" in result.out and "reconstruction took" in result.out
+    manifest = json.loads((out / "repq.json").read_text())
+    assert manifest["reconstruction"] == {**ReconSettings(iters=3, seed=9).as_dict(), "images": 2}
+    assert read_quant_state(out / "quant.pth")[0]["reconstruction"] == manifest["reconstruction"]

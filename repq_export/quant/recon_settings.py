@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METHOD = "adaround-qdrop"
-DEFAULT_ITERS = 200
+DEFAULT_ITERS = 100
 
 
 @dataclass(frozen=True)
