@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +106,7 @@ def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Tensor]], t
     def drop(q: nn.Module, args: tuple, out: Tensor) -> Tensor:
         """QDrop with a straight-through gradient: forward value quantized or not, per element."""
         x = args[0]
-        keep_float = torch.rand(out.shape, generator=generator) < p
+        keep_float = (torch.rand(out.shape, generator=generator) < p).to(out.device)  # CPU draws: same on any device
         return x + (torch.where(keep_float, x, out) - x).detach()
 
     warm = int(settings.warmup * settings.iters)
@@ -148,7 +148,7 @@ def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Tensor]], t
 
 
 def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], settings: ReconSettings,
-                progress: bool = True, log=None) -> list[UnitResult]:
+                progress: bool = True, log: Callable[[str], None] | None = None) -> list[UnitResult]:
     """Learn the weight rounding of every backbone block of a quantized ``detector`` in place, on ``inputs``
     (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``."""
     quant_settings = getattr(detector, "quant_settings", None)
