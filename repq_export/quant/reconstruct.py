@@ -1,7 +1,7 @@
 """Block reconstruction after RepQ-ViT (``--recon``): learned weight rounding, block by block.
 
-Starting from the calibrated, reparameterized detector, each Swin block and patch merging in turn
-(in forward order) learns the rounding of its weights (quant/adaround.py) so that its quantized output,
+Starting from the calibrated, reparameterized detector, each Swin block and patch merging, then the
+FPN neck as one block, in turn (in forward order) learns the rounding of its weights (quant/adaround.py) so that its quantized output,
 fed the *quantized* model's input to the block, matches the *float* model's output of the block on the
 calibration images (BRECQ's target, QDrop's input). During the learning, every activation quantizer of
 the block passes each element unquantized with probability ``drop_prob`` (QDrop) and lets gradients
@@ -49,21 +49,48 @@ class _Stop(Exception):
 
 
 def recon_units(detector: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The backbone's Swin blocks and patch mergings, in forward order, with their dotted names."""
+    """The backbone's Swin blocks and patch mergings, then the FPN neck, in forward order, with their names."""
     for i, layer in enumerate(detector.backbone.layers):
         for j, block in enumerate(layer.blocks):
             yield f"backbone.layers.{i}.blocks.{j}", block
         if layer.downsample is not None:
             yield f"backbone.layers.{i}.downsample", layer.downsample
+    yield "neck", detector.neck
+
+
+def _detach(value: Any) -> Any:
+    """``value`` with every tensor in it (a tensor, or a tuple / list of them) detached."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of a block output: one tensor, or the maps of a tuple (the FPN's levels)."""
+    return [value] if isinstance(value, Tensor) else [v for v in value if isinstance(v, Tensor)]
+
+
+def _squared_error(out: Any, target: Any) -> tuple[Tensor, int]:
+    """(sum of squared differences over every output tensor, number of elements)."""
+    pairs = list(zip(_tensors(out), _tensors(target)))
+    return sum((o - t).pow(2).sum() for o, t in pairs), sum(t.numel() for _, t in pairs)
+
+
+def _loss(out: Any, target: Any) -> Tensor:
+    """Reconstruction loss: squared error summed over channels, averaged over positions (and levels)."""
+    terms = [(o - t).pow(2).sum(1 if o.dim() == 4 else -1).mean() for o, t in zip(_tensors(out), _tensors(target))]
+    return sum(terms) / len(terms)
 
 
 @torch.no_grad()
-def capture(model: nn.Module, unit: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[tuple, Tensor]]:
+def capture(model: nn.Module, unit: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[tuple, Any]]:
     """(positional args, output) of ``unit`` in one forward of ``model`` per image (stopped after ``unit``)."""
-    records: list[tuple[tuple, Tensor]] = []
+    records: list[tuple[tuple, Any]] = []
 
     def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-        records.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), out.detach()))
+        records.append((_detach(tuple(args)), _detach(out)))
         raise _Stop
 
     with hooked([(unit, hook)]):
@@ -85,14 +112,17 @@ def _layers(unit: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
     return [(n, m) for n, m in unit.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
 
 
-def _mse(unit: nn.Module, records: Sequence[tuple[tuple, Tensor]], targets: Sequence[Tensor]) -> float:
+def _mse(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequence[Any]) -> float:
     """Mean squared error of ``unit``'s quantized output against the float targets, over all images."""
+    total, count = 0.0, 0
     with torch.no_grad():
-        total = sum(float((unit(*args) - t).pow(2).sum()) for (args, _), t in zip(records, targets))
-    return total / sum(t.numel() for t in targets)
+        for (args, _), target in zip(records, targets):
+            error, n = _squared_error(unit(*args), target)
+            total, count = total + float(error), count + n
+    return total / count
 
 
-def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Tensor]], targets: Sequence[Tensor],
+def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequence[Any],
                      settings: ReconSettings, generator: torch.Generator, bar: tqdm | None = None) -> tuple[float, float, bool]:
     """Learn the rounding of ``unit``'s weights in place; returns (mse before, mse after, kept nearest)."""
     layers = _layers(unit)
@@ -121,7 +151,7 @@ def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Tensor]], t
                 index = int(torch.randint(len(records), (1,), generator=generator))
                 weights = {f"{name}.weight": r.soft_weight() for name, r in roundings.items()}
                 out = functional_call(unit, weights, records[index][0])
-                loss = (out - targets[index]).pow(2).sum(-1).mean()
+                loss = _loss(out, targets[index])
                 if step >= warm:
                     progress = (step - warm) / max(1, settings.iters - warm)
                     beta = settings.beta_end + (settings.beta_start - settings.beta_end) * (1 - progress)
