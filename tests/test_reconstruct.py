@@ -91,8 +91,9 @@ def test_weight_codes_are_hard_and_in_range(recon_pair):
         if name.endswith(("scale", "zero_point", "pad_value")):
             assert torch.equal(a, b), name
     for module in recon.modules():
-        if isinstance(module, (QuantConv2d, QuantLinear)) and module.bias is not None and bias_grid(module) is not None:
-            ratio = module.bias / bias_grid(module)
+        grid = bias_grid(module) if isinstance(module, (QuantConv2d, QuantLinear)) else None
+        if grid is not None and module.bias is not None:
+            ratio = module.bias / grid
             assert torch.allclose(ratio, torch.round(ratio), atol=1e-3)
 
 

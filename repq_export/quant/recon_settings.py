@@ -35,7 +35,8 @@ class ReconSettings:
     def from_dict(cls, raw: Mapping[str, Any]) -> ReconSettings:
         """The inverse of ``as_dict``; ValueError naming the first bad field."""
         if not isinstance(raw, Mapping) or raw.get("method") != METHOD:
-            raise ValueError(f"reconstruction: unknown method {raw.get('method') if isinstance(raw, Mapping) else raw!r}")
+            method = raw.get("method") if isinstance(raw, Mapping) else raw
+            raise ValueError(f"reconstruction: unknown method {method!r}")
         ints = {k: raw[k] for k in ("iters", "seed", "images")}
         floats = {k: raw[k] for k in ("drop_prob", "lr", "round_weight", "warmup", "beta_start", "beta_end")}
         for key, value in ints.items():

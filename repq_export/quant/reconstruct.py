@@ -1,8 +1,8 @@
 """Block reconstruction after RepQ-ViT (``--recon``): learned weight rounding, block by block.
 
 Starting from the calibrated, reparameterized detector, each Swin block and patch merging, then the
-FPN neck as one block, in turn (in forward order) learns the rounding of its weights (quant/adaround.py) so that its quantized output,
-fed the *quantized* model's input to the block, matches the *float* model's output of the block on the
+FPN neck as one block, in turn (in forward order) learns the rounding of its weights (quant/adaround.py)
+so that its quantized output, fed the *quantized* model's input to the block, matches the *float* model's output of the block on the
 calibration images (BRECQ's target, QDrop's input). During the learning, every activation quantizer of
 the block passes each element unquantized with probability ``drop_prob`` (QDrop) and lets gradients
 through (straight-through). Steps, zero points, log-sqrt2 quantizers, BN folding and padding are not
@@ -123,7 +123,8 @@ def _mse(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequenc
 
 
 def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequence[Any],
-                     settings: ReconSettings, generator: torch.Generator, bar: tqdm | None = None) -> tuple[float, float, bool]:
+                     settings: ReconSettings, generator: torch.Generator,
+                     bar: tqdm | None = None) -> tuple[float, float, bool]:
     """Learn the rounding of ``unit``'s weights in place; returns (mse before, mse after, kept nearest)."""
     layers = _layers(unit)
     before = _mse(unit, records, targets)
