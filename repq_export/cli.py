@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from .commands.common import (CommandParser, bits, default_device, device, max_pixels_option, non_negative_int,
-                              positive_int,
-                              run_command)
+                              positive_int, run_command)
+from .commands.recon_options import add_recon_options, recon_settings
 from .errors import UserError
 
 # Several images spread over the set: one image can misfit the rest (tools/diagnose_calibration.py). Eight
@@ -64,6 +64,7 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     max_pixels_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_recon_options(p)
     return p
 
 
@@ -99,7 +100,7 @@ def run_export(argv: list[str]) -> int:
                         calib_images=args.calib_images, holdout=args.holdout,
                         accept_accuracy_loss=args.accept_accuracy_loss, deploy_config=args.deploy_config,
                         device=args.device, force=args.force, make_parent=args.out is None,
-                        max_pixels=args.max_pixels)
+                        max_pixels=args.max_pixels, recon=recon_settings(args))
     check_export_out(req)
     artifact = export_artifact(req, progress=not args.quiet)
     print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")

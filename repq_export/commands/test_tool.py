@@ -21,6 +21,7 @@ from ..models.checkpoint import load_checkpoint
 from ..output_dir import check_not_an_input
 from .common import (CommandParser, bits, default_device, device, max_pixels_option, output_file, positive_int,
                      run_command)
+from .recon_options import add_recon_options, maybe_reconstruct, recon_settings
 from .runners import BACKENDS, make_runner
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
@@ -68,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
                    "this JSON file")
     max_pixels_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_recon_options(p)
     return p
 
 
@@ -93,6 +95,8 @@ def quantized_model(args, detector, dataset, settings):
                           progress=not args.quiet, integer_bias=not args.float_bias, fold_bn=not args.float_bn)
     except UserError as exc:
         raise blame_calibration_images(exc, paths) from None
+    maybe_reconstruct(qmodel, [(p.tensor.to(args.device), p.img_hw_tensor.to(args.device)) for p in preps],
+                      recon_settings(args), progress=not args.quiet)
     if args.save_quant:
         save_quant_state(qmodel.cpu(), args.save_quant, paths, args.checkpoint)
         print(f"saved quantization state to {args.save_quant}")

@@ -27,6 +27,8 @@ from ..models.build import build_detector
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
+from ..quant.recon_settings import ReconSettings
+from ..quant.reconstruct import reconstruct
 from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
 from ..quant.state import load_quant_state, save_quant_state
@@ -66,6 +68,7 @@ class ExportRequest:
     force: bool = False
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
     max_pixels: int = MAX_PIXELS  # pixel budget of each calibration image (--max-pixels)
+    recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
 
 
 def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
@@ -223,7 +226,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
     pre = static_preprocess(info.preprocess, deploy)
     log(f"calibrating W{req.w_bits}A{req.a_bits} on {len(paths)} image(s): {', '.join(p.name for p in paths)}")
     try:
-        qmodel, check, preps = calibrate_and_check(detector, paths, held, pre, dataset, req, progress)
+        qmodel, check, preps = calibrate_and_check(detector, paths, held, pre, dataset, req, progress, log)
     except UserError as exc:
         raise blame_calibration_images(exc, paths) from None
     log(format_check(check))
@@ -265,7 +268,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
 
 def calibrate_and_check(detector: torch.nn.Module, paths: list[Path], held: list[Path], pre: PreprocessSettings,
                         dataset: CocoDataset | None, req: ExportRequest,
-                        progress: bool) -> tuple[torch.nn.Module, CalibrationCheck, list[Preprocessed]]:
+                        progress: bool, log=None) -> tuple[torch.nn.Module, CalibrationCheck, list[Preprocessed]]:
     """Quantize ``detector`` in place on ``paths`` and check it against its float self on ``paths`` and
     ``held``: (fake-quant model, check, the calibration images preprocessed)."""
     preps = [preprocess_file(p, pre, req.max_pixels) for p in paths]
@@ -273,6 +276,9 @@ def calibrate_and_check(detector: torch.nn.Module, paths: list[Path], held: list
     float_outs = model_outputs(detector.to(req.device), check_preps, req.device, "float", progress)
     qmodel = quantize(detector, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device))
                                  for p in preps], req.w_bits, req.a_bits, progress=progress)
+    if req.recon is not None:  # the check then judges the reconstructed model
+        reconstruct(qmodel, [(p.tensor.to(req.device), p.img_hw_tensor.to(req.device)) for p in preps],
+                    req.recon, progress, log)
     return qmodel, judge_calibration(qmodel, paths, held, check_preps, float_outs, dataset, req, progress), preps
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from repq_export.quant.assign import check_bits, quantize_modules
 from repq_export.quant.bn_fold import fold_batchnorms, prepare_folded_structure
 from repq_export.quant.integer_bias import snap_biases
+from repq_export.quant.recon_settings import ReconSettings
 from repq_export.quant.reparam import prepare_reparam_structure, reparameterize
 
 
@@ -32,13 +33,15 @@ class QuantSettings:
     calibration_tensor_sha256: tuple[str, ...] = field(default=())
     integer_bias: bool = True  # biases on the int32 grid of input step x weight step
     bn_folded: bool = True  # BatchNorm after a quantized conv folded into it
+    reconstruction: ReconSettings | None = None  # learned weight rounding after RepQ-ViT (--recon)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form both manifests (quant.pth's and repq.json's) carry."""
         return {"w_bits": self.w_bits, "a_bits": self.a_bits, "reparam": self.reparam,
                 "integer_zero_point": self.integer_zero_point, "exact_padding": self.exact_padding,
                 "integer_bias": self.integer_bias, "bn_folded": self.bn_folded,
-                "calibration_tensor_sha256": list(self.calibration_tensor_sha256)}
+                "calibration_tensor_sha256": list(self.calibration_tensor_sha256),
+                **({"reconstruction": self.reconstruction.as_dict()} if self.reconstruction else {})}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> QuantSettings:
@@ -52,8 +55,10 @@ class QuantSettings:
         sha = raw.get("calibration_tensor_sha256", ())
         if not isinstance(sha, (list, tuple)) or not all(isinstance(s, str) for s in sha):
             raise ValueError("calibration_tensor_sha256 must be a list of strings")
+        recon = raw.get("reconstruction")
         return cls(w_bits=check_bits("w_bits", raw["w_bits"]), a_bits=check_bits("a_bits", raw["a_bits"]),
-                   calibration_tensor_sha256=tuple(sha), **flags)
+                   calibration_tensor_sha256=tuple(sha), **flags,
+                   reconstruction=None if recon is None else ReconSettings.from_dict(recon))
 
 
 @dataclass(frozen=True)
