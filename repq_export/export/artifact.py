@@ -31,7 +31,7 @@ from ..resources import DEFAULT_DEPLOY_CONFIG
 from ..runtime.cpu_features import saturation_free
 from ..output_dir import MANIFEST, check_out_dir, staged_dir
 from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
-from .forms import ONNXRUNTIME, check_export_bits, form_for, target_cpu_for
+from .forms import ONNXRUNTIME, check_export_bits, form_for, roi_nan_guard_for, target_cpu_for
 from .onnx_export import count_qdq, export_onnx
 from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
@@ -172,7 +172,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
             log("note: this CPU has VNNI/AMX; --deploy-config instance-seg_onnxruntime_cpu-vnni.py gives a "
                 "W8A8 graph about 1.35x faster for such CPUs")
         proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                            deploy.onnx, form, target)
+                            deploy.onnx, form, target, roi_nan_guard=roi_nan_guard_for(deploy))
         check_form_rules(proto, form)
         manifest = build_manifest(info, qmodel, paths, preps[0], proto, deploy, tmp, pre)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
