@@ -51,6 +51,11 @@ def compile_config(precision: str = "f32", threads: int = 0) -> dict[str, str]:
     return config
 
 
+def precision_name(value) -> str:
+    """'f32' / 'bf16' from what OpenVINO reports for INFERENCE_PRECISION_HINT (an element type or a string)."""
+    return value.to_string() if hasattr(value, "to_string") else str(value).lower()
+
+
 class OpenVINORunner:
     """An OpenVINO CPU compiled model over `onnx_path` (or an in-memory ONNX model's bytes).
 
@@ -78,7 +83,7 @@ class OpenVINORunner:
             self.compiled = core.compile_model(model, DEVICE, config)
         except Exception as exc:
             raise UserError(f"{where}: OpenVINO cannot compile it ({str(exc).splitlines()[0]})") from None
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        self.precision = precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.request = self.compiled.create_infer_request()
         # an output may carry several tensor names; each maps to its port
         self.ports = {name: port for port in self.compiled.outputs for name in port.get_names()}

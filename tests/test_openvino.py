@@ -1,0 +1,195 @@
+"""The OpenVINO backend: the RoiAlign NaN guard, the runner on the tiny configs (f32 set explicitly, codes
+within near-tie flips of fake quant), its deploy config, and a verdict that FAILS a broken OpenVINO graph.
+Everything that runs OpenVINO skips, with the reason, where the openvino package is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from repq_export.deploy_config import OpenVINOConfig, load_deploy_config
+from repq_export.errors import UserError
+from repq_export.evaluation.parity_check import TIER1_REPORTED, probe_codes
+from repq_export.evaluation.evaluate import ImageResult
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT, form_for, roi_nan_guard_for
+from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans
+from repq_export.export.onnx_export import export_onnx
+from repq_export.resources import DEPLOY_CONFIGS_DIR
+from repq_export.runtime.openvino_runner import MISSING, openvino_available
+
+from cli_helpers import REPO
+from test_export import IMG_HW, tiny_quant_model
+
+OV_OK, OV_WHY = openvino_available()
+needs_openvino = pytest.mark.skipif(not OV_OK, reason=OV_WHY)
+OV_CONFIG = DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu.py"
+
+# three RoIs on a 16x16 map: zero width, ordinary, zero height
+ROIS = np.array([[2, 2, 2, 9], [1, 1, 8, 8], [3, 5, 10, 5]], np.float32)
+
+
+def roi_align_graph() -> onnx.ModelProto:
+    """One RoiAlign as the exporter writes it (avg, half_pixel, adaptive sampling), 7x7 out."""
+    node = helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], name="roi", mode="avg", output_height=7,
+                            output_width=7, sampling_ratio=0, spatial_scale=1.0,
+                            coordinate_transformation_mode="half_pixel")
+    graph = helper.make_graph(
+        [node], "roi_align",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 16, 16]),
+         helper.make_tensor_value_info("rois", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2, 7, 7])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def roi_feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).random((1, 2, 16, 16), dtype=np.float32), "rois": ROIS,
+            "idx": np.zeros(3, np.int64)}
+
+
+def run_ort(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def run_openvino(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    from repq_export.runtime.openvino_runner import OpenVINORunner
+
+    return OpenVINORunner(proto.SerializeToString()).run_all(feeds)["y"]
+
+
+def guarded(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    guard_roi_align_nans(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- NaN guard
+
+
+def test_guard_renames_the_roi_align_output_and_runs_once():
+    proto = guarded(roi_align_graph())
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node] == ["RoiAlign", "IsNaN", "Where"]
+    assert proto.graph.node[0].output[0] == "y" + UNGUARDED_SUFFIX and proto.graph.node[2].output[0] == "y"
+    assert count_guarded(proto) == (1, 1) and count_guarded(roi_align_graph()) == (1, 0)
+    assert guard_roi_align_nans(proto) == 0 and len(proto.graph.node) == 3  # already guarded: left alone
+
+
+def test_guard_leaves_onnxruntime_bit_for_bit():
+    feeds = roi_feeds()
+    plain, guard = run_ort(roi_align_graph(), feeds), run_ort(guarded(roi_align_graph()), feeds)
+    assert np.array_equal(plain, guard)
+    assert (plain[[0, 2]] == 0).all() and np.abs(plain[1]).max() > 0.1  # onnxruntime pools empty RoIs to 0
+
+
+@needs_openvino
+def test_guard_makes_openvino_agree_on_a_zero_width_roi():
+    feeds = roi_feeds()
+    want = run_ort(roi_align_graph(), feeds)
+    raw = run_openvino(roi_align_graph(), feeds)
+    assert np.isnan(raw[[0, 2]]).all() and not np.isnan(raw[1]).any()  # the defect the guard is for
+    got = run_openvino(guarded(roi_align_graph()), feeds)
+    assert not np.isnan(got).any()
+    assert (got[[0, 2]] == 0).all()
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------- deploy config
+
+
+def test_deploy_config_picks_the_onnxruntime_form_f32_and_the_guard():
+    deploy = load_deploy_config(OV_CONFIG)
+    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32")
+    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy)
+
+
+@pytest.mark.parametrize("key,value,message", [("graph_form", "'openvino'", "graph_form: must be one of"),
+                                               ("inference_precision", "'f16'", "inference_precision: must be"),
+                                               ("device", "'GPU'", "device: only 'CPU'")])
+def test_deploy_config_refuses_bad_openvino_settings(tmp_path, key, value, message):
+    text = OV_CONFIG.read_text()
+    old = {"graph_form": "graph_form='onnxruntime'", "inference_precision": "inference_precision='f32'",
+           "device": "device='CPU'"}[key]
+    path = tmp_path / "bad.py"
+    path.write_text(text.replace(old, f"{key}={value}"))
+    with pytest.raises(UserError, match=message):
+        load_deploy_config(path)
+
+
+def test_missing_openvino_is_one_user_error(tmp_path):
+    """Without the package: the module imports, and asking for the backend is one line naming the extra."""
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from pathlib import Path\n"
+            "from repq_export.errors import UserError\n"
+            "from repq_export.commands.runners import make_runner\n"
+            "try:\n"
+            f"    make_runner('openvino', model_path=Path({str(tmp_path)!r}))\n"
+            "except UserError as e:\n"
+            "    print('ERR', e)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.strip() == f"ERR {MISSING}", result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ runner, tiny configs
+
+
+@pytest.fixture(scope="module", params=[("mask", ONNXRUNTIME), ("cascade", ONNXRUNTIME), ("mask", TENSORRT)],
+                ids=["mask-ortform", "cascade-ortform", "mask-trtform"])
+def tiny_graph(request, tmp_path_factory):
+    kind, form = request.param
+    qmodel, img = tiny_quant_model(kind, 4)
+    path = tmp_path_factory.mktemp(f"ov-{kind}-{form}") / "model.onnx"
+    proto = export_onnx(qmodel, path, img, IMG_HW, form=form, roi_nan_guard=True)
+    return qmodel, img, path, proto
+
+
+@needs_openvino
+def test_runner_on_tiny_configs_f32_and_close_to_onnxruntime(tiny_graph):
+    from repq_export.runtime.openvino_runner import OpenVINORunner
+    from repq_export.runtime.ort_runner import OrtRunner
+
+    qmodel, img, path, proto = tiny_graph
+    assert count_guarded(proto)[0] == count_guarded(proto)[1] > 0
+    runner = OpenVINORunner(path)
+    assert runner.precision == "f32" and runner.name == "openvino"
+    got, want = runner(img, IMG_HW), OrtRunner(path)(img, IMG_HW)
+    assert len(want.boxes) > 10  # the tiny model's confident classes fill its detections
+    assert not torch.isnan(got.boxes).any() and not torch.isnan(got.masks).any()
+    # near-tie flips may move a few detections: most must agree closely
+    n = min(len(got.boxes), len(want.boxes))
+    assert abs(len(got.boxes) - len(want.boxes)) <= max(2, len(want.boxes) // 10)
+    close = (got.boxes[:n] - want.boxes[:n]).abs().max(dim=1).values < 0.05
+    assert close.float().mean() >= 0.8, close
+
+
+@needs_openvino
+def test_openvino_codes_are_fake_quant_codes_but_near_ties(tiny_graph):
+    """Tier 1 probed on OpenVINO: over a million codes, at most one in ten thousand flips."""
+    from repq_export.data.transforms import Preprocessed
+
+    qmodel, img, path, proto = tiny_graph
+    prep = Preprocessed(img, (int(IMG_HW[0]), int(IMG_HW[1])), (int(IMG_HW[0]), int(IMG_HW[1])),
+                        np.ones(4, np.float32))
+    image = ImageResult(0, path, prep, None, None)
+    codes = probe_codes(qmodel, str(path), [image], float_parts=False, code_backend="openvino")
+    elements, flips = sum(r.elements for r in codes), sum(r.mismatches for r in codes)
+    assert elements > 10**5 and flips <= elements * 1e-4, (elements, flips)
+
+
+@needs_openvino
+def test_bf16_only_when_asked(tiny_graph):
+    from repq_export.runtime.openvino_runner import OpenVINORunner
+
+    path = tiny_graph[2]
+    assert OpenVINORunner(path, "f32").precision == "f32"
+    with pytest.raises(UserError, match="choose from f32, bf16"):
+        OpenVINORunner(path, "f16")
