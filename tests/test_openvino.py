@@ -194,3 +194,69 @@ def test_bf16_only_when_asked(tiny_graph):
     assert OpenVINORunner(path, "f32").precision == "f32"
     with pytest.raises(UserError, match="choose from f32, bf16"):
         OpenVINORunner(path, "f16")
+
+
+# ---------------------------------------------------------------------------- the verdict on OpenVINO
+
+
+@pytest.fixture(scope="module")
+def bundled_ov(tmp_path_factory):
+    """The bundled Mask R-CNN exported at W4A4 with the OpenVINO deploy config, and 6 synthetic images."""
+    from repq_export.commands.demo import BUNDLED
+    from repq_export.data.coco import CocoDataset
+    from repq_export.data.synthetic import make_synthetic_coco
+    from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+
+    if not OV_OK:
+        pytest.skip(OV_WHY)
+    _, ckpt, config = BUNDLED[0]
+    root = tmp_path_factory.mktemp("ov-verdict")
+    ann = make_synthetic_coco(root / "data", "val", 6, 23)
+    dataset = CocoDataset(ann, root / "data" / "val")
+    out = root / "w4a4"
+    export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=4, a_bits=4, config=config, deploy_config=OV_CONFIG,
+                                  calib_paths=[dataset[0][1]]), progress=False, log=lambda *_: None)
+    qmodel, manifest, settings = load_artifact_model(out)
+    return out, dataset, qmodel, settings, manifest
+
+
+def ov_verdict(bundled, onnx_path, precision: str = "f32"):
+    from repq_export.evaluation.envelope import Float64Reference
+    from repq_export.evaluation.parity_check import check_parity
+    from repq_export.runtime.openvino_runner import OpenVINORunner
+    from repq_export.runtime.torch_runner import TorchRunner
+
+    out, dataset, qmodel, settings, _ = bundled
+    report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OpenVINORunner(onnx_path, precision),
+                                dataset, settings, onnx_path=str(onnx_path), code_images=1, progress=False,
+                                ideal=Float64Reference(qmodel), samples=200, float_parts=False,
+                                code_backend="openvino", ov_precision=precision)
+    return report
+
+
+def test_openvino_artifact_records_form_precision_and_guard(bundled_ov):
+    out, _, _, _, manifest = bundled_ov
+    assert manifest["form"] == ONNXRUNTIME
+    assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": ONNXRUNTIME,
+                                   "inference_precision": "f32", "roi_nan_guard": True}
+    roi, guarded_count = count_guarded(onnx.load(out / "model.onnx"))
+    assert roi == guarded_count >= 2  # box and mask RoI extractors
+
+
+def test_openvino_verdict_passes_honest_and_fails_a_roi_align_breakage(bundled_ov):
+    """Tier 1 reported (near-tie flips, not judged); tiers 2 and 3 by the float64 rule: the honest graph
+    passes, one with RoiAlign's coordinate mode changed (codes intact) FAILS tier 2."""
+    from repq_export.evaluation import graph_breakages as gb
+
+    out = bundled_ov[0]
+    honest = ov_verdict(bundled_ov, out / "model.onnx")
+    assert honest.tier1_rule == TIER1_REPORTED and honest.tier1_ok is None
+    assert honest.code_elements > 10**6 and honest.code_mismatches <= honest.code_elements * 1e-5
+    assert honest.ok, honest.table()
+    assert "tier 1 codes       info  reported, not judged" in honest.table()
+    bad = out.parent / "roi.onnx"
+    onnx.save(gb.with_roi_align_mode(onnx.load(out / "model.onnx"), "output_half_pixel"), bad)
+    broken = ov_verdict(bundled_ov, bad)
+    matched = broken.envelope.figure("matched")
+    assert matched.low > matched.margin and broken.tier2_ok is False and not broken.ok, broken.table()
+    assert broken.as_dict()["pass"] is False and broken.as_dict()["tier1_codes"]["rule"] == TIER1_REPORTED
