@@ -260,3 +260,42 @@ def test_openvino_verdict_passes_honest_and_fails_a_roi_align_breakage(bundled_o
     matched = broken.envelope.figure("matched")
     assert matched.low > matched.margin and broken.tier2_ok is False and not broken.ok, broken.table()
     assert broken.as_dict()["pass"] is False and broken.as_dict()["tier1_codes"]["rule"] == TIER1_REPORTED
+
+
+def test_breakage_takes_the_guard_out():
+    from repq_export.evaluation import graph_breakages as gb
+
+    bare = gb.without_roi_nan_guard(guarded(roi_align_graph()))
+    onnx.checker.check_model(bare, full_check=True)
+    assert [n.op_type for n in bare.graph.node] == ["RoiAlign"] and bare.graph.node[0].output[0] == "y"
+    assert count_guarded(bare) == (1, 0)
+
+
+@needs_openvino
+def test_guard_removed_gives_nan_again_on_openvino():
+    from repq_export.evaluation import graph_breakages as gb
+
+    got = run_openvino(gb.without_roi_nan_guard(guarded(roi_align_graph())), roi_feeds())
+    assert np.isnan(got[[0, 2]]).all()
+
+
+# --------------------------------------------------------------------------------------- command line
+
+
+@needs_openvino
+def test_cli_parity_check_and_predict_take_openvino(tmp_path_factory, capsys):
+    """`tools/parity_check.py --backend openvino` prints the precision and reports tier 1 as near-tie flips;
+    `predict --backend openvino` writes a picture."""
+    from cli_helpers import call_main, tiny_artifact
+    from repq_export.cli import main as cli_main
+    from repq_export.commands.parity_tool import main as parity_main
+
+    art = tiny_artifact(tmp_path_factory)
+    result = call_main(parity_main, [art.path, "--ann", art.ann, "--img-dir", art.img_dir, "--backend", "openvino",
+                                     "--no-float64", "--quiet", "--max-images", 1], capsys)
+    assert "inference precision f32" in result.out and "tier 1 codes       info" in result.out, result.out
+    assert result.rc in (0, 1) and "Traceback" not in result.err
+    picture = tmp_path_factory.mktemp("ov-predict") / "p.png"
+    image = sorted(art.img_dir.iterdir())[0]
+    result = call_main(cli_main, ["predict", art.path, image, "--backend", "openvino", "--save", picture], capsys)
+    assert result.rc == 0 and picture.is_file() and "openvino backend" in result.out, result.err
