@@ -105,10 +105,10 @@ def test_guard_makes_openvino_agree_on_a_zero_width_roi():
 # --------------------------------------------------------------------------------------- deploy config
 
 
-def test_deploy_config_picks_the_onnxruntime_form_f32_and_the_guard():
+def test_deploy_config_picks_the_tensorrt_form_f32_and_the_guard():
     deploy = load_deploy_config(OV_CONFIG)
-    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32")
-    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy)
+    assert deploy.backend == OpenVINOConfig(graph_form="tensorrt", inference_precision="f32")
+    assert form_for(deploy) == TENSORRT and roi_nan_guard_for(deploy)
 
 
 @pytest.mark.parametrize("key,value,message", [("graph_form", "'openvino'", "graph_form: must be one of"),
@@ -116,7 +116,7 @@ def test_deploy_config_picks_the_onnxruntime_form_f32_and_the_guard():
                                                ("device", "'GPU'", "device: only 'CPU'")])
 def test_deploy_config_refuses_bad_openvino_settings(tmp_path, key, value, message):
     text = OV_CONFIG.read_text()
-    old = {"graph_form": "graph_form='onnxruntime'", "inference_precision": "inference_precision='f32'",
+    old = {"graph_form": "graph_form='tensorrt'", "inference_precision": "inference_precision='f32'",
            "device": "device='CPU'"}[key]
     path = tmp_path / "bad.py"
     path.write_text(text.replace(old, f"{key}={value}"))
@@ -236,8 +236,8 @@ def ov_verdict(bundled, onnx_path, precision: str = "f32"):
 
 def test_openvino_artifact_records_form_precision_and_guard(bundled_ov):
     out, _, _, _, manifest = bundled_ov
-    assert manifest["form"] == ONNXRUNTIME
-    assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": ONNXRUNTIME,
+    assert manifest["form"] == TENSORRT
+    assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": TENSORRT,
                                    "inference_precision": "f32", "roi_nan_guard": True}
     roi, guarded_count = count_guarded(onnx.load(out / "model.onnx"))
     assert roi == guarded_count >= 2  # box and mask RoI extractors

@@ -166,7 +166,7 @@ class ParityReport:
             codes += f"; first layer: {self.first_bad_layer}"
         if self.codes and self.tier1_rule == TIER1_REPORTED:
             codes = (f"reported, not judged ({self.backend} computes x * (1/d), so codes next to a rounding tie may "
-                     f"flip): {self.code_mismatches} near-tie flip(s) in {self.code_elements} codes "
+                     f"flip): {self.code_mismatches} code flip(s) in {self.code_elements} codes "
                      f"({self.code_tie_mismatches} within 1e-5 of a tie) over {self.code_images} image(s)"
                      + (f"; first flip off a tie: {self.first_bad_layer}" if self.first_bad_layer else ""))
         drift = ""

@@ -52,7 +52,8 @@ def check_export_bits(w_bits: int, a_bits: int, form: str, w_option: str = "--w-
     allowed = supported_bits(form)
     for option, value in ((w_option, w_bits), (a_option, a_bits)):
         if value not in allowed:
-            hint = ": use an onnxruntime deploy config for 8 bits" if form == TENSORRT and value == 8 else ""
+            hint = (": use an onnxruntime deploy config (for OpenVINO: graph_form='onnxruntime') for 8 bits"
+                    if form == TENSORRT and value == 8 else "")
             raise UserError(f"{option} {value}: the {'TensorRT' if form == TENSORRT else 'onnxruntime'} form carries {allowed[0]}..{allowed[-1]}-bit codes only"
                             f"{' (8-bit asymmetric codes do not fit int8 with zero point 0)' if form == TENSORRT else ''}"
                             f"{hint}")
