@@ -299,3 +299,16 @@ def test_cli_parity_check_and_predict_take_openvino(tmp_path_factory, capsys):
     image = sorted(art.img_dir.iterdir())[0]
     result = call_main(cli_main, ["predict", art.path, image, "--backend", "openvino", "--save", picture], capsys)
     assert result.rc == 0 and picture.is_file() and "openvino backend" in result.out, result.err
+
+
+def test_openvino_verdict_fails_with_the_guard_removed(bundled_ov):
+    """The same graph without the RoiAlign NaN guard: zero-width RoIs poison the box head on OpenVINO, and the
+    float64 rule FAILS tier 2 (30 images of another set: 25.6% matched against torch float32's 87.8%)."""
+    from repq_export.evaluation import graph_breakages as gb
+
+    out = bundled_ov[0]
+    bad = out.parent / "noguard.onnx"
+    onnx.save(gb.without_roi_nan_guard(onnx.load(out / "model.onnx")), bad)
+    report = ov_verdict(bundled_ov, bad)
+    matched = report.envelope.figure("matched")
+    assert matched.low > matched.margin and report.tier2_ok is False and not report.ok, report.table()
