@@ -98,6 +98,24 @@ class TensorRTConfig:
     type: str = "tensorrt"
 
 
+#: backend_config.graph_form of an OpenVINO deploy config: which exact lowering OpenVINO reads
+#: (export/forms.py). Either gets the RoiAlign NaN guard (export/nan_guard.py).
+OPENVINO_GRAPH_FORMS = ("onnxruntime", "tensorrt")
+#: backend_config.inference_precision: set explicitly on every compile (OpenVINO's own default is
+#: bf16 on CPUs with BF16/AMX); 'bf16' only where the parity check judged it.
+OPENVINO_PRECISIONS = ("f32", "bf16")
+
+
+@dataclass(frozen=True)
+class OpenVINOConfig:
+    """OpenVINO CPU settings: the graph form it reads, and its inference precision."""
+
+    graph_form: str = "onnxruntime"
+    inference_precision: str = "f32"
+    device: str = "CPU"
+    type: str = "openvino"
+
+
 @dataclass(frozen=True)
 class PostProcessing:
     """R-CNN test settings the graph is exported with (mmdet 2.11 test_cfg names in brackets)."""
@@ -117,7 +135,7 @@ class CodebaseConfig:
     post_processing: PostProcessing = field(default_factory=PostProcessing)
 
 
-BackendConfig = Union[OnnxRuntimeConfig, TensorRTConfig]
+BackendConfig = Union[OnnxRuntimeConfig, TensorRTConfig, OpenVINOConfig]
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,7 @@ class DeployConfig:
 
     @property
     def backend_type(self) -> str:
-        """'onnxruntime' or 'tensorrt'."""
+        """'onnxruntime', 'tensorrt' or 'openvino'."""
         return self.backend.type
 
 
@@ -147,7 +165,7 @@ def load_deploy_config(path: str | Path, option: str | None = "--deploy-config")
     reader = _Reader(path)
     onnx_cfg = reader.onnx_config(sections.get("onnx_config", {}))
     if "backend_config" not in sections:
-        raise UserError(f"{path}: backend_config: missing (type='onnxruntime' or 'tensorrt')")
+        raise UserError(f"{path}: backend_config: missing (type='onnxruntime', 'tensorrt' or 'openvino')")
     backend = reader.backend_config(sections["backend_config"])
     codebase = reader.codebase_config(sections.get("codebase_config", {}))
     _check_static_shape(path, onnx_cfg, backend)
@@ -312,7 +330,24 @@ class _Reader:
             return self.onnxruntime(key, raw)
         if kind == "tensorrt":
             return self.tensorrt(key, raw)
-        raise self.fail(f"{key}.type", f"must be 'onnxruntime' or 'tensorrt', got {kind!r}")
+        if kind == "openvino":
+            return self.openvino(key, raw)
+        raise self.fail(f"{key}.type", f"must be 'onnxruntime', 'tensorrt' or 'openvino', got {kind!r}")
+
+    def openvino(self, key: str, raw: dict) -> OpenVINOConfig:
+        self.keys(key, raw, ("type", "graph_form", "inference_precision", "device"))
+        form = self.expect(f"{key}.graph_form", raw.get("graph_form", OpenVINOConfig.graph_form), "str")
+        if form not in OPENVINO_GRAPH_FORMS:
+            raise self.fail(f"{key}.graph_form", f"must be one of {list(OPENVINO_GRAPH_FORMS)}, got {form!r}")
+        precision = self.expect(f"{key}.inference_precision",
+                                raw.get("inference_precision", OpenVINOConfig.inference_precision), "str")
+        if precision not in OPENVINO_PRECISIONS:
+            raise self.fail(f"{key}.inference_precision",
+                            f"must be one of {list(OPENVINO_PRECISIONS)}, got {precision!r}")
+        device = self.expect(f"{key}.device", raw.get("device", "CPU"), "str")
+        if device != "CPU":
+            raise self.fail(f"{key}.device", f"only 'CPU' is supported, got {device!r}")
+        return OpenVINOConfig(graph_form=form, inference_precision=precision)
 
     def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
         self.keys(key, raw, ("type", "providers", "graph_optimization_level", "target_cpu"))

@@ -196,7 +196,7 @@ def test_static_shape_must_match_the_profile(tmp_path):
 
 
 def test_backend_and_codebase_values(tmp_path):
-    assert "backend_config.type: must be 'onnxruntime' or 'tensorrt', got 'ncnn'" in \
+    assert "backend_config.type: must be 'onnxruntime', 'tensorrt' or 'openvino', got 'ncnn'" in \
         error_of(tmp_path, "backend_config = dict(type='ncnn')")
     assert "backend_config: missing" in error_of(tmp_path, "onnx_config = dict(opset_version=17)")
     assert "providers[0]: 'CUDA' is not an onnxruntime provider name" in \

@@ -23,7 +23,7 @@ from ..export.artifact import load_artifact_model
 from ..output_dir import check_not_an_input
 from ..runtime.base import Runner
 from .common import CommandParser, device, fraction, non_negative_int, output_file, positive_int, run_command
-from .runners import make_runner, model_file
+from .runners import ONNX_BACKENDS, make_runner, model_file
 from .test_tool import write_json
 
 
@@ -37,8 +37,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", type=Path, required=True, help="COCO annotation file")
     p.add_argument("--img-dir", type=Path, required=True, help="image folder")
     p.add_argument("--max-images", type=positive_int, help="only the first N images")
-    p.add_argument("--backend", choices=("ort", "trt", "quant-cuda"), default="ort", help="onnxruntime (default), "
-                   "TensorRT, or the fake-quant model itself on CUDA (against itself on --device)")
+    p.add_argument("--backend", choices=("ort", "trt", "openvino", "quant-cuda"), default="ort", help="onnxruntime "
+                   "(default), TensorRT, OpenVINO on CPU (tier 1 reported as near-tie flips, not judged; tiers 2 and 3 "
+                   "by the float64 rule), or the fake-quant model itself on CUDA (against itself on --device)")
+    p.add_argument("--ov-precision", choices=("f32", "bf16"), help="OpenVINO's inference precision (default: "
+                   "the artifact's deploy config, else f32); always set explicitly, since OpenVINO's own default "
+                   "is bf16 on CPUs with BF16/AMX")
     p.add_argument("--code-images", type=non_negative_int, default=1, help="images for the tier-1 code probe (default 1; "
                    "0 skips it)")
     p.add_argument("--match-margin", type=fraction, default=MATCH_MARGIN, help="tier 2 margin: how many fewer "
@@ -96,12 +100,14 @@ def run(argv: list[str] | None) -> int:
     ref = make_runner("quant", qmodel, device=args.device)
     backend = make_backend(args, qmodel)
     ideal = None if args.no_float64 else Float64Reference(qmodel)
-    onnx_path = str(model_file(args.artifact, "ort")) if args.backend == "ort" else None
+    onnx_path = str(model_file(args.artifact, args.backend)) if args.backend in ONNX_BACKENDS else None
     report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
                                                 onnx_path, args.code_images, progress=not args.quiet,
                                                 ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
                                                 ideal=ideal, match_margin=args.match_margin,
-                                                ap_margin=args.ap_margin, samples=args.bootstrap_samples)
+                                                ap_margin=args.ap_margin, samples=args.bootstrap_samples,
+                                                code_backend=args.backend,
+                                                ov_precision=getattr(backend, "precision", "f32"))
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
@@ -136,7 +142,8 @@ def make_backend(args: argparse.Namespace, qmodel: nn.Module) -> Runner:
         if not torch.cuda.is_available():
             raise UserError("--backend quant-cuda: no CUDA device is available to torch")
         return make_runner("quant", copy.deepcopy(qmodel), device="cuda")
-    return make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu")
+    return make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu",
+                       ov_precision=args.ov_precision)
 
 
 def ulps_option(text: str) -> float | str:

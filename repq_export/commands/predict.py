@@ -29,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, help="image file (any format OpenCV reads)")
     p.add_argument("--save", type=Path, help="picture to write, .png or .jpg (default: <image name>_pred.png in "
                    "the current folder)")
-    p.add_argument("--backend", choices=("ort", "quant", "trt"), default="ort", help="ort: the ONNX graph in "
-                   "onnxruntime (default); quant: the fake-quant PyTorch model; trt: the artifact's TensorRT engine")
+    p.add_argument("--backend", choices=("ort", "quant", "trt", "openvino"), default="ort", help="ort: the ONNX "
+                   "graph in onnxruntime (default); quant: the fake-quant PyTorch model; trt: the artifact's TensorRT "
+                   "engine; openvino: the ONNX graph in OpenVINO on CPU (f32 unless the deploy config says bf16)")
     p.add_argument("--score-thr", type=fraction, default=0.3, help="draw detections scoring at least this "
                    "(default 0.3)")
     max_pixels_option(p)

@@ -57,9 +57,11 @@ def parser() -> argparse.ArgumentParser:
     ref.add_argument("--float-bn", action="store_true", help="keep BatchNorm in float after the quantized convs")
     ref.add_argument("--no-reparam", action="store_true", help="skip the scale reparameterization")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
-                   help="torch (float), quant (fake quant), ort (onnxruntime), trt (TensorRT); auto = quant "
+                   help="torch (float), quant (fake quant), ort (onnxruntime), trt (TensorRT), openvino (OpenVINO "
+                   "CPU, f32 unless the artifact's deploy config recorded otherwise); auto = quant "
                    "when bits or --load-quant are given, else torch")
-    p.add_argument("--model", type=Path, help="ONNX file, engine or artifact directory for --backend ort|trt")
+    p.add_argument("--model", type=Path, help="ONNX file, engine or artifact directory for --backend "
+                   "ort|trt|openvino")
     p.add_argument("--ann", type=Path, default=DEFAULT_ANN, help=f"COCO annotation file (default {DEFAULT_ANN})")
     p.add_argument("--img-dir", type=Path, default=DEFAULT_IMG_DIR, help=f"image folder (default {DEFAULT_IMG_DIR})")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images")

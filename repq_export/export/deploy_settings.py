@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..deploy_config import DeployConfig, OnnxConfig, OnnxRuntimeConfig, PostProcessing
+from ..deploy_config import DeployConfig, OnnxConfig, OnnxRuntimeConfig, OpenVINOConfig, PostProcessing
 from ..errors import UserError
 from ..output_dir import MANIFEST
 
@@ -44,6 +44,9 @@ def backend_entry(deploy: DeployConfig) -> dict:
     if isinstance(backend, OnnxRuntimeConfig):
         return {"type": backend.type, "providers": list(backend.providers),
                 "graph_optimization_level": backend.graph_optimization_level, "target_cpu": backend.target_cpu}
+    if isinstance(backend, OpenVINOConfig):
+        return {"type": backend.type, "device": backend.device, "graph_form": backend.graph_form,
+                "inference_precision": backend.inference_precision, "roi_nan_guard": True}
     return {"type": backend.type, "fp16_mode": backend.fp16_mode}
 
 
@@ -99,3 +102,11 @@ def checked_providers(providers: list[str], available: list[str], where: str) ->
         raise UserError(f"{where}: onnxruntime here lacks {', '.join(missing)} (has {', '.join(available)}); "
                         "export with a deploy config for this machine, e.g. instance-seg_onnxruntime_cpu.py")
     return providers
+
+
+def openvino_precision(artifact: Path) -> str | None:
+    """The inference precision an artifact's OpenVINO deploy config recorded; None for a bare ONNX
+    file or an artifact exported for another backend."""
+    manifest = read_manifest_quietly(artifact) if artifact.is_dir() else None
+    backend = (manifest or {}).get("backend") or {}
+    return backend.get("inference_precision") if backend.get("type") == "openvino" else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..deploy_config import TARGET_ANY, DeployConfig, OnnxRuntimeConfig, TensorRTConfig
+from ..deploy_config import TARGET_ANY, DeployConfig, OnnxRuntimeConfig, OpenVINOConfig, TensorRTConfig
 from ..errors import UserError
 
 TENSORRT = "tensorrt"
@@ -22,8 +22,15 @@ TARGET_CPU_KEY = "repq_target_cpu"  # the graph's metadata entry: deploy_config.
 
 
 def form_for(deploy: DeployConfig) -> str:
-    """The lowering a deploy config's backend runs exactly and fastest."""
+    """The lowering a deploy config's backend runs exactly and fastest (OpenVINO: the one its config names)."""
+    if isinstance(deploy.backend, OpenVINOConfig):
+        return deploy.backend.graph_form
     return TENSORRT if isinstance(deploy.backend, TensorRTConfig) else ONNXRUNTIME
+
+
+def roi_nan_guard_for(deploy: DeployConfig) -> bool:
+    """Whether the graph needs the RoiAlign NaN guard (export/nan_guard.py): for OpenVINO only."""
+    return isinstance(deploy.backend, OpenVINOConfig)
 
 
 def target_cpu_for(deploy: DeployConfig) -> str:
@@ -45,7 +52,8 @@ def check_export_bits(w_bits: int, a_bits: int, form: str, w_option: str = "--w-
     allowed = supported_bits(form)
     for option, value in ((w_option, w_bits), (a_option, a_bits)):
         if value not in allowed:
-            hint = ": use an onnxruntime deploy config for 8 bits" if form == TENSORRT and value == 8 else ""
+            hint = (": use an onnxruntime deploy config (for OpenVINO: graph_form='onnxruntime') for 8 bits"
+                    if form == TENSORRT and value == 8 else "")
             raise UserError(f"{option} {value}: the {'TensorRT' if form == TENSORRT else 'onnxruntime'} form carries {allowed[0]}..{allowed[-1]}-bit codes only"
                             f"{' (8-bit asymmetric codes do not fit int8 with zero point 0)' if form == TENSORRT else ''}"
                             f"{hint}")

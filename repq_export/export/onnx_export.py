@@ -15,6 +15,7 @@ from ..files import write_atomically
 from ..quant.layers import named_quantizers
 from .forms import ONNXRUNTIME, TENSORRT, set_target_cpu
 from .locations import locate_calls, store_calls
+from .nan_guard import guard_roi_align_nans
 from .lowering import lower_for_export
 from .rewrites import optimize_for_onnxruntime, refresh_calls
 
@@ -64,12 +65,14 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
-                cfg: OnnxConfig | None = None, form: str = TENSORRT, target_cpu: str = TARGET_ANY) -> onnx.ModelProto:
+                cfg: OnnxConfig | None = None, form: str = TENSORRT, target_cpu: str = TARGET_ANY,
+                roi_nan_guard: bool = False) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
     (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
-    where 8-bit weights were widened).
+    where 8-bit weights were widened). `roi_nan_guard` adds `Where(IsNaN(y), 0, y)` after every
+    RoiAlign (`nan_guard.py`; OpenVINO deploy configs).
 
     The same model and example input give a byte-identical file.
     """
@@ -85,6 +88,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
             calls = refresh_calls(proto, calls)
             set_target_cpu(proto, needed)
         store_calls(proto, calls)
+    if roi_nan_guard:
+        guard_roi_align_nans(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input
