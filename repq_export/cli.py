@@ -74,20 +74,20 @@ def run_export(argv: list[str]) -> int:
     if w_bits is None or a_bits is None:
         raise UserError("--bits (or both --w-bits and --a-bits) is required")
     from .deploy_config import load_deploy_config
-    from .export.artifact import DEFAULT_DEPLOY, ExportRequest, check_export_out, export_artifact
+    from .export.artifact import ExportRequest, check_export_out, export_artifact
     from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
     from .export.forms import check_export_bits, form_for
     from .export.tensorrt_builder import build_engine, tensorrt_available
     from .files import check_input_file
     from .output_dir import record_added_file
-    from .resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES
+    from .resources import DEFAULT_DEPLOY_CONFIG, MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES
 
     check_input_file(args.ckpt, "checkpoint", "--ckpt")
     if args.config is not None:
         check_input_file(args.config, "config", "--config", MAX_CONFIG_BYTES)
     if args.calib_ann is not None:
         check_input_file(args.calib_ann, "annotation", "--calib-ann", MAX_ANNOTATION_BYTES)
-    deploy = load_deploy_config(args.deploy_config or DEFAULT_DEPLOY)
+    deploy = load_deploy_config(args.deploy_config or DEFAULT_DEPLOY_CONFIG)
     check_export_bits(w_bits, a_bits, form_for(deploy), "--w-bits" if args.w_bits else "--bits",
                       "--a-bits" if args.a_bits else "--bits")
     if args.engine:

@@ -43,7 +43,6 @@ from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_DEPLOY = DEFAULT_DEPLOY_CONFIG
 
 
 @dataclass
@@ -210,7 +209,7 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
     """Write the artifact directory for `req`; the directory appears only once complete."""
     check_export_out(req)
-    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY)
+    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY_CONFIG)
     form = form_for(deploy)
     check_export_bits(req.w_bits, req.a_bits, form)
     paths = calibration_paths(req)
