@@ -107,6 +107,6 @@ def checked_providers(providers: list[str], available: list[str], where: str) ->
 def openvino_precision(artifact: Path) -> str | None:
     """The inference precision an artifact's OpenVINO deploy config recorded; None for a bare ONNX
     file or an artifact exported for another backend."""
-    manifest = read_manifest_quietly(artifact) if artifact.is_dir() else None
+    manifest = recorded_manifest(artifact) if artifact.is_dir() else None
     backend = (manifest or {}).get("backend") or {}
     return backend.get("inference_precision") if backend.get("type") == "openvino" else None

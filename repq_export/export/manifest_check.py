@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.transforms import PreprocessSettings
-from ..deploy_config import MAX_OPSET, MIN_OPSET, ORT_OPTIMIZATION_LEVELS, TARGET_CPUS
+from ..deploy_config import (MAX_OPSET, MIN_OPSET, OPENVINO_GRAPH_FORMS, OPENVINO_PRECISIONS, ORT_OPTIMIZATION_LEVELS,
+                             TARGET_CPUS)
 from ..errors import UserError
 from ..output_dir import MANIFEST
 from ..quant.recipe import QuantSettings
@@ -198,7 +199,13 @@ def _check_backend(f: _Fields, manifest: dict) -> None:
     backend = f.section(manifest, "backend", required=False)
     if backend is None:
         return
-    kind = f.one_of(backend.get("type"), "backend.type", ("onnxruntime", "tensorrt"))
+    kind = f.one_of(backend.get("type"), "backend.type", ("onnxruntime", "tensorrt", "openvino"))
+    if kind == "openvino":
+        f.one_of(backend.get("graph_form"), "backend.graph_form", OPENVINO_GRAPH_FORMS)
+        f.one_of(backend.get("inference_precision"), "backend.inference_precision", OPENVINO_PRECISIONS)
+        if not isinstance(backend.get("roi_nan_guard", False), bool):
+            raise f.fail("backend.roi_nan_guard", "must be true or false", backend.get("roi_nan_guard"))
+        return
     if kind == "tensorrt":
         if not isinstance(backend.get("fp16_mode", False), bool):
             raise f.fail("backend.fp16_mode", "must be true or false", backend.get("fp16_mode"))
