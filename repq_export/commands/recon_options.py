@@ -8,18 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..quant.recon_settings import DEFAULT_ITERS, ReconSettings
-from .common import positive_int
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+from .common import non_negative_int, positive_int
 
 
 def add_recon_options(p: argparse.ArgumentParser) -> None:
