@@ -371,3 +371,25 @@ def test_triton_preprocessing_pads_to_a_static_graphs_size():
     small = dataclasses.replace(settings, pad_to=(64, 64)).as_dict()
     with pytest.raises(codec.BadRequest, match="static input size"):
         run_preprocess(data, small)
+
+
+@pytest.mark.parametrize("regime", ["none", "one"])
+def test_the_openvino_deploy_form_runs_every_edge_image_like_the_float_graph(regime, calibrated, float_shapes,
+                                                                             tmp_path):
+    """The OpenVINO deploy config's graph (TensorRT form with the RoiAlign NaN guard), run by OpenVINO:
+    0 or 1 detections on every edge image, the float graph's output shapes, no NaN."""
+    from repq_export.runtime.openvino_runner import OpenVINORunner, openvino_available
+
+    ok, why = openvino_available()
+    if not ok:
+        pytest.skip(why)
+    qmodel = with_post_processing(calibrated("mask", 4), regime)
+    inputs = network_inputs("mask")
+    img, img_hw = inputs["largest"]
+    export_onnx(qmodel, tmp_path / "model.onnx", img, img_hw, form=TENSORRT, roi_nan_guard=True)
+    runner = OpenVINORunner(tmp_path / "model.onnx", threads=1)
+    want, detections = float_shapes("mask", regime, None), REGIMES[regime][1]
+    for name, (img, img_hw) in inputs.items():
+        out = runner(img, img_hw)
+        assert [tuple(o.shape) for o in out] == want[name], name
+        assert out.boxes.shape == (detections, 4) and not torch.isnan(out.masks).any(), name
