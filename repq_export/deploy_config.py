@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
 from repq_export.models import reference_settings as ref
 from repq_export.models.config import evaluate_source
 from repq_export.resources import MAX_CONFIG_BYTES
 
-#: The network boundary (contract): the exporter and every runner use these names.
-INPUT_NAMES = ("img", "img_hw")
-OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter (the one used here) writes
 SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32

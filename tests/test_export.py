@@ -21,7 +21,7 @@ from repq_export.quant.calibrate import quantize
 from repq_export.quant.integer_bias import bias_grid
 from repq_export.quant.layers import QuantConv2d, QuantLinear, named_quantizers
 from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
-from repq_export.runtime.base import NetOutput
+from repq_export.boundary import NetOutput
 
 CONFIGS = {"mask": "configs/tiny/mask_rcnn_tiny.py", "cascade": "configs/tiny/cascade_mask_rcnn_tiny.py"}
 IMG_HW = torch.tensor([150.0, 210.0])

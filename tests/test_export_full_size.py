@@ -21,7 +21,7 @@ from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.random_checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers
-from repq_export.runtime.base import NetOutput
+from repq_export.boundary import NetOutput
 
 pytestmark = pytest.mark.slow
 

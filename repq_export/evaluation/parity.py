@@ -23,7 +23,7 @@ from ..hooks import hooked
 from ..quant.kinds import SHIFTED
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
-from ..runtime.base import NetOutput
+from ..boundary import NetOutput
 
 MATCH_IOU = 0.5
 

@@ -151,7 +151,7 @@ def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
     TensorRT form: int8 q - zp, always. onnxruntime form: the same while every code lies in
     +-U8S8_SAFE_WEIGHT (the u8s8 kernels cannot saturate), else uint8 codes q with the
     quantizer's per-channel zero points (8-bit weights, whose q - zp reaches +-255; the rewrites
-    multiply them as two narrow int8 halves, `rewrites.split_uint8_weights`).
+    multiply them as two narrow int8 halves, `rules/split_uint8_weights.py`).
     """
     q = layer.weight_quantizer
     if not q.per_channel or q.channel_axis != 0:
