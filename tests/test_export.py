@@ -114,7 +114,7 @@ def test_float_parts_fed_the_backend_codes(exported):
     values = dict(zip([o.name for o in debug.get_outputs()],
                       debug.run(None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})))
     for probe in probes:
-        q = quantizers[probe.quantizer]
+        q = quantizers[probe.name]
         with torch.no_grad():
             want = q(torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32)))
         assert torch.equal(backend_output(q, probe, values).reshape(want.shape), want), probe.call
