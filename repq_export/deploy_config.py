@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES
+from repq_export.config_values import ValueReader, as_lists
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
 from repq_export.models import reference_settings as ref
 from repq_export.models.config import evaluate_source
 from repq_export.resources import MAX_CONFIG_BYTES
 
-#: The network boundary (contract): the exporter and every runner use these names.
-INPUT_NAMES = ("img", "img_hw")
-OUTPUT_NAMES = ("boxes", "scores", "labels", "masks")
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter (the one used here) writes
 SIZE_DIVISOR = 32  # host preprocessing pads to a multiple of 32
@@ -184,75 +183,16 @@ def _parse_sections(path: Path, source: str) -> dict[str, Any]:
         if name not in ("onnx_config", "backend_config", "codebase_config"):
             raise UserError(f"{path}: {name}: unknown key (expected onnx_config, backend_config, "
                             "codebase_config)")
-    return _lists(sections)
-
-
-def _lists(value: Any) -> Any:
-    """Tuples as lists, all the way down: the checks below take either spelling of a sequence."""
-    if isinstance(value, dict):
-        return {k: _lists(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_lists(v) for v in value]
-    return value
+    return as_lists(sections)
 
 
 # -------------------------------------------------------------------------- validation
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "a dict", list: "a list", str: "a string", bool: "a bool", int: "an int",
-            float: "a float", type(None): "None"}.get(type(value), type(value).__name__)
-
-
-class _Reader:
+class _Reader(ValueReader):
     """Turns the parsed dicts into dataclasses; each method checks one section."""
 
-    def __init__(self, path: Path):
-        self.path = path
-
-    def fail(self, key: str, problem: str) -> UserError:
-        return UserError(f"{self.path}: {key}: {problem}")
-
-    def expect(self, key: str, value: Any, kind: str) -> Any:
-        ok = {"int": _is_int(value), "bool": isinstance(value, bool),
-              "str": isinstance(value, str), "dict": isinstance(value, dict),
-              "list": isinstance(value, list),
-              "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
-        if not ok:
-            wanted = {"int": "an int", "str": "a string"}.get(kind, f"a {kind}")
-            raise self.fail(key, f"expected {wanted}, got {_type_name(value)} {value!r}")
-        return value
-
-    def keys(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict:
-        self.expect(key, value, "dict")
-        for name in value:
-            if name in _NOT_TAKEN:
-                raise self.fail(f"{key}.{name}", _NOT_TAKEN[name])
-            if name not in allowed:
-                raise self.fail(f"{key}.{name}", f"unknown key (allowed: {', '.join(allowed)})")
-        return value
-
-    def string_list(self, key: str, value: Any) -> tuple[str, ...]:
-        self.expect(key, value, "list")
-        for i, item in enumerate(value):
-            self.expect(f"{key}[{i}]", item, "str")
-        return tuple(value)
-
-    def fraction(self, key: str, value: Any) -> float:
-        self.expect(key, value, "number")
-        if not 0.0 <= value <= 1.0:
-            raise self.fail(key, f"must lie in [0, 1], got {value}")
-        return float(value)
-
-    def positive_int(self, key: str, value: Any) -> int:
-        self.expect(key, value, "int")
-        if value <= 0:
-            raise self.fail(key, f"must be positive, got {value}")
-        return value
+    not_taken = _NOT_TAKEN
 
     # -- onnx_config
 

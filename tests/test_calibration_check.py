@@ -20,7 +20,7 @@ from repq_export.data.synthetic import make_synthetic_coco
 from repq_export.evaluation.calibration_check import (ImagePair, bound_for, check_calibration,
                                                       format_check)
 from repq_export.export.artifact import ExportRequest, calibration_paths, holdout_paths
-from repq_export.runtime.base import NetOutput
+from repq_export.boundary import NetOutput
 
 # ----------------------------------------------------------------------------- which images calibrate
 

@@ -21,7 +21,7 @@ from repq_export.quant.calibrate import quantize
 from repq_export.quant.integer_bias import bias_grid
 from repq_export.quant.layers import QuantConv2d, QuantLinear, named_quantizers
 from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
-from repq_export.runtime.base import NetOutput
+from repq_export.boundary import NetOutput
 
 CONFIGS = {"mask": "configs/tiny/mask_rcnn_tiny.py", "cascade": "configs/tiny/cascade_mask_rcnn_tiny.py"}
 IMG_HW = torch.tensor([150.0, 210.0])
@@ -114,7 +114,7 @@ def test_float_parts_fed_the_backend_codes(exported):
     values = dict(zip([o.name for o in debug.get_outputs()],
                       debug.run(None, {"img": img.numpy(), "img_hw": IMG_HW.numpy()})))
     for probe in probes:
-        q = quantizers[probe.quantizer]
+        q = quantizers[probe.name]
         with torch.no_grad():
             want = q(torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32)))
         assert torch.equal(backend_output(q, probe, values).reshape(want.shape), want), probe.call

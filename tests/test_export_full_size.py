@@ -21,7 +21,7 @@ from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.random_checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers
-from repq_export.runtime.base import NetOutput
+from repq_export.boundary import NetOutput
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def full_size(request, tmp_path_factory):
     weights = sum(1 for n in quantizers if n.endswith("weight_quantizer"))
     assert count_qdq(proto)["int8_weights"] == weights
     probes = find_code_probes(proto, set(quantizers))
-    assert {p.quantizer for p in probes} == {n for n in quantizers if not n.endswith("weight_quantizer")}
+    assert {p.name for p in probes} == {n for n in quantizers if not n.endswith("weight_quantizer")}
     session = ort.InferenceSession(with_probe_outputs(proto, probes).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from repq_export.boundary import INPUT_NAMES, MASK_SIZE, OUTPUT_NAMES
 from repq_export.models.anchors import AnchorGenerator
 from repq_export.models.bbox_head import ConvFCBBoxHead, Shared2FCBBoxHead, multiclass_nms
 from repq_export.models.detector import Detector
@@ -195,7 +196,7 @@ def _export(model: Detector) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (img, torch.tensor([128.0, 150.0])), f, dynamo=False, opset_version=17,
-                          input_names=["img", "img_hw"], output_names=["boxes", "scores", "labels", "masks"],
+                          input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                           dynamic_axes={"img": {2: "h", 3: "w"}})
     return f.getvalue()
 
@@ -220,7 +221,7 @@ def _compare(model: Detector, onnx_bytes: bytes, img: torch.Tensor, img_hw: torc
     with torch.no_grad():
         ref = [t.numpy() for t in model(img, img_hw)]
     n = ref[0].shape[0]
-    assert [g.shape for g in got] == [(n, 4), (n,), (n,), (n, 28, 28)] == [r.shape for r in ref]
+    assert [g.shape for g in got] == [(n, 4), (n,), (n,), (n, MASK_SIZE, MASK_SIZE)] == [r.shape for r in ref]
     assert got[2].dtype == np.int64 and ref[2].dtype == np.int64
     got = [g[_match(ref, got)] for g in got]
     np.testing.assert_array_equal(got[2], ref[2])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from repq_export.export.qdq import DQWeight, QDQActivation, log_sqrt2_lowered, log_sqrt2_upper
+from repq_export.export.qdq import DQWeight, QDQActivation, log_sqrt2_lowered
 from repq_export.quant.log_sqrt2 import log_sqrt2_codes, log_sqrt2_fake_quant, log_sqrt2_lut, log_sqrt2_thresholds
 from repq_export.quant.uniform import fake_quant
 
@@ -91,7 +91,7 @@ class LogQ(nn.Module):
     def __init__(self, scale: torch.Tensor, n_bits: int, cast_floors: bool = False) -> None:
         super().__init__()
         self.scale, self.n_bits, self.cast_floors = scale, n_bits, cast_floors
-        self.upper = log_sqrt2_upper(log_sqrt2_thresholds(scale, n_bits))
+        self.upper = log_sqrt2_thresholds(scale, n_bits)
         self.lut = log_sqrt2_lut(scale, n_bits)
 
     def forward(self, x):

@@ -18,7 +18,8 @@ from repq_export.data.postprocess import Detections
 from repq_export.errors import UserError
 from repq_export.evaluation.layer_errors import (LayerError, attach_code_mismatches,
                                                  measure_layer_errors)
-from repq_export.evaluation.parity import CodeReport, call_to_quantizer
+from repq_export.evaluation.parity import CodeReport
+from repq_export.export.locations import scope_to_name
 from repq_export.evaluation.visualize import (ROLE_COLORS, _nice_ceiling, class_color, detector_part,
                                               draw_detections, plot_layer_errors, render_layer_errors,
                                               side_by_side, write_image)
@@ -120,7 +121,7 @@ def test_detector_part_and_call_names():
     assert detector_part("backbone.patch_embed.proj.weight_quantizer") == "patch embed"
     assert detector_part("roi_head.bbox_head.1.shared_convs.0.conv.input_quantizer") == "box head 2"
     assert detector_part("roi_head.mask_head.convs.0.conv.input_quantizer") == "mask head"
-    assert call_to_quantizer("/rpn_head/rpn_conv/input_quantizer_3") == "rpn_head.rpn_conv.input_quantizer"
+    assert scope_to_name("/rpn_head/rpn_conv/input_quantizer_3") == "rpn_head.rpn_conv.input_quantizer"
     rows = [LayerError("rpn_head.rpn_conv.input_quantizer", "activation", 4, 0.1, 5),
             LayerError("neck.fpn_convs.0.conv.input_quantizer", "activation", 4, 0.1, 1)]
     attach_code_mismatches(rows, [CodeReport("/rpn_head/rpn_conv/input_quantizer", "uniform", 100, 3, 1),

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from repq_export.export.qdq import log_sqrt2_lowered, log_sqrt2_upper
+from repq_export.export.qdq import log_sqrt2_lowered
 from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
 
 LN2 = 0.6931471805599453
@@ -78,7 +78,7 @@ class Lowered(torch.nn.Module):
         super().__init__()
         self.fn, self.n_bits = fn, q.bits
         self.register_buffer("scale", q.scale.detach().clone())
-        upper = log_sqrt2_upper(q.thresholds())
+        upper = q.thresholds().detach().clone()
         self.register_buffer("upper", padded(upper) if two_sided else upper)
         self.register_buffer("lut", q.lut().detach().clone())
 

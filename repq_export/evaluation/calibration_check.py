@@ -30,7 +30,7 @@ from ..data.coco import CocoDataset
 from ..data.coco_results import to_coco_results
 from ..data.postprocess import Detections, postprocess
 from ..data.transforms import Preprocessed
-from ..runtime.base import NetOutput
+from ..boundary import NetOutput
 from ..runtime.torch_runner import TorchRunner
 from .coco_eval import evaluate_coco
 from .parity import match_detections

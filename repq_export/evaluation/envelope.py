@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data.coco import CocoDataset
-from ..runtime.base import NetOutput, as_net_output
+from ..boundary import NetOutput, as_net_output
 from .bootstrap import CONFIDENCE, interval, per_image_matches, resample_weights, weighted_aps
 from .evaluate import DatasetRun, coco_results
 from .parity import match_detections

@@ -13,7 +13,8 @@ from ..data.images import read_image
 from ..data.postprocess import Detections, postprocess
 from ..data.transforms import Preprocessed, PreprocessSettings, preprocess
 from ..resources import MAX_PIXELS
-from ..runtime.base import NetOutput, Runner
+from ..boundary import NetOutput
+from ..runtime.base import Runner
 from .coco_eval import evaluate_coco
 
 

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..hooks import hooked
 from ..quant.kinds import role_of
 from ..quant.layers import named_quantizers
-from .parity import CodeReport, call_to_quantizer
+from ..export.locations import scope_to_name
+from .parity import CodeReport
 
 
 @dataclass
@@ -62,7 +63,7 @@ def attach_code_mismatches(errors: Sequence[LayerError], reports: Sequence[CodeR
     """Set each row's tier-1 mismatch count (float ties excluded), summed over the quantizer's calls."""
     counts: dict[str, int] = {}
     for report in reports:
-        name = call_to_quantizer(report.call)
+        name = scope_to_name(report.call)
         counts[name] = counts.get(name, 0) + report.mismatches - report.tie_mismatches
     for row in errors:
         if row.name in counts:

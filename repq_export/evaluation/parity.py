@@ -17,30 +17,18 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from ..errors import UserError
-from ..export.forms import ONNXRUNTIME, TENSORRT
-from ..export.locations import read_calls, scope_to_name
+from ..export.forms import ONNXRUNTIME
+from ..export.locations import QuantizerCall, read_calls
 from ..hooks import hooked
 from ..quant.kinds import SHIFTED
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
-from ..runtime.base import NetOutput
+from ..boundary import NetOutput
 
 MATCH_IOU = 0.5
 
 
 # ----------------------------------------------------------------------------- tier 1: codes
-
-
-@dataclass
-class CodeProbe:
-    """Where one quantizer call's input and codes live in the ONNX graph."""
-
-    quantizer: str  # dotted module name in the fake-quant model
-    call: str  # the ONNX scope (differs from `quantizer` for repeated calls, e.g. the shared RPN convs)
-    kind: str  # 'uniform' | 'shifted' | 'log_sqrt2'
-    x: str  # value name of the float input
-    codes: str  # value name of the codes (uniform) or the dequantized output (log_sqrt2)
-    form: str = TENSORRT  # tensorrt: codes are q - zp (int8); onnxruntime: q itself (uint8)
 
 
 @dataclass
@@ -60,7 +48,7 @@ class CodeReport:
     float_ulp_sum: float = 0.0  # sum of ulp(x_torch)
 
 
-def code_offset(q: nn.Module, probe: CodeProbe) -> float:
+def code_offset(q: nn.Module, probe: QuantizerCall) -> float:
     """What the graph subtracts from fake quant's code q at this call: zp (tensorrt), 2^(n-1)
     (shifted 8-bit input), nothing (onnxruntime: uint8 carries q itself)."""
     if probe.form == ONNXRUNTIME:
@@ -68,7 +56,7 @@ def code_offset(q: nn.Module, probe: CodeProbe) -> float:
     return float(2 ** (q.bits - 1)) if probe.kind == SHIFTED else q.zero_point.item()
 
 
-def _codes(q: nn.Module, x: torch.Tensor, probe: CodeProbe) -> np.ndarray:
+def _codes(q: nn.Module, x: torch.Tensor, probe: QuantizerCall) -> np.ndarray:
     """Integer codes of `x` under quantizer `q`, as the graph carries them at this call."""
     if isinstance(q, LogSqrt2Quantizer):
         return log_sqrt2_codes(x, q.scale, q.bits).numpy().reshape(-1)
@@ -85,7 +73,7 @@ def record_quantizer_inputs(qmodel: nn.Module, img: torch.Tensor, img_hw: torch.
     return seen
 
 
-def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+def compare_drift(qmodel: nn.Module, probes: list[QuantizerCall], values: dict[str, np.ndarray],
                   torch_inputs: dict[str, list], reports: dict[str, CodeReport]) -> None:
     """Codes of the torch run against the backend's own codes, call by call, while shapes agree.
 
@@ -97,22 +85,22 @@ def compare_drift(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, 
     quantizers = dict(named_quantizers(qmodel))
     calls: dict[str, int] = {}
     for probe in probes:
-        index = calls.get(probe.quantizer, 0)
-        calls[probe.quantizer] = index + 1
-        if probe.quantizer.startswith("roi_head."):
+        index = calls.get(probe.name, 0)
+        calls[probe.name] = index + 1
+        if probe.name.startswith("roi_head."):
             continue
-        x_torch = torch_inputs.get(probe.quantizer, [])[index:index + 1]
+        x_torch = torch_inputs.get(probe.name, [])[index:index + 1]
         x_backend = np.asarray(values[probe.x], dtype=np.float32)
         if not x_torch or tuple(x_torch[0].shape) != x_backend.shape:
             continue
-        q = quantizers[probe.quantizer]
+        q = quantizers[probe.name]
         a = _codes(q, x_torch[0].float().cpu(), probe)
         b = _codes(q, torch.from_numpy(x_backend), probe)
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))
         report.drift = (report.drift or 0) + int((a != b).sum())
 
 
-def backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]) -> torch.Tensor:
+def backend_output(q: nn.Module, probe: QuantizerCall, values: dict[str, np.ndarray]) -> torch.Tensor:
     """What quantizer ``q`` outputs in fake quant for the codes the backend computed at this call."""
     got = torch.from_numpy(np.asarray(values[probe.codes]))
     if isinstance(q, LogSqrt2Quantizer):
@@ -122,7 +110,7 @@ def backend_output(q: nn.Module, probe: CodeProbe, values: dict[str, np.ndarray]
 
 
 @torch.no_grad()
-def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+def compare_float_parts(qmodel: nn.Module, probes: list[QuantizerCall], values: dict[str, np.ndarray],
                         img: torch.Tensor, img_hw: torch.Tensor, reports: dict[str, CodeReport]) -> None:
     """How far the two runs' float parts differ, segment by segment: a torch forward in which every
     quantizer call outputs the backend's codes for that call, so that each quantizer's input differs
@@ -130,11 +118,11 @@ def compare_float_parts(qmodel: nn.Module, probes: list[CodeProbe], values: dict
     should nudge by). Backbone, neck and RPN, as `compare_drift`.
     """
     quantizers = dict(named_quantizers(qmodel))
-    by_call: dict[tuple[str, int], CodeProbe] = {}
+    by_call: dict[tuple[str, int], QuantizerCall] = {}
     seen: dict[str, int] = {}
     for probe in probes:  # graph order = call order of each quantizer
-        by_call[(probe.quantizer, seen.get(probe.quantizer, 0))] = probe
-        seen[probe.quantizer] = seen.get(probe.quantizer, 0) + 1
+        by_call[(probe.name, seen.get(probe.name, 0))] = probe
+        seen[probe.name] = seen.get(probe.name, 0) + 1
     counts: dict[str, int] = {}
 
     def force(name: str):
@@ -166,12 +154,7 @@ def add_float_difference(report: CodeReport, x_torch: np.ndarray, x_backend: np.
     report.float_ulp_sum += float(np.spacing(np.abs(x_torch)).astype(np.float64).sum())
 
 
-def call_to_quantizer(call: str) -> str:
-    """The quantizer module of a tier-1 call name (the ONNX scope, `locations.scope_to_name`)."""
-    return scope_to_name(call)
-
-
-def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[CodeProbe]:
+def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[QuantizerCall]:
     """Every call of the named quantizers, from the quantizer-call table stored in the graph."""
     calls = read_calls(proto)
     if calls is None:
@@ -180,10 +163,10 @@ def find_code_probes(proto: onnx.ModelProto, quantizer_names: set[str]) -> list[
     unknown = sorted({c.name for c in calls} - quantizer_names)
     if unknown:
         raise UserError(f"the graph's quantizer-call table names quantizers the model lacks: {unknown[:3]}")
-    return [CodeProbe(c.name, c.call, c.kind, c.x, c.codes, c.form) for c in calls]
+    return calls
 
 
-def with_probe_outputs(proto: onnx.ModelProto, probes: list[CodeProbe]) -> onnx.ModelProto:
+def with_probe_outputs(proto: onnx.ModelProto, probes: list[QuantizerCall]) -> onnx.ModelProto:
     """A copy of the graph that also outputs every probe's input and codes."""
     debug = onnx.ModelProto()
     debug.CopyFrom(proto)
@@ -202,12 +185,12 @@ def _is_tie(ratio: np.ndarray) -> np.ndarray:
     return frac < 1e-5 * np.maximum(1.0, np.abs(ratio))
 
 
-def compare_codes(qmodel: nn.Module, probes: list[CodeProbe], values: dict[str, np.ndarray],
+def compare_codes(qmodel: nn.Module, probes: list[QuantizerCall], values: dict[str, np.ndarray],
                   reports: dict[str, CodeReport]) -> None:
     """Add one image's code comparison to `reports` (keyed by call)."""
     quantizers = dict(named_quantizers(qmodel))
     for probe in probes:
-        q = quantizers[probe.quantizer]
+        q = quantizers[probe.name]
         x = torch.from_numpy(np.asarray(values[probe.x], dtype=np.float32))
         got = np.asarray(values[probe.codes])
         report = reports.setdefault(probe.call, CodeReport(probe.call, probe.kind))

@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
+from ..export.locations import scope_to_name
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
 from .envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, SAMPLES, Envelope, judge_envelope
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
-from .parity import (CodeReport, DetectionSummary, call_to_quantizer, compare_codes, compare_drift,
+from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift,
                      compare_float_parts, find_code_probes, match_detections, record_quantizer_inputs,
                      with_probe_outputs)
 
@@ -86,7 +87,7 @@ class ParityReport:
         sums: dict[str, list[float]] = {}
         for r in self.codes:
             if r.float_values:
-                acc = sums.setdefault(call_to_quantizer(r.call), [0.0, 0.0])
+                acc = sums.setdefault(scope_to_name(r.call), [0.0, 0.0])
                 acc[0] += r.float_abs_diff
                 acc[1] += r.float_ulp_sum
         return {name: diff / ulp for name, (diff, ulp) in sums.items()}

@@ -1,7 +1,7 @@
 """Reading the value of a graph's constant expression safely: a budget of elements, no control flow.
 
 ``check`` reads weights that the exporter stores as a small expression of constants (e.g. the two
-halves of `rewrites.split_uint8_weights`). A graph from elsewhere may put anything there: a `Loop`
+halves of `rules/split_uint8_weights.py`). A graph from elsewhere may put anything there: a `Loop`
 of 10^12 trips, an `Expand` to 10^12 elements. Each node is evaluated alone, in graph order, after
 its output size has been predicted from its inputs; only the ops below are taken, and the
 expression is refused (``FoldRefused``, with the reason) past ``MAX_ELEMENTS`` in one output or

@@ -35,6 +35,7 @@ class Graph:
     opset: int
     nodes: list[onnx.NodeProto]
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    initializers: set[str] = field(default_factory=set)  # the constants stored as initializers
     types: dict[str, int] = field(default_factory=dict)  # TensorProto element type by name
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
@@ -93,6 +94,7 @@ def index_graph(model: onnx.ModelProto) -> Graph:
             graph.types[info.name] = info.type.tensor_type.elem_type
     for init in model.graph.initializer:
         graph.constants[init.name] = numpy_helper.to_array(init)
+        graph.initializers.add(init.name)
         graph.types[init.name] = init.data_type
     for node in graph.nodes:
         for name in node.output:

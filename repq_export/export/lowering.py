@@ -22,7 +22,7 @@ from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
 from .forms import ONNXRUNTIME, TENSORRT
-from .qdq import DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_lowered, log_sqrt2_upper
+from .qdq import DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_lowered
 
 INT8_MIN, INT8_MAX = -128, 127
 #: |int8 weight code| at most this in the onnxruntime form: u8s8 kernels on AVX2 without VNNI add
@@ -121,7 +121,7 @@ class LogSqrt2Lowered(nn.Module):
         self.form = form
         self.n_bits = q.bits
         self.register_buffer("scale", q.scale.detach().clone())
-        self.register_buffer("upper", log_sqrt2_upper(q.thresholds()).detach().clone())
+        self.register_buffer("upper", q.thresholds().detach().clone())  # the 2^n boundaries t_0 > t_1 > ...
         self.register_buffer("lut", q.lut().detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
     TensorRT form: int8 q - zp, always. onnxruntime form: the same while every code lies in
     +-U8S8_SAFE_WEIGHT (the u8s8 kernels cannot saturate), else uint8 codes q with the
     quantizer's per-channel zero points (8-bit weights, whose q - zp reaches +-255; the rewrites
-    multiply them as two narrow int8 halves, `rewrites.split_uint8_weights`).
+    multiply them as two narrow int8 halves, `rules/split_uint8_weights.py`).
     """
     q = layer.weight_quantizer
     if not q.per_channel or q.channel_axis != 0:

@@ -10,7 +10,8 @@ import onnx
 import torch
 from torch import nn
 
-from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES, TARGET_ANY, OnnxConfig
+from ..boundary import INPUT_NAMES, OUTPUT_NAMES
+from ..deploy_config import TARGET_ANY, OnnxConfig
 from ..files import write_atomically
 from ..quant.layers import named_quantizers
 from .forms import ONNXRUNTIME, TENSORRT, set_target_cpu

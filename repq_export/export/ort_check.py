@@ -15,7 +15,7 @@ quant, or an integer kernel could saturate):
   CPUs without VNNI add two uint8 x int8 products in int16 (vpmaddubsw): 2 x 255 x 64 = 32640
   fits, larger weight codes could saturate and change results on such CPUs only. 8-bit weights
   are stored as uint8 with per-channel zero points and multiplied as two int8 halves hi, lo
-  (codes - zp = 16 hi + lo, `rewrites.split_uint8_weights`), each within +-16; the rule reads
+  (codes - zp = 16 hi + lo, `rules/split_uint8_weights.py`), each within +-16; the rule reads
   them through their folded expression. A graph exported for target CPU 'vnni' (its metadata,
   `forms.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
   apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
@@ -41,7 +41,7 @@ from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
 from .graph_index import Graph, Issue, index_graph, issue, node_attr, rule_qdq_shapes, zero_point_input
 
 UINT8_MAX = 255
-#: ops that only move codes (the im2col of `rewrites.integer_conv`): values pass through unchanged
+#: ops that only move codes (the im2col of `rules/integer_conv.py`): values pass through unchanged
 CODE_MOVES = ("Transpose", "Slice", "Reshape")
 
 
@@ -158,7 +158,7 @@ def _weight_codes(graph: Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     if found is None:
         return None
     codes, zp, axis = found
-    value = graph.folded(codes)  # a constant, or derived from one (`rewrites.split_uint8_weights`)
+    value = graph.folded(codes)  # a constant, or derived from one (`rules/split_uint8_weights.py`)
     if value is None or value.dtype != np.int8 or value.ndim < 2:
         return None
     zero_point = graph.constant(zp)

@@ -117,11 +117,6 @@ class TableLookup(torch.autograd.Function):
         return g.op("Reshape", values, g.op("Shape", index))
 
 
-def log_sqrt2_upper(thresholds: Tensor) -> Tensor:
-    """The boundary table of `log_sqrt2_lowered`: the quantizer's 2^n thresholds t_0 > t_1 > ..."""
-    return thresholds.detach().clone()
-
-
 def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bits: int,
                       cast_floors: bool = False) -> Tensor:
     """Log-sqrt2 quantization as plain float ops (Log, one comparison, two table lookups).

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from repq_export.boundary import NetTensors
 from repq_export.errors import UserError
-
-Detections = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 class Detector(nn.Module):
@@ -15,7 +14,7 @@ class Detector(nn.Module):
 
     ``forward(img (1, 3, Hp, Wp) normalized + padded, img_hw (2,) float (h, w) before padding)
     -> (boxes (N, 4) x1y1x2y2 resized-image pixels clipped to img_hw, scores (N,),
-    labels (N,) int64 0-based, masks (N, 28, 28) sigmoid probabilities of the label)``.
+    labels (N,) int64 0-based, masks (N, MASK_SIZE, MASK_SIZE) sigmoid probabilities of the label)``.
     Child names equal the Swin-Det checkpoint's top-level keys.
     """
 
@@ -32,7 +31,7 @@ class Detector(nn.Module):
         """FPN features (P2..P6 for the reference configs)."""
         return tuple(self.neck(self.backbone(img)))
 
-    def forward(self, img: Tensor, img_hw: Tensor) -> Detections:
+    def forward(self, img: Tensor, img_hw: Tensor) -> NetTensors:
         if not torch.jit.is_tracing() and (img.dim() != 4 or img.shape[0] != 1):
             raise UserError(f"detector: input must be one image (1, 3, H, W), got {tuple(img.shape)}")
         feats = self.extract_feat(img)

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from repq_export.boundary import NetTensors
 from repq_export.errors import UserError
 from repq_export.models.bbox_head import ConvFCBBoxHead, multiclass_nms
 from repq_export.models.box_coder import DeltaXYWHBoxCoder
@@ -21,7 +22,6 @@ from repq_export.models.reference_settings import (BOX_STDS, CASCADE_STDS, RCNN_
                                                    RCNN_SCORE_THR)
 from repq_export.models.roi_extractor import MultiLevelRoIAlign
 
-Detections = tuple[Tensor, Tensor, Tensor, Tensor]
 
 @dataclass
 class RoITestSettings:
@@ -89,7 +89,7 @@ class StandardRoIHead(_RoIHeadBase):
         self.mask_head = mask_head
         self.bbox_coder = DeltaXYWHBoxCoder(stds=target_stds)
 
-    def forward(self, feats: Sequence[Tensor], proposals: Tensor, img_hw: Tensor) -> Detections:
+    def forward(self, feats: Sequence[Tensor], proposals: Tensor, img_hw: Tensor) -> NetTensors:
         cls_logits, deltas = self.bbox_head(self.bbox_roi_extractor(feats, proposals))
         # mmdet 2.11 zeroes the outputs of RoIs whose y2 is 0 (its batch-padding marker).
         padded = (proposals[:, 3] == 0)[:, None]
@@ -131,7 +131,7 @@ class CascadeRoIHead(_RoIHeadBase):
     def num_stages(self) -> int:
         return len(self.bbox_head)
 
-    def forward(self, feats: Sequence[Tensor], proposals: Tensor, img_hw: Tensor) -> Detections:
+    def forward(self, feats: Sequence[Tensor], proposals: Tensor, img_hw: Tensor) -> NetTensors:
         rois = proposals
         stage_logits = []
         for i, head in enumerate(self.bbox_head):

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 
-
-class NetOutput(NamedTuple):
-    """Network outputs for one image, in resized-image pixels (see the network boundary).
-
-    boxes (N, 4) float32 x1y1x2y2, scores (N,) float32, labels (N,) int64 (0-based),
-    masks (N, 28, 28) float32 RoI mask probabilities of the predicted class.
-    """
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor
+from ..boundary import NetOutput
 
 
 class Runner(Protocol):
@@ -28,14 +17,3 @@ class Runner(Protocol):
     def __call__(self, img: torch.Tensor, img_hw: torch.Tensor) -> NetOutput:
         """img: (1, 3, Hp, Wp) float32 normalized and padded; img_hw: (2,) float32 (h, w)."""
         ...
-
-
-def as_net_output(outputs) -> NetOutput:
-    """Bring four backend outputs (tensors or arrays, any device) to CPU tensors of fixed dtypes."""
-    boxes, scores, labels, masks = (torch.as_tensor(o).cpu() for o in outputs)
-    return NetOutput(
-        boxes.float().reshape(-1, 4),
-        scores.float().reshape(-1),
-        labels.long().reshape(-1),
-        masks.float().reshape(-1, *masks.shape[-2:]),
-    )

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..deploy_config import INPUT_NAMES, OUTPUT_NAMES
+from ..boundary import INPUT_NAMES, OUTPUT_NAMES, NetOutput, as_net_output
 from ..errors import UserError
-from .base import NetOutput, as_net_output
 
 PRECISIONS = ("f32", "bf16")
 DEVICE = "CPU"

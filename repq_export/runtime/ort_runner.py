@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..export.forms import graph_target_cpu
-from .base import NetOutput, as_net_output
+from ..boundary import NetOutput, as_net_output
 from .cpu_features import require_cpu_for
 
 _LEVELS = {

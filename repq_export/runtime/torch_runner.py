@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import NetOutput, as_net_output
+from ..boundary import NetOutput, as_net_output
 
 
 class TorchRunner:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from repq_export.deploy_config import INPUT_NAMES, OUTPUT_NAMES
+from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES, NetOutput, as_net_output
 from repq_export.errors import UserError
 from repq_export.runtime.tensorrt_support import tensorrt_available
-from repq_export.runtime.base import NetOutput, as_net_output
 
 
 def _torch_dtype(trt, trt_dtype) -> torch.dtype:
