@@ -111,6 +111,13 @@ def test_deploy_config_picks_the_tensorrt_form_f32_and_the_guard():
     assert form_for(deploy) == TENSORRT and roi_nan_guard_for(deploy)
 
 
+def test_8bit_deploy_config_picks_the_onnxruntime_form_f32_and_the_guard():
+    """8-bit codes do not fit the TensorRT form (int8, zero point 0), so the W8A8 config is the onnxruntime form."""
+    deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu-8bit.py")
+    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32")
+    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy)
+
+
 @pytest.mark.parametrize("key,value,message", [("graph_form", "'openvino'", "graph_form: must be one of"),
                                                ("inference_precision", "'f16'", "inference_precision: must be"),
                                                ("device", "'GPU'", "device: only 'CPU'")])
