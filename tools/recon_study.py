@@ -42,7 +42,7 @@ from repq_export.evaluation.bootstrap import interval, per_image_matches, resamp
 from repq_export.evaluation.evaluate import DatasetRun, coco_results, run_dataset  # noqa: E402
 from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
 from repq_export.quant.calibrate import quantize  # noqa: E402
-from repq_export.quant.recon_settings import ReconSettings  # noqa: E402
+from repq_export.quant.recon_settings import DEFAULT_IMAGES, ReconSettings  # noqa: E402
 from repq_export.quant.reconstruct import reconstruct  # noqa: E402
 
 MODELS = {"mask": BUNDLED[0], "cascade": BUNDLED[1]}
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-seed", type=int, default=7, help="synthetic seed of the calibration set (default 7)")
     p.add_argument("--calib-set", type=int, default=64, help="images in the calibration set (default 64)")
     p.add_argument("--calib-images", type=int, default=8, help="RepQ-ViT calibration images (default 8)")
-    p.add_argument("--recon-images", type=int, default=ReconSettings().images or 32,
+    p.add_argument("--recon-images", type=int, default=DEFAULT_IMAGES,
                    help="reconstruction images (default 32)")
     p.add_argument("--val-seed", type=int, default=31337, help="synthetic seed of the scoring set (default 31337)")
     p.add_argument("--val-images", type=int, default=50, help="scoring images (default 50)")

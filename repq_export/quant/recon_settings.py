@@ -9,7 +9,7 @@ from typing import Any
 METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned activation steps, RPN and RoI heads too
 WEIGHTS_ONLY_METHOD = "adaround-qdrop"  # the first method: rounding only, backbone and FPN (still reads)
 DEFAULT_ITERS = 100
-DEFAULT_IMAGES = 32  # reconstruction images a command takes by default
+DEFAULT_IMAGES = 32  # reconstruction images the study takes by default (the commands reconstruct on --calib-images)
 
 
 @dataclass(frozen=True)
