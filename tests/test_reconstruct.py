@@ -1,5 +1,5 @@
-"""Block reconstruction after RepQ-ViT (--recon): lower block error, hard in-range codes, determinism,
-exact export (tier 1) and a bit-identical reload of quant.pth."""
+"""Block reconstruction after RepQ-ViT (--recon): lower block error, hard in-range codes, learned steps within
+their form, determinism, exact export (tier 1, both forms) and a bit-identical reload of quant.pth."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import torch
 from repq_export.commands.recon_options import recon_settings
 from repq_export.commands import test_tool
 from repq_export.export.onnx_export import export_onnx
-from repq_export.export.forms import ONNXRUNTIME
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT
 from repq_export.quant.integer_bias import bias_grid
 from repq_export.quant.layers import QuantConv2d, QuantLinear, quant_disabled
 from repq_export.quant.recipe import QuantSettings
+from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
 from repq_export.quant.recon_settings import ReconSettings
-from repq_export.quant.reconstruct import recon_units, reconstruct
+from repq_export.quant.recon_units import recon_units
+from repq_export.quant.reconstruct import reconstruct
+from repq_export.quant.uniform import UniformQuantizer
 from repq_export.quant.state import load_quant_state, read_quant_state, save_quant_state
 
 from test_export import IMG_HW, tiny_float_model, tiny_quant_model
@@ -58,11 +61,13 @@ def backbone_error(model, reference, inputs) -> float:
 
 def test_reconstruction_lowers_every_block_error_against_float(recon_pair):
     repq, recon, results, inputs = recon_pair
-    assert [r.name for r in results] == [name for name, _ in recon_units(recon)] and len(results) == 12 and results[-1].name == "neck"
+    names = [r.name for r in results]
+    assert names == [u.name for u in recon_units(recon)] and len(results) == 15
+    assert names[11:] == ["neck", "rpn_head", "roi_head.bbox_head", "roi_head.mask_head"]
     for r in results:
         assert r.mse_after <= r.mse_before, r
     improved = [r for r in results if not r.kept_nearest]
-    assert len(improved) >= 10, results
+    assert len(improved) >= 12, results
     assert sum(r.mse_after for r in results) < 0.95 * sum(r.mse_before for r in results), results
     # end to end through the backbone, on the reconstruction images: closer to float than RepQ-ViT alone
     assert backbone_error(recon, repq, inputs) < 0.95 * backbone_error(repq, repq, inputs)
@@ -71,9 +76,9 @@ def test_reconstruction_lowers_every_block_error_against_float(recon_pair):
 def test_weight_codes_are_hard_and_in_range(recon_pair):
     repq, recon, results, _ = recon_pair
     changed = 0
-    for name, unit in recon_units(recon):
-        kept = next(r.kept_nearest for r in results if r.name == name)
-        for _, layer in unit.named_modules():
+    for unit in recon_units(recon):
+        kept = next(r.kept_nearest for r in results if r.name == unit.name)
+        for _, layer in unit.module.named_modules():
             if not isinstance(layer, (QuantLinear, QuantConv2d)):
                 continue
             q = layer.weight_quantizer
@@ -83,18 +88,36 @@ def test_weight_codes_are_hard_and_in_range(recon_pair):
             if not kept:  # the stored weight IS the dequantized hard code: fake quant leaves it unchanged
                 assert torch.equal(q(layer.weight), layer.weight)
     for (name, a), (_, b) in zip(repq.named_modules(), recon.named_modules()):
-        if isinstance(a, (QuantLinear, QuantConv2d)) and name.startswith("backbone.layers"):
+        if isinstance(a, (QuantLinear, QuantConv2d)) and name.startswith(("backbone.layers", "roi_head")):
             changed += int((a.weight_quantizer.codes(a.weight) != b.weight_quantizer.codes(b.weight)).sum())
     assert changed > 0
-    # steps and zero points are untouched; every bias is still on its int32 grid
-    for (name, a), (_, b) in zip(repq.state_dict().items(), recon.state_dict().items()):
-        if name.endswith(("scale", "zero_point", "pad_value")):
-            assert torch.equal(a, b), name
+    # every bias is still on its int32 grid
     for module in recon.modules():
         grid = bias_grid(module) if isinstance(module, (QuantConv2d, QuantLinear)) else None
         if grid is not None and module.bias is not None:
             ratio = module.bias / grid
             assert torch.allclose(ratio, torch.round(ratio), atol=1e-3)
+
+
+def test_only_per_tensor_activation_steps_move_and_zero_points_stay(recon_pair):
+    repq, recon, _, _ = recon_pair
+    before, after = dict(repq.named_modules()), dict(recon.named_modules())
+    moved = 0
+    for name, q in before.items():
+        if not isinstance(q, (UniformQuantizer, LogSqrt2Quantizer)):
+            continue
+        r = after[name]
+        assert torch.equal(q.zero_point, r.zero_point) if isinstance(q, UniformQuantizer) else True, name
+        if isinstance(q, UniformQuantizer) and q.channel_axis is None:
+            assert r.channel_axis is None and r.scale.dim() == 0 and float(r.scale) > 0, name
+            assert torch.equal(r.zero_point, torch.round(r.zero_point)), name
+            moved += int(not torch.equal(q.scale, r.scale))
+        else:  # weights' per-channel steps and log-sqrt2 quantizers: untouched
+            assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), r.state_dict().values())), name
+    assert moved >= 10
+    for name, buffer in repq.named_buffers():
+        if name.endswith("pad_value"):  # exact padding: reparameterization's pad values unchanged
+            assert torch.equal(buffer, dict(recon.named_buffers())[name]), name
 
 
 def test_reconstruction_is_deterministic_for_a_seed(recon_pair):
@@ -107,10 +130,11 @@ def test_reconstruction_is_deterministic_for_a_seed(recon_pair):
     assert not all(torch.equal(a, b) for a, b in zip(recon.state_dict().values(), other.state_dict().values()))
 
 
-def test_reconstructed_graph_has_zero_differing_codes(recon_pair, tmp_path):
+@pytest.mark.parametrize("form", [ONNXRUNTIME, TENSORRT])
+def test_reconstructed_graph_has_zero_differing_codes(recon_pair, tmp_path, form):
     _, recon, _, inputs = recon_pair
     img = inputs[0][0]
-    proto = export_onnx(recon, tmp_path / "model.onnx", img, IMG_HW, form=ONNXRUNTIME)
+    proto = export_onnx(recon, tmp_path / "model.onnx", img, IMG_HW, form=form)
     elements, mismatches = tier1(recon, img, proto)
     assert elements > 0 and mismatches == 0
 
@@ -121,7 +145,7 @@ def test_quant_pth_records_the_method_and_reloads_bit_identical(recon_pair, tmp_
     save_quant_state(recon, path)
     manifest, _ = read_quant_state(path)
     assert manifest["reconstruction"] == {**SETTINGS.as_dict(), "images": 3}
-    assert manifest["reconstruction"]["method"] == "adaround-qdrop"
+    assert manifest["reconstruction"]["method"] == "adaround-qdrop-lsq"
     loaded = load_quant_state(tiny_float_model("mask"), path)
     assert loaded.quant_settings == recon.quant_settings
     assert all(torch.equal(a, b) for a, b in zip(recon.state_dict().values(), loaded.state_dict().values()))
@@ -139,6 +163,17 @@ def test_repq_vit_alone_records_no_reconstruction():
     assert recon_settings(args) == ReconSettings(iters=7, seed=5)
     with pytest.raises(ValueError, match="method"):
         ReconSettings.from_dict({**ReconSettings().as_dict(), "method": "brecq"})
+    with pytest.raises(ValueError, match="heads"):
+        ReconSettings.from_dict({**ReconSettings().as_dict(), "heads": "yes"})
+    assert ReconSettings.from_dict(ReconSettings(step_lr=0.01, heads=False).as_dict()) == ReconSettings(step_lr=0.01, heads=False)
+
+
+def test_a_weights_only_manifest_still_reads():
+    old = {"method": "adaround-qdrop", "iters": 100, "seed": 0, "drop_prob": 0.5, "lr": 0.01, "round_weight": 0.01,
+           "warmup": 0.2, "beta_start": 20.0, "beta_end": 2.0, "images": 8}
+    settings = ReconSettings.from_dict(old)
+    assert settings.method == "adaround-qdrop" and settings.step_lr == 0 and not settings.heads
+    assert settings.as_dict() == old
 
 
 def test_repq_export_recon_writes_an_artifact_that_records_it(tmp_path):

@@ -14,10 +14,11 @@ from .common import non_negative_int, positive_int
 def add_recon_options(p: argparse.ArgumentParser) -> None:
     """Add --recon, --recon-iters and --recon-seed to a command's parser."""
     g = p.add_argument_group("block reconstruction after RepQ-ViT (opt-in; RepQ-ViT alone is the default)")
-    g.add_argument("--recon", action="store_true", help="after calibration, learn the weights' rounding block by "
-                   "block (AdaRound with QDrop) on the calibration images so that each Swin block and patch "
-                   "merging reproduces the float model's output; the result exports like any other state "
-                   "(use several --calib-images)")
+    g.add_argument("--recon", action="store_true", help="after calibration, learn the weights' rounding (AdaRound) "
+                   "and the per-tensor activation steps (LSQ, zero points kept) block by block, with QDrop, on the "
+                   "calibration images, so that each Swin block, patch merging, the FPN, the RPN head and the RoI "
+                   "box and mask heads reproduce the float model's output; the result exports like any other "
+                   "state (use several --calib-images)")
     g.add_argument("--recon-iters", type=positive_int, default=DEFAULT_ITERS,
                    help=f"optimizer steps per block (default {DEFAULT_ITERS})")
     g.add_argument("--recon-seed", type=non_negative_int, default=0, help="seed of the image order and the "

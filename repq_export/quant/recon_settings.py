@@ -6,13 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHOD = "adaround-qdrop"
+METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned activation steps, RPN and RoI heads too
+WEIGHTS_ONLY_METHOD = "adaround-qdrop"  # the first method: rounding only, backbone and FPN (still reads)
 DEFAULT_ITERS = 100
+DEFAULT_IMAGES = 32  # reconstruction images the study takes by default (the commands reconstruct on --calib-images)
 
 
 @dataclass(frozen=True)
 class ReconSettings:
-    """How the weights' rounding was learned after RepQ-ViT: AdaRound per block with QDrop."""
+    """How the weights' rounding and the activation steps were learned after RepQ-ViT: per block, with QDrop."""
 
     iters: int = DEFAULT_ITERS  # optimizer steps per block (one calibration image each)
     seed: int = 0  # image order and QDrop masks
@@ -23,26 +25,35 @@ class ReconSettings:
     beta_start: float = 20.0  # the regularizer's exponent, annealed to beta_end
     beta_end: float = 2.0
     images: int = 0  # reconstruction images (the calibration images)
+    step_lr: float = 4e-3  # Adam step on the log of each per-tensor activation step (0: steps fixed)
+    heads: bool = True  # also the RPN head and the RoI box and mask heads
     method: str = METHOD
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of the manifests' ``reconstruction`` entry."""
         return {"method": self.method, "iters": self.iters, "seed": self.seed, "drop_prob": self.drop_prob,
                 "lr": self.lr, "round_weight": self.round_weight, "warmup": self.warmup,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, "images": self.images}
+                "beta_start": self.beta_start, "beta_end": self.beta_end, "images": self.images,
+                **({"step_lr": self.step_lr, "heads": self.heads} if self.method == METHOD else {})}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ReconSettings:
         """The inverse of ``as_dict``; ValueError naming the first bad field."""
-        if not isinstance(raw, Mapping) or raw.get("method") != METHOD:
-            method = raw.get("method") if isinstance(raw, Mapping) else raw
+        method = raw.get("method") if isinstance(raw, Mapping) else raw
+        if method not in (METHOD, WEIGHTS_ONLY_METHOD):
             raise ValueError(f"reconstruction: unknown method {method!r}")
         ints = {k: raw[k] for k in ("iters", "seed", "images")}
-        floats = {k: raw[k] for k in ("drop_prob", "lr", "round_weight", "warmup", "beta_start", "beta_end")}
+        float_keys = ("drop_prob", "lr", "round_weight", "warmup", "beta_start", "beta_end")
+        floats = {k: raw[k] for k in (*float_keys, *(("step_lr",) if method == METHOD else ()))}
         for key, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"reconstruction.{key} must be an integer, got {value!r}")
         for key, value in floats.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"reconstruction.{key} must be a number, got {value!r}")
-        return cls(**ints, **{k: float(v) for k, v in floats.items()})
+        heads = raw["heads"] if method == METHOD else False
+        if not isinstance(heads, bool):
+            raise ValueError(f"reconstruction.heads must be true or false, got {heads!r}")
+        if method == WEIGHTS_ONLY_METHOD:
+            floats["step_lr"] = 0.0
+        return cls(**ints, **{k: float(v) for k, v in floats.items()}, heads=heads, method=method)

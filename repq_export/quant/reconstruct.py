@@ -1,15 +1,17 @@
-"""Block reconstruction after RepQ-ViT (``--recon``): learned weight rounding, block by block.
+"""Block reconstruction after RepQ-ViT (``--recon``): learned weight rounding and activation steps, block by block.
 
-Starting from the calibrated, reparameterized detector, each Swin block and patch merging, then the
-FPN neck as one block, in turn (in forward order) learns the rounding of its weights (quant/adaround.py)
-so that its quantized output, fed the *quantized* model's input to the block, matches the *float* model's output of the block on the
-calibration images (BRECQ's target, QDrop's input). During the learning, every activation quantizer of
-the block passes each element unquantized with probability ``drop_prob`` (QDrop) and lets gradients
-through (straight-through). Steps, zero points, log-sqrt2 quantizers, BN folding and padding are not
-touched; at the end each weight is written as ``scale * (code - zp)`` of its hard codes, and biases are
+Starting from the calibrated, reparameterized detector, each unit of quant/recon_units.py (Swin blocks,
+patch mergings, the FPN, then the RPN head and the RoI box and mask heads) in turn, in forward order,
+learns the rounding of its weights (quant/adaround.py) and the steps of its per-tensor uniform activation
+quantizers (quant/learned_step.py, zero points and bits fixed), so that its quantized output, fed the
+*quantized* model's input to the unit (QDrop's input), matches the float target (the float model's
+output of the unit; for the RoI heads, the float head on the same RoI features). While learning, every
+activation quantizer of the unit passes each element unquantized with probability ``drop_prob`` (QDrop).
+Log-sqrt2 quantizers, zero points, BN folding and padding are not touched; at the end each weight is
+written as ``scale * (code - zp)`` of its hard codes, each learned step into its quantizer, and biases are
 snapped to the int32 grid again. The result is ordinary quantization state: the exporter, parity and a
-saved quant.pth treat it like any other. A block whose hard rounding does not beat nearest rounding on
-the calibration images keeps nearest rounding.
+saved quant.pth treat it like any other. A unit whose result does not beat its RepQ-ViT state on the
+calibration images keeps that state.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,32 +32,36 @@ from repq_export.hooks import hooked
 from repq_export.quant.adaround import SoftRounding, write_hard_weight
 from repq_export.quant.integer_bias import snap_biases
 from repq_export.quant.layers import QuantConv2d, QuantLinear, named_quantizers, set_quant_enabled
+from repq_export.quant.learned_step import LearnedStep, learnable
 from repq_export.quant.recon_settings import ReconSettings
+from repq_export.quant.recon_units import ReconUnit, recon_units
 
 
 @dataclass(frozen=True)
 class UnitResult:
-    """One reconstructed block: its mean squared output error against float, before and after, and time."""
+    """One reconstructed unit: its mean squared output error against float, before and after, and time."""
 
     name: str
-    mse_before: float  # nearest rounding (RepQ-ViT), on the quantized model's input
-    mse_after: float  # learned rounding (equal to before where the block kept nearest rounding)
+    mse_before: float  # RepQ-ViT's state, on the quantized model's input
+    mse_after: float  # learned state (equal to before where the unit kept RepQ-ViT's state)
     kept_nearest: bool
     seconds: float
 
 
 class _Stop(Exception):
-    """Raised by a capture hook to end a forward once the block of interest has run."""
+    """Raised by a capture hook to end a forward once the unit of interest has run."""
 
 
-def recon_units(detector: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The backbone's Swin blocks and patch mergings, then the FPN neck, in forward order, with their names."""
-    for i, layer in enumerate(detector.backbone.layers):
-        for j, block in enumerate(layer.blocks):
-            yield f"backbone.layers.{i}.blocks.{j}", block
-        if layer.downsample is not None:
-            yield f"backbone.layers.{i}.downsample", layer.downsample
-    yield "neck", detector.neck
+class _Runner(nn.Module):
+    """A unit and its run function as one module, so that ``functional_call`` can swap its weights."""
+
+    def __init__(self, unit: ReconUnit) -> None:
+        super().__init__()
+        self.unit = unit.module
+        self.fn = unit.run
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self.unit, *args)
 
 
 def _detach(value: Any) -> Any:
@@ -68,7 +74,7 @@ def _detach(value: Any) -> Any:
 
 
 def _tensors(value: Any) -> list[Tensor]:
-    """The tensors of a block output: one tensor, or the maps of a tuple (the FPN's levels)."""
+    """The tensors of a unit output: one tensor, or a tuple / list of them (FPN levels, head outputs)."""
     return [value] if isinstance(value, Tensor) else [v for v in value if isinstance(v, Tensor)]
 
 
@@ -79,7 +85,7 @@ def _squared_error(out: Any, target: Any) -> tuple[Tensor, int]:
 
 
 def _loss(out: Any, target: Any) -> Tensor:
-    """Reconstruction loss: squared error summed over channels, averaged over positions (and levels)."""
+    """Reconstruction loss: squared error summed over channels, averaged over positions (and outputs)."""
     terms = [(o - t).pow(2).sum(1 if o.dim() == 4 else -1).mean() for o, t in zip(_tensors(out), _tensors(target))]
     return sum(terms) / len(terms)
 
@@ -112,50 +118,60 @@ def _layers(unit: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
     return [(n, m) for n, m in unit.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
 
 
-def _mse(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequence[Any]) -> float:
-    """Mean squared error of ``unit``'s quantized output against the float targets, over all images."""
+def _mse(runner: nn.Module, args_list: Sequence[tuple], targets: Sequence[Any]) -> float:
+    """Mean squared error of the unit's quantized output against the float targets, over all images."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for (args, _), target in zip(records, targets):
-            error, n = _squared_error(unit(*args), target)
+        for args, target in zip(args_list, targets):
+            error, n = _squared_error(runner(*args), target)
             total, count = total + float(error), count + n
-    return total / count
+    return total / max(count, 1)
 
 
-def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targets: Sequence[Any],
-                     settings: ReconSettings, generator: torch.Generator,
-                     bar: tqdm | None = None) -> tuple[float, float, bool]:
-    """Learn the rounding of ``unit``'s weights in place; returns (mse before, mse after, kept nearest)."""
-    layers = _layers(unit)
-    before = _mse(unit, records, targets)
+def _annealed_beta(settings: ReconSettings, step: int, warm: int) -> float:
+    progress = (step - warm) / max(1, settings.iters - warm)
+    return settings.beta_end + (settings.beta_start - settings.beta_end) * (1 - progress)
+
+
+def reconstruct_unit(unit: ReconUnit, args_list: Sequence[tuple], targets: Sequence[Any], settings: ReconSettings,
+                     generator: torch.Generator, bar: tqdm | None = None) -> tuple[float, float, bool]:
+    """Learn ``unit``'s weight rounding and activation steps in place; returns (mse before, mse after, kept)."""
+    runner = _Runner(unit)
+    layers = _layers(unit.module)
+    before = _mse(runner, args_list, targets)
+    saved = {k: v.detach().clone() for k, v in unit.module.state_dict().items()}
     roundings = {name: SoftRounding(layer.weight, layer.weight_quantizer) for name, layer in layers}
-    saved = {name: layer.weight.detach().clone() for name, layer in layers}
-    params = [p for r in roundings.values() for p in r.parameters()]
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    quantizers = _activation_quantizers(unit.module)
+    steps = {id(q): LearnedStep(q) for q in quantizers if settings.step_lr > 0 and learnable(q)}
+    groups = [{"params": [p for r in roundings.values() for p in r.parameters()], "lr": settings.lr}]
+    if steps:
+        groups.append({"params": [s.log_scale for s in steps.values()], "lr": settings.step_lr})
+    optimizer = torch.optim.Adam(groups)
     p = settings.drop_prob
 
     def drop(q: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        """QDrop with a straight-through gradient: forward value quantized or not, per element."""
+        """QDrop: each element quantized (with the learned step where there is one) or passed as is."""
         x = args[0]
         keep_float = (torch.rand(out.shape, generator=generator) < p).to(out.device)  # CPU draws: same on any device
-        return x + (torch.where(keep_float, x, out) - x).detach()
+        learned = steps.get(id(q))
+        if learned is not None:
+            return torch.where(keep_float, x, learned(x))
+        return x + (torch.where(keep_float, x, out) - x).detach()  # straight-through
 
     warm = int(settings.warmup * settings.iters)
-    frozen = [q for q in unit.parameters() if q.requires_grad]
-    for q in frozen:  # only the rounding variables learn
-        q.requires_grad_(False)
+    frozen = [t for t in unit.module.parameters() if t.requires_grad]
+    for t in frozen:  # only the rounding variables and the steps learn
+        t.requires_grad_(False)
     for _, layer in layers:
         layer.weight_quantizer.enabled = False
     try:
-        with hooked((q, drop) for q in _activation_quantizers(unit)):
+        with hooked((q, drop) for q in quantizers):
             for step in range(settings.iters):
-                index = int(torch.randint(len(records), (1,), generator=generator))
-                weights = {f"{name}.weight": r.soft_weight() for name, r in roundings.items()}
-                out = functional_call(unit, weights, records[index][0])
-                loss = _loss(out, targets[index])
-                if step >= warm:
-                    progress = (step - warm) / max(1, settings.iters - warm)
-                    beta = settings.beta_end + (settings.beta_start - settings.beta_end) * (1 - progress)
+                index = int(torch.randint(len(args_list), (1,), generator=generator))
+                weights = {f"unit.{name}.weight": r.soft_weight() for name, r in roundings.items()}
+                loss = _loss(functional_call(runner, weights, args_list[index]), targets[index])
+                if step >= warm and roundings:
+                    beta = _annealed_beta(settings, step, warm)
                     loss = loss + settings.round_weight * sum(r.regularizer(beta) for r in roundings.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -165,23 +181,45 @@ def reconstruct_unit(unit: nn.Module, records: Sequence[tuple[tuple, Any]], targ
     finally:
         for _, layer in layers:
             layer.weight_quantizer.enabled = True
-        for q in frozen:
-            q.requires_grad_(True)
+        for t in frozen:
+            t.requires_grad_(True)
     for name, layer in layers:
         write_hard_weight(layer, roundings[name])
-    after = _mse(unit, records, targets)
-    if after >= before:  # never worse than RepQ-ViT's nearest rounding on the calibration images
-        with torch.no_grad():
-            for name, layer in layers:
-                layer.weight.copy_(saved[name])
+    for q in quantizers:
+        if id(q) in steps:
+            steps[id(q)].write(q)
+    after = _mse(runner, args_list, targets)
+    if not after < before:  # never worse than RepQ-ViT's state on the calibration images
+        unit.module.load_state_dict(saved)
         return before, before, True
     return before, after, False
 
 
+def _non_empty(records: Sequence[tuple[tuple, Any]], targets: Sequence[Any]) -> tuple[list[tuple], list[Any]]:
+    """The (args, target) pairs whose target holds any element (a mask head on an image without boxes has none)."""
+    kept = [(args, t) for (args, _), t in zip(records, targets) if all(x.numel() for x in _tensors(t))]
+    return [a for a, _ in kept], [t for _, t in kept]
+
+
+def unit_data(unit: ReconUnit, detector: nn.Module, reference: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]]
+              ) -> tuple[list[tuple], list[Any]]:
+    """The unit's captured arguments in the quantized ``detector`` and its float targets (``reference``)."""
+    records = capture(detector, unit.module, inputs)
+    float_unit = dict(reference.named_modules())[unit.name]
+    with torch.no_grad():
+        if unit.float_chain:
+            chain = capture(reference, float_unit, inputs)
+            plain = unit.run is ReconUnit.run  # the unit's own forward: its captured output is the target
+            targets = [out if plain else unit.run(float_unit, *args) for args, out in chain]
+        else:
+            targets = [unit.run(float_unit, *args) for args, _ in records]
+    return _non_empty(records, [_detach(t) for t in targets])
+
+
 def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], settings: ReconSettings,
                 progress: bool = True, log: Callable[[str], None] | None = None) -> list[UnitResult]:
-    """Learn the weight rounding of every backbone block of a quantized ``detector`` in place, on ``inputs``
-    (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``."""
+    """Learn the weight rounding and activation steps of every unit of a quantized ``detector`` in place, on
+    ``inputs`` (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``."""
     quant_settings = getattr(detector, "quant_settings", None)
     if quant_settings is None:
         raise ValueError("reconstruct: the detector has not been quantized")
@@ -191,23 +229,26 @@ def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], se
     detector.eval()
     reference = copy.deepcopy(detector)
     set_quant_enabled(reference, False)  # the float function (reparameterization preserves it)
-    reference_units = dict(reference.named_modules())
     generator = torch.Generator().manual_seed(settings.seed)
-    units = list(recon_units(detector))
+    units = recon_units(detector, settings.heads)
     if log is not None:
         log(f"reconstructing {len(units)} blocks, {settings.iters} steps each, on {len(inputs)} image(s), "
             f"seed {settings.seed}")
     results = []
     with tqdm(total=len(units) * settings.iters, desc="reconstructing", unit="step", disable=not progress) as bar:
-        for name, unit in units:
+        for unit in units:
             start = time.perf_counter()
-            targets = [out for _, out in capture(reference, reference_units[name], inputs)]
-            records = capture(detector, unit, inputs)
-            before, after, kept = reconstruct_unit(unit, records, targets, settings, generator, bar)
-            results.append(UnitResult(name, before, after, kept, time.perf_counter() - start))
+            args_list, targets = unit_data(unit, detector, reference, inputs)
+            if not args_list:
+                before = after = float("nan")
+                kept = True
+                bar.update(settings.iters)
+            else:
+                before, after, kept = reconstruct_unit(unit, args_list, targets, settings, generator, bar)
+            results.append(UnitResult(unit.name, before, after, kept, time.perf_counter() - start))
             if log is not None:
-                log(f"  {name}: output MSE vs float {before:.4g} -> {after:.4g}"
-                    f"{' (kept nearest rounding)' if kept else ''}, {results[-1].seconds:.1f} s")
+                log(f"  {unit.name}: output MSE vs float {before:.4g} -> {after:.4g}"
+                    f"{' (kept RepQ-ViT state)' if kept else ''}, {results[-1].seconds:.1f} s")
     if quant_settings.integer_bias:
         snap_biases(detector)
     detector.quant_settings = dataclasses.replace(quant_settings, reconstruction=settings)

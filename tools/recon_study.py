@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Does block reconstruction (--recon) close the gap to float? Float, RepQ-ViT and RepQ-ViT + recon, paired.
+
+    python tools/recon_study.py                                   # bundled Mask R-CNN, W4A4, tuning set
+    python tools/recon_study.py --models mask cascade --bits 4 6 --val-seed 90210 --val-images 200
+
+Per bundled detector and bit width: RepQ-ViT calibrates on --calib-images images spread over a synthetic
+calibration set (seed --calib-seed); reconstruction then runs on --recon-images images spread over the
+same set (a superset of the calibration images when the counts divide). Float, RepQ-ViT and each
+reconstruction variant are scored (COCO box / mask AP, fake quant in torch) on --val-images images of a
+synthetic set of seed --val-seed. The change recon - RepQ-ViT gets the paired bootstrap over the
+validation images (repq_export/evaluation/bootstrap.py: the same resampled images for both runs) and its
+95% interval; "gap closed" is the change over the float - RepQ-ViT gap.
+
+A variant is ``NAME:key=value,key=value`` over ReconSettings' fields (e.g. ``lsq:step_lr=0.004``,
+``weights:step_lr=0,heads=false``); without --variant the defaults run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from repq_export.commands.demo import BUNDLED  # noqa: E402
+from repq_export.commands.runners import make_runner  # noqa: E402
+from repq_export.data.calibration_choice import spread_indices  # noqa: E402
+from repq_export.data.coco import CocoDataset  # noqa: E402
+from repq_export.data.images import preprocess_file  # noqa: E402
+from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
+from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap  # noqa: E402
+from repq_export.evaluation.evaluate import DatasetRun, coco_results, run_dataset  # noqa: E402
+from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
+from repq_export.quant.calibrate import quantize  # noqa: E402
+from repq_export.quant.recon_settings import DEFAULT_IMAGES, ReconSettings  # noqa: E402
+from repq_export.quant.reconstruct import reconstruct  # noqa: E402
+
+MODELS = {"mask": BUNDLED[0], "cascade": BUNDLED[1]}
+METRICS = ("bbox", "segm")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=["mask"])
+    p.add_argument("--bits", nargs="+", type=int, default=[4], help="W and A bits, e.g. 4 6 (default 4)")
+    p.add_argument("--calib-seed", type=int, default=7, help="synthetic seed of the calibration set (default 7)")
+    p.add_argument("--calib-set", type=int, default=64, help="images in the calibration set (default 64)")
+    p.add_argument("--calib-images", type=int, default=8, help="RepQ-ViT calibration images (default 8)")
+    p.add_argument("--recon-images", type=int, default=DEFAULT_IMAGES,
+                   help="reconstruction images (default 32)")
+    p.add_argument("--val-seed", type=int, default=31337, help="synthetic seed of the scoring set (default 31337)")
+    p.add_argument("--val-images", type=int, default=50, help="scoring images (default 50)")
+    p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... over ReconSettings")
+    p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/recon_sets"), help="where the synthetic sets go")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", type=Path, help="also write the Markdown report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def parse_variant(text: str) -> tuple[str, ReconSettings]:
+    """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields)."""
+    name, _, rest = text.partition(":")
+    fields = {f.name: f.type for f in dataclasses.fields(ReconSettings)}
+    values = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--variant {text}: no field {key!r}")
+        default = getattr(ReconSettings(), key)
+        values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
+    return name, ReconSettings(**values)
+
+
+def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
+    """A cached synthetic val split of ``n`` images."""
+    root = work / f"seed{seed}-{n}"
+    ann = root / "annotations" / "instances_val.json"
+    if not ann.is_file():
+        make_synthetic_coco(root, "val", n, seed)
+    return CocoDataset(ann, root / "val")
+
+
+def run(model: torch.nn.Module, backend: str, dataset: CocoDataset, settings, n: int, progress: bool) -> DatasetRun:
+    return run_dataset(make_runner(backend, model), dataset, settings, n, progress=progress)
+
+
+def paired(base: DatasetRun, other: DatasetRun, dataset: CocoDataset, weights: np.ndarray) -> dict[str, tuple]:
+    """Per metric: (AP base, AP other, delta, low, high) in points; the interval over resampled images."""
+    out = {}
+    for index, metric in enumerate(METRICS):
+        cats = [per_image_matches(dataset.coco, coco_results(r, dataset)[index], metric, base.image_ids)
+                for r in (base, other)]
+        ones = np.ones(len(base.images))
+        a, b = weighted_ap(cats[0], ones), weighted_ap(cats[1], ones)
+        diff = np.array([weighted_ap(cats[1], w) - weighted_ap(cats[0], w) for w in weights])
+        low, high = interval(diff)
+        out[metric] = (100 * a, 100 * b, 100 * (b - a), 100 * low, 100 * high)
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    variants = [parse_variant(v) for v in args.variant] or [("recon", ReconSettings())]
+    calib_set = synthetic(args.work_dir, args.calib_seed, args.calib_set)
+    val = synthetic(args.work_dir, args.val_seed, args.val_images)
+    n = min(args.val_images, len(val))
+    weights = resample_weights(n, args.samples, 0)
+    calib_paths = [calib_set[i][1] for i in spread_indices(len(calib_set), args.calib_images)]
+    recon_paths = [calib_set[i][1] for i in spread_indices(len(calib_set), args.recon_images)]
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {args.threads} threads; scored on {n} images of "
+             f"synthetic seed {args.val_seed}; RepQ-ViT calibrated on {len(calib_paths)} and reconstruction on "
+             f"{len(recon_paths)} images of synthetic seed {args.calib_seed} ({len(calib_set)} images); paired "
+             f"bootstrap over the scoring images, {args.samples} resamples, 95% interval", "",
+             "| detector | bits | model | box AP | mask AP | box vs RepQ-ViT [95%] | mask vs RepQ-ViT [95%] "
+             "| gap closed box / mask | recon s (load) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in args.models:
+        name, ckpt, cfg = MODELS[key]
+        detector, info = load_checkpoint(ckpt, cfg)
+        prep = info.preprocess
+        calib = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in calib_paths)]
+        recon_inputs = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in recon_paths)]
+        float_run = run(detector, "torch", val, prep, n, progress)
+        for bits in args.bits:
+            repq = quantize(copy.deepcopy(detector), calib, bits, bits, progress=False)
+            repq_run = run(repq, "quant", val, prep, n, progress)
+            gap = paired(repq_run, float_run, val, weights)  # float - RepQ-ViT
+            cells = [f"{gap[m][1]:.1f}" for m in METRICS]
+            lines.append(f"| {name} | W{bits}A{bits} | float | {cells[0]} | {cells[1]} | | | | |")
+            lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT | {gap['bbox'][0]:.1f} | {gap['segm'][0]:.1f} "
+                         f"| | | | |")
+            print("\n".join(lines[-2:]), flush=True)
+            for label, settings in variants:
+                model = copy.deepcopy(repq)
+                load0, start = os.getloadavg()[0], time.perf_counter()
+                results = reconstruct(model, recon_inputs, settings, progress=progress,
+                                      log=None if args.quiet else print)
+                seconds = time.perf_counter() - start
+                load = (load0 + os.getloadavg()[0]) / 2
+                kept = sum(r.kept_nearest for r in results)
+                got = paired(repq_run, run(model, "quant", val, prep, n, progress), val, weights)
+                delta = [f"{got[m][2]:+.1f} [{got[m][3]:+.1f}, {got[m][4]:+.1f}]" for m in METRICS]
+                closed = [f"{100 * got[m][2] / gap[m][2]:.0f}%" if gap[m][2] > 0 else "-" for m in METRICS]
+                lines.append(f"| {name} | W{bits}A{bits} | + recon {label} ({kept}/{len(results)} kept) "
+                             f"| {got['bbox'][1]:.1f} | {got['segm'][1]:.1f} | {delta[0]} | {delta[1]} "
+                             f"| {closed[0]} / {closed[1]} | {seconds:.0f} ({load:.1f}) |")
+                print(lines[-1], flush=True)
+    lines.append("")
+    lines += [f"variant {label}: {s.as_dict()}" for label, s in variants]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
