@@ -69,9 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qstatic", nargs="*", choices=QSTATIC_METHODS, default=list(QSTATIC_METHODS),
                    help="quantize_static calibration methods (default both)")
     p.add_argument("--backends", nargs="+", choices=(ORT, OPENVINO), default=[ORT, OPENVINO])
+    p.add_argument("--qstatic-openvino", action="store_true", help="also score quantize_static's graphs on "
+                   "OpenVINO (NaN-guarded copies)")
     p.add_argument("--threads", type=int, default=2, help="runtime threads of the scored pass (default 2)")
-    p.add_argument("--one-thread-images", type=int, default=20, help="images timed again at 1 thread (default "
-                   "20; 0 skips)")
+    p.add_argument("--one-thread-images", type=int, default=10, help="images timed again at 1 thread (default "
+                   "10; 0 skips)")
     p.add_argument("--quick", action="store_true", help="20 images, the first detector only")
     p.add_argument("--workdir", type=Path, default=Path("repq-out/bench-accuracy"), help="sets, graphs and "
                    "scores (default ./repq-out/bench-accuracy, reused by a rerun with the same options)")
@@ -304,9 +306,11 @@ def plan(args: argparse.Namespace) -> list[dict]:
         rows.append({"key": f"w{bits}a{bits}", "variant": "repq-export", "make": "ours", "bits": bits, "recon": False,
                      "precision": f"W{bits}A{bits}"})
     for bits in args.recon_bits:
-        rows.append({"key": f"w{bits}a{bits}_recon", "variant": "repq-export --recon", "make": "ours", "bits": bits,
+        iters = "" if args.recon_iters is None else f"_{args.recon_iters}it"
+        rows.append({"key": f"w{bits}a{bits}_recon{iters}", "variant": "repq-export --recon", "make": "ours", "bits": bits,
                      "recon": True, "precision": f"W{bits}A{bits}"})
-    return [{**r, "backend": b} for b in args.backends for r in rows]
+    return [{**r, "backend": b} for b in args.backends for r in rows
+            if b == ORT or r["make"] != "qstatic" or args.qstatic_openvino]
 
 
 def make_graphs(spec: dict, base: dict, folder: Path, args: argparse.Namespace) -> dict:
@@ -348,7 +352,8 @@ def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Names
 
 def run_detector(name: str, ckpt: Path, config: Path | None, sets: dict, args: argparse.Namespace) -> list[dict]:
     """Every row of one detector: graphs made, then scored."""
-    folder = args.workdir / name
+    # the graphs depend on the detector and the calibration only: a rerun with other images or threads reuses them
+    folder = args.workdir / f"{name}-calib{args.calib_seed}x{args.calib_images}h{args.holdout}"
     if args.fresh and folder.is_dir():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
