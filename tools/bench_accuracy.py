@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detectors", nargs="+", choices=BUNDLED, default=list(BUNDLED), help="bundled detectors")
     p.add_argument("--ckpt", type=Path, help="your checkpoint instead of the bundled ones (with --config)")
     p.add_argument("--config", type=Path, help="config of --ckpt")
-    p.add_argument("--num-images", type=int, default=200, help="held-out images scored (default 200)")
+    p.add_argument("--num-images", type=int, nargs="+", default=[200], help="held-out images scored, one count "
+                   "per detector in order (the last repeats; default 200): each scores the first N of one set")
     p.add_argument("--val-seed", type=int, default=VAL_SEED, help=f"held-out set's seed (default {VAL_SEED})")
     p.add_argument("--calib-seed", type=int, default=CALIB_SEED, help=f"calibration set's seed (default {CALIB_SEED})")
     p.add_argument("--calib-images", type=int, default=8, help="calibration images, for ours and quantize_static "
@@ -81,12 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=bc.ROOT / "benchmarks/results/bench_accuracy.md",
                    help="Markdown results file (default benchmarks/results/bench_accuracy.md)")
     p.add_argument("--json-out", type=Path, help="also write every row's figures as JSON")
+    p.add_argument("--make-only", action="store_true", help="make the graphs only (to prepare a later run)")
     p.add_argument("--in-process", action="store_true", help="run every step in this process (small models: "
                    "saves a process start per step)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.num_images, args.detectors = min(args.num_images, 20), args.detectors[:1]
+        args.num_images, args.detectors = [min(args.num_images[0], 20)], args.detectors[:1]
     return args
 
 
@@ -107,9 +109,10 @@ def synthetic_sets(args: argparse.Namespace) -> dict[str, str]:
     from repq_export.data.synthetic import make_synthetic_set
 
     calib_n = args.calib_images + args.holdout
-    val_root = args.workdir / f"val-seed{args.val_seed}-{args.num_images}"
+    count = max(args.num_images)
+    val_root = args.workdir / f"val-seed{args.val_seed}-{count}"
     cal_root = args.workdir / f"calib-seed{args.calib_seed}-{calib_n}"
-    val = make_synthetic_set(val_root, "val", args.num_images, args.val_seed)
+    val = make_synthetic_set(val_root, "val", count, args.val_seed)
     cal = make_synthetic_set(cal_root, "calib", calib_n, args.calib_seed)
     return {"val_ann": str(val), "val_dir": str(val_root / "val"), "cal_ann": str(cal), "cal_dir": str(cal_root / "calib")}
 
@@ -333,9 +336,9 @@ def make_graphs(spec: dict, base: dict, folder: Path, args: argparse.Namespace) 
     return made
 
 
-def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Namespace) -> dict:
-    """Score (or reuse the score of) one row."""
-    tag = f"{spec['key']}_{spec['backend']}_{args.num_images}img_{args.threads}t_{args.one_thread_images}"
+def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Namespace, images: int) -> dict:
+    """Score (or reuse the score of) one row on the first `images` held-out images."""
+    tag = f"{spec['key']}_{spec['backend']}_{images}img_{args.threads}t_{args.one_thread_images}"
     done = folder / f"score_{tag}.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -344,13 +347,14 @@ def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Names
     log(f"{folder.name}: scoring {spec['key']} on {spec['backend']} ...")
     model = made["ort" if spec["backend"] == ORT else "openvino"]
     result = run_task({**base, "kind": "eval", "backend": spec["backend"], "model": model,
-                            "num_images": args.num_images, "one_thread_images": args.one_thread_images}, args)
+                            "num_images": images, "one_thread_images": args.one_thread_images}, args)
     if "error" not in result:
         done.write_text(json.dumps(result))
     return result
 
 
-def run_detector(name: str, ckpt: Path, config: Path | None, sets: dict, args: argparse.Namespace) -> list[dict]:
+def run_detector(name: str, ckpt: Path, config: Path | None, sets: dict, args: argparse.Namespace,
+                 images: int) -> list[dict]:
     """Every row of one detector: graphs made, then scored."""
     # the graphs depend on the detector and the calibration only: a rerun with other images or threads reuses them
     folder = args.workdir / f"{name}-calib{args.calib_seed}x{args.calib_images}h{args.holdout}"
@@ -364,7 +368,9 @@ def run_detector(name: str, ckpt: Path, config: Path | None, sets: dict, args: a
     for spec in plan(args):
         if spec["key"] not in made:
             made[spec["key"]] = make_graphs(spec, base, folder, args)
-        rows.append({**spec, **made[spec["key"]], **score(spec, made[spec["key"]], base, folder, args)})
+        if args.make_only:
+            continue
+        rows.append({**spec, **made[spec["key"]], **score(spec, made[spec["key"]], base, folder, args, images)})
     return rows
 
 
@@ -418,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     log(f"synthetic sets in {args.workdir} ...")
     sets = synthetic_sets(args)
+    if args.make_only:
+        for name, ckpt, config in detector_files(args):
+            run_detector(name, ckpt, config, sets, args, 0)
+        return 0
     body, everything = [], {}
-    for name, ckpt, config in detector_files(args):
-        rows = run_detector(name, ckpt, config, sets, args)
+    for i, (name, ckpt, config) in enumerate(detector_files(args)):
+        images = args.num_images[min(i, len(args.num_images) - 1)]
+        rows = run_detector(name, ckpt, config, sets, args, images)
         everything[name] = rows
-        body += [f"### {name}", "", detector_table(rows, args.threads), ""]
+        body += [f"### {name}, {images} held-out images", "", detector_table(rows, args.threads), ""]
         for r in rows:
             if r["key"].startswith("w") and r["backend"] == (args.backends[0]) and "calibration_check" in r:
                 body.append(f"- {r['precision']}{' --recon' if r['recon'] else ''}: calibration check "
@@ -430,12 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         body.append("")
     load = os.getloadavg()
     text = "\n".join(head + [
-        f"Held-out set: {args.num_images} synthetic images, seed {args.val_seed} (tools/make_synthetic_coco.py "
-        f"--seed {args.val_seed}); calibration: {args.calib_images} images spread over another synthetic set, seed "
+        f"Held-out set: the first N (per detector, below) images of a synthetic set of {max(args.num_images)}, seed "
+        f"{args.val_seed} (tools/make_synthetic_coco.py --seed {args.val_seed}); calibration: {args.calib_images} images spread over another synthetic set, seed "
         f"{args.calib_seed} ({args.holdout} more of it for repq-export's calibration check), the same images for "
         "quantize_static and repq-export. Latency: median runner call per image (preprocessing and mask pasting "
         "excluded) after one warm-up call; the 1-thread column over the first "
-        f"{min(args.one_thread_images, args.num_images)} images. Delta: against the float graph on the same backend.",
+        f"{args.one_thread_images} images. Delta: against the float graph on the same backend.",
         "", *body,
         f"Total wall time {time.perf_counter() - start:.0f} s; load average at the end {load[0]:.2f} / "
         f"{load[1]:.2f} / {load[2]:.2f}.", "", "Command: `" + bc.command_line() + "`", ""])
