@@ -320,6 +320,7 @@ def make_graphs(spec: dict, base: dict, folder: Path, args: argparse.Namespace) 
     """Make (or reuse) the graphs of one row's variant: {'ort': path, 'openvino': path, ...}."""
     files = {"ort": str(folder / f"{spec['key']}.onnx"), "openvino": str(folder / f"{spec['key']}_openvino.onnx")}
     done = folder / f"{spec['key']}.made.json"
+    wait_for_other_maker(folder / f"{spec['key']}.making", done)
     if done.is_file():
         return json.loads(done.read_text())
     task = {**base, **files, "kind": spec["make"]}
@@ -330,10 +331,26 @@ def make_graphs(spec: dict, base: dict, folder: Path, args: argparse.Namespace) 
         task.update(files, artifact=str(folder / spec["key"]), bits=spec["bits"], recon=spec["recon"],
                     recon_iters=args.recon_iters, holdout=args.holdout)
     log(f"{folder.name}: making {spec['key']} ...")
-    made = {**run_task(task, args), **files}
+    lock = folder / f"{spec['key']}.making"
+    lock.write_text(str(os.getpid()))
+    try:
+        made = {**run_task(task, args), **files}
+    finally:
+        lock.unlink(missing_ok=True)
     if "error" not in made:
         done.write_text(json.dumps(made))
     return made
+
+
+def wait_for_other_maker(lock: Path, done: Path) -> None:
+    """Wait while another run of this script (its pid in `lock`) makes the same graphs: runs with
+    different --bits can make a detector's variants side by side."""
+    while lock.is_file() and not done.is_file():
+        try:
+            os.kill(int(lock.read_text()), 0)
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(10)
 
 
 def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Namespace, images: int) -> dict:
