@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=bc.ROOT / "benchmarks/results/bench_accuracy.md",
                    help="Markdown results file (default benchmarks/results/bench_accuracy.md)")
     p.add_argument("--json-out", type=Path, help="also write every row's figures as JSON")
+    p.add_argument("--cached-only", action="store_true", help="only the table of what earlier runs made and scored "
+                   "in --workdir (rows they did not reach say so)")
     p.add_argument("--make-only", action="store_true", help="make the graphs only (to prepare a later run)")
     p.add_argument("--in-process", action="store_true", help="run every step in this process (small models: "
                    "saves a process start per step)")
@@ -323,6 +325,8 @@ def make_graphs(spec: dict, base: dict, folder: Path, args: argparse.Namespace) 
     wait_for_other_maker(folder / f"{spec['key']}.making", done)
     if done.is_file():
         return json.loads(done.read_text())
+    if args.cached_only:
+        return {"error": "not run (--cached-only: not made by an earlier run)"}
     task = {**base, **files, "kind": spec["make"]}
     if spec["make"] == "qstatic":
         task.update(method=spec["method"], float=str(folder / "float.onnx"))
@@ -360,7 +364,9 @@ def score(spec: dict, made: dict, base: dict, folder: Path, args: argparse.Names
     if done.is_file():
         return json.loads(done.read_text())
     if "error" in made:
-        return {"error": "graph not made"}
+        return {"error": made["error"] if args.cached_only else "graph not made"}
+    if args.cached_only:
+        return {"error": f"not run (--cached-only: not scored on {images} images by an earlier run)"}
     log(f"{folder.name}: scoring {spec['key']} on {spec['backend']} ...")
     model = made["ort" if spec["backend"] == ORT else "openvino"]
     result = run_task({**base, "kind": "eval", "backend": spec["backend"], "model": model,
