@@ -408,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                             profiled[v] = bc.run_worker({"kind": "profile", "size": list(size),
                                                          "threads": max(threads), "path": specs[v]["path"],
                                                          "precision": specs[v]["precision"]}).get("profile_us", {})
-                    if profiled.get(variant):
-                        lines += profile_lines(variant, ref, profiled[variant], profiled.get(ref))
+                    if profiled.get(variant) and (variant, ref) == next(m for m in missed if m[0] == variant):
+                        refs = [r for v, r in missed if v == variant and profiled.get(r)]
+                        lines += profile_lines(variant, refs[0] if refs else ref, profiled[variant],
+                                               profiled.get(refs[0]) if refs else None)
         load1 = os.getloadavg()
         lines += [f"Median of {args.runs} round-robin rounds after {args.warmup} warm-up run(s); OpenVINO with one "
                   "stream, PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS = the thread count; onnxruntime with "
