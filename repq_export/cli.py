@@ -75,7 +75,7 @@ def run_export(argv: list[str]) -> int:
         raise UserError("--bits (or both --w-bits and --a-bits) is required")
     from .deploy_config import load_deploy_config
     from .export.artifact import ExportRequest, check_export_out, export_artifact
-    from .export.deploy_settings import artifact_engine_file, artifact_onnx_file
+    from .artifact.artifact_file import Artifact, engine_beside
     from .export.forms import check_export_bits, form_for
     from .export.tensorrt_builder import build_engine, tensorrt_available
     from .files import check_input_file
@@ -102,12 +102,12 @@ def run_export(argv: list[str]) -> int:
                         device=args.device, force=args.force, make_parent=args.out is None,
                         max_pixels=args.max_pixels, recon=recon_settings(args))
     check_export_out(req)
-    artifact = export_artifact(req, progress=not args.quiet)
-    print(f"wrote {artifact_onnx_file(artifact)}, quant.pth, repq.json")
+    artifact = Artifact.open(export_artifact(req, progress=not args.quiet))
+    print(f"wrote {artifact.onnx_path}, quant.pth, repq.json")
     if args.engine:
-        engine = artifact_engine_file(artifact)
-        build_engine(artifact_onnx_file(artifact), engine, deploy)
-        record_added_file(artifact, engine)
+        engine = engine_beside(artifact.onnx_path)
+        build_engine(artifact.onnx_path, engine, deploy)
+        record_added_file(artifact.path, engine)
         print(f"wrote {engine}")
     return 0
 
@@ -123,13 +123,14 @@ def run_check(argv: list[str]) -> int:
                       "Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
-    from .export.deploy_settings import artifact_onnx_file
+    from .artifact.artifact_file import onnx_file_of
     from .deploy_config import TARGET_ANY, TARGET_VNNI
-    from .export.forms import ONNXRUNTIME, graph_form, graph_target_cpu
+    from .export.forms import ONNXRUNTIME, graph_form
+    from .graph_targets import graph_target_cpu
     from .export.ort_check import check_onnxruntime_form, format_ort_report
     from .export.trt_check import check_tensorrt_compat, format_report
 
-    path = artifact_onnx_file(args.model) if args.model.is_dir() else args.model
+    path = onnx_file_of(args.model) if args.model.is_dir() else args.model
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
     proto = read_onnx(path)

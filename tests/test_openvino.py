@@ -129,9 +129,9 @@ def test_missing_openvino_is_one_user_error(tmp_path):
     code = ("import sys; sys.modules['openvino'] = None\n"
             "from pathlib import Path\n"
             "from repq_export.errors import UserError\n"
-            "from repq_export.commands.runners import make_runner\n"
+            "from repq_export.runtime.build import runner_for\n"
             "try:\n"
-            f"    make_runner('openvino', model_path=Path({str(tmp_path)!r}))\n"
+            f"    runner_for('openvino', Path({str(tmp_path)!r}))\n"
             "except UserError as e:\n"
             "    print('ERR', e)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -205,7 +205,9 @@ def bundled_ov(tmp_path_factory):
     from repq_export.commands.demo import BUNDLED
     from repq_export.data.coco import CocoDataset
     from repq_export.data.synthetic import make_synthetic_coco
-    from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+    from repq_export.artifact.artifact_file import Artifact
+    from repq_export.artifact.detector import fake_quant_model
+    from repq_export.export.artifact import ExportRequest, export_artifact
 
     if not OV_OK:
         pytest.skip(OV_WHY)
@@ -216,8 +218,8 @@ def bundled_ov(tmp_path_factory):
     out = root / "w4a4"
     export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=4, a_bits=4, config=config, deploy_config=OV_CONFIG,
                                   calib_paths=[dataset[0][1]]), progress=False, log=lambda *_: None)
-    qmodel, manifest, settings = load_artifact_model(out)
-    return out, dataset, qmodel, settings, manifest
+    artifact = Artifact.open(out)
+    return out, dataset, fake_quant_model(artifact), artifact.preprocess, artifact.manifest
 
 
 def ov_verdict(bundled, onnx_path, precision: str = "f32"):

@@ -15,7 +15,9 @@ from repq_export.evaluation.coco_eval import evaluate_coco
 from repq_export.evaluation.envelope import MIN_IMAGES, Float64Reference, judge_envelope
 from repq_export.evaluation.evaluate import coco_results, run_dataset
 from repq_export.evaluation.parity_check import check_parity, probe_codes
-from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+from repq_export.artifact.artifact_file import Artifact
+from repq_export.artifact.detector import fake_quant_model
+from repq_export.export.artifact import ExportRequest, export_artifact
 from repq_export.runtime.ort_runner import OrtRunner
 from repq_export.runtime.torch_runner import TorchRunner
 
@@ -36,7 +38,8 @@ def artifact(root, images: int, seed: int):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out, dataset = artifact(tmp_path_factory.mktemp("verdict"), 6, 11)
-    qmodel, _, settings = load_artifact_model(out)
+    opened = Artifact.open(out)
+    qmodel, settings = fake_quant_model(opened), opened.preprocess
     return out, dataset, qmodel, settings
 
 
@@ -125,7 +128,8 @@ def test_demo_set_fails_broken_graphs_and_passes_the_honest_one(breakage, tmp_pa
     """The demo's 50 images (seed 2026): float16 float parts (about 88% matched against torch float32's
     91%) FAIL tier 2, the honest graph passes."""
     out, dataset = artifact(tmp_path, 50, DEMO_SEED)
-    qmodel, _, settings = load_artifact_model(out)
+    opened = Artifact.open(out)
+    qmodel, settings = fake_quant_model(opened), opened.preprocess
     proto = onnx.load(out / "model.onnx")
     bad = gb.with_float16_outputs(proto) if breakage == "float16" else gb.with_roi_align_mode(proto, "output_half_pixel")
     case = (out, dataset, qmodel, settings)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..export.forms import graph_target_cpu
+from ..graph_targets import graph_target_cpu
 from .base import NetOutput, as_net_output
 from .cpu_features import require_cpu_for
 
