@@ -174,7 +174,8 @@ def float_shapes(tmp_path_factory):
         if (kind, regime) not in graphs:
             path = tmp_path_factory.mktemp(f"float-{kind}-{regime}") / "model.onnx"
             torch.manual_seed(0)
-            export_onnx(with_post_processing(tiny_float_model(kind), regime), path, torch.randn(1, 3, 160, 224), IMG_HW)
+            export_onnx(with_post_processing(tiny_float_model(kind), regime), path, torch.randn(1, 3, 160, 224), IMG_HW,
+                        form=TENSORRT)
             graphs[(kind, regime)] = path
         if (kind, regime, static) not in cache:
             cache[(kind, regime, static)] = output_shapes(graphs[(kind, regime)], network_inputs(kind, static))

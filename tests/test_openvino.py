@@ -176,12 +176,13 @@ def test_runner_on_tiny_configs_f32_deterministic_and_matching(tiny_graph):
 def test_openvino_codes_are_fake_quant_codes_but_near_ties(tiny_graph):
     """Tier 1 probed on OpenVINO: over a million codes, at most one in ten thousand flips."""
     from repq_export.data.transforms import Preprocessed
+    from repq_export.runtime.openvino_runner import OpenVINORunner
 
     qmodel, img, path, proto = tiny_graph
     prep = Preprocessed(img, (int(IMG_HW[0]), int(IMG_HW[1])), (int(IMG_HW[0]), int(IMG_HW[1])),
                         np.ones(4, np.float32))
     image = ImageResult(0, path, prep, None, None)
-    codes = probe_codes(qmodel, str(path), [image], float_parts=False, code_backend="openvino")
+    codes = probe_codes(qmodel, path, [image], OpenVINORunner(path, "f32"), float_parts=False)
     elements, flips = sum(r.elements for r in codes), sum(r.mismatches for r in codes)
     assert elements > 10**5 and flips <= elements * 1e-4, (elements, flips)
 
@@ -224,15 +225,14 @@ def bundled_ov(tmp_path_factory):
 
 def ov_verdict(bundled, onnx_path, precision: str = "f32"):
     from repq_export.evaluation.envelope import Float64Reference
-    from repq_export.evaluation.parity_check import check_parity
+    from repq_export.evaluation.parity_check import ParityOptions, check_parity
     from repq_export.runtime.openvino_runner import OpenVINORunner
     from repq_export.runtime.torch_runner import TorchRunner
 
     out, dataset, qmodel, settings, _ = bundled
+    options = ParityOptions(code_images=1, progress=False, samples=200, float_parts=False)
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OpenVINORunner(onnx_path, precision),
-                                dataset, settings, onnx_path=str(onnx_path), code_images=1, progress=False,
-                                ideal=Float64Reference(qmodel), samples=200, float_parts=False,
-                                code_backend="openvino", ov_precision=precision)
+                                dataset, settings, options, onnx_path, ideal=Float64Reference(qmodel))
     return report
 
 

@@ -18,7 +18,7 @@ from ..deploy_config import load_deploy_config
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, RULE, Float64Reference
-from ..evaluation.parity_check import ParityReport, check_parity
+from ..evaluation.parity_check import ParityOptions, ParityReport, check_parity
 from ..artifact.artifact_file import Artifact, engine_beside
 from ..artifact.detector import fake_quant_model
 from ..export.artifact import ExportRequest, export_artifact
@@ -143,9 +143,10 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
         ref = runner_for("quant", qmodel)
         ort_runner = runner_for("ort", artifact)
         ideal = Float64Reference(qmodel)
-        report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, artifact.preprocess, args.num_images,
-                                    str(artifact.onnx_path), progress=not args.quiet, ideal=ideal,
-                                    match_margin=args.match_margin, ap_margin=args.ap_margin, float_parts=False)
+        options = ParityOptions(max_images=args.num_images, progress=not args.quiet, match_margin=args.match_margin,
+                                ap_margin=args.ap_margin, float_parts=False)
+        report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, artifact.preprocess, options, artifact.onnx_path,
+                                    ideal)
         write_json(out / "parity_ort.json", report.as_dict())
         record_added_file(out, out / "parity_ort.json")
         precision = f"W{n}A{n}"
@@ -179,9 +180,10 @@ def tensorrt_row(name: str, cfg_name: str, ckpt: Path, config: Path | None, n: i
     record_added_file(out, engine_beside(onnx_path))
     artifact = Artifact.open(out)
     qmodel = fake_quant_model(artifact)
+    options = ParityOptions(max_images=args.num_images, progress=not args.quiet, match_margin=args.match_margin,
+                            ap_margin=args.ap_margin)
     report, _, _ = check_parity(qmodel, runner_for("quant", qmodel), runner_for("trt", artifact), dataset,
-                                artifact.preprocess, args.num_images, None, progress=not args.quiet, ideal=ideal,
-                                match_margin=args.match_margin, ap_margin=args.ap_margin)
+                                artifact.preprocess, options, ideal=ideal)
     write_json(out / "parity_trt.json", report.as_dict())
     record_added_file(out, out / "parity_trt.json")
     return Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],

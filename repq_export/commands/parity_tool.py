@@ -17,7 +17,7 @@ from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, SAMPLES, Float6
 from ..evaluation.evaluate import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
 from ..evaluation.noise_floor import Ulps, measure_noise_floor
-from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport, check_parity
+from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityOptions, ParityReport, check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
 from ..artifact.artifact_file import Artifact
 from ..artifact.detector import fake_quant_model
@@ -103,14 +103,11 @@ def run(argv: list[str] | None) -> int:
     ref = runner_for("quant", qmodel, RunnerSettings(device=args.device))
     backend = make_backend(args, artifact, qmodel)
     ideal = None if args.no_float64 else Float64Reference(qmodel)
-    onnx_path = str(artifact.onnx_path) if args.backend in ONNX_BACKENDS else None
-    report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
-                                                onnx_path, args.code_images, progress=not args.quiet,
-                                                ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
-                                                ideal=ideal, match_margin=args.match_margin,
-                                                ap_margin=args.ap_margin, samples=args.bootstrap_samples,
-                                                code_backend=args.backend,
-                                                ov_precision=getattr(backend, "precision", "f32"))
+    onnx_path = artifact.onnx_path if args.backend in ONNX_BACKENDS else None
+    options = ParityOptions(max_images=args.max_images, code_images=args.code_images, progress=not args.quiet,
+                            ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
+                            match_margin=args.match_margin, ap_margin=args.ap_margin, samples=args.bootstrap_samples)
+    report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, options, onnx_path, ideal)
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:

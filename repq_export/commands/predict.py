@@ -12,6 +12,7 @@ from ..data.transforms import preprocess
 from ..errors import UserError
 from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
 from ..artifact.artifact_file import Artifact
+from ..artifact.detector import fake_quant_model
 from ..output_dir import check_not_an_input, check_output_file
 from .common import CommandParser, fraction, max_pixels_option
 from ..runtime.build import RunnerSettings, runner_for
@@ -51,7 +52,8 @@ def run_predict(argv: list[str]) -> int:
     out = save_path(args)
     img = read_image(args.image, args.max_pixels)
     artifact = Artifact.open(args.artifact)
-    runner = runner_for(args.backend, artifact, RunnerSettings(device="cuda" if args.backend == "trt" else "cpu"))
+    source = fake_quant_model(artifact) if args.backend == "quant" else artifact
+    runner = runner_for(args.backend, source, RunnerSettings(device="cuda" if args.backend == "trt" else "cpu"))
     try:
         prep = preprocess(img, **vars(artifact.preprocess))
     except UserError as exc:

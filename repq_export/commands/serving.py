@@ -122,7 +122,8 @@ def triton_repo_parser() -> argparse.ArgumentParser:
 def run_triton_repo(argv: list[str]) -> int:
     args = triton_repo_parser().parse_args(argv)
     from ..artifact.artifact_file import Artifact
-    from ..serving.triton_repo import schema, write_model_repository
+    from ..serving.repo_check import schema
+    from ..serving.triton_repo import write_model_repository
 
     schema()  # before the artifact: a missing extra is said first, as before any work
     written = write_model_repository(Artifact.open(args.artifact), args.out, force=args.force,

@@ -22,6 +22,7 @@ from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..artifact.detector import apply_post_processing
 from ..errors import UserError
+from ..graph_targets import GraphForm
 from ..evaluation.calibration_check import (CalibrationCheck, check_calibration, dataset_ids, format_check,
                                             image_pairs, model_outputs)
 from ..files import file_sha256
@@ -67,6 +68,33 @@ class ExportRequest:
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
     max_pixels: int = MAX_PIXELS  # pixel budget of each calibration image (--max-pixels)
     recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
+    engine: bool = False  # a TensorRT engine follows (--engine): TensorRT must be here before any work
+    bits_options: tuple[str, str] = ("--w-bits", "--a-bits")  # the options a bits error names
+
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """An export request whose cheap checks passed, with the deploy config they read: what the writer starts from."""
+
+    req: ExportRequest
+    deploy: DeployConfig
+    form: GraphForm
+
+
+def check_export(req: ExportRequest) -> CheckedExport:
+    """The checks that cost no model work, each run once: the deploy config read, the bits its form carries,
+    TensorRT for --engine, and the output folder (replaceable, writable, none of the inputs)."""
+    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY_CONFIG)
+    form = form_for(deploy)
+    check_export_bits(req.w_bits, req.a_bits, form, *req.bits_options)
+    if req.engine:
+        from .tensorrt_builder import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UserError(f"--engine: {why}; nothing was written (leave out --engine for the ONNX artifact)")
+    check_export_out(req)
+    return CheckedExport(req, deploy, form)
 
 
 def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
@@ -206,11 +234,13 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
 
 
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
-    """Write the artifact directory for `req`; the directory appears only once complete."""
-    check_export_out(req)
-    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY_CONFIG)
-    form = form_for(deploy)
-    check_export_bits(req.w_bits, req.a_bits, form)
+    """Check `req` (`check_export`), then write its artifact directory (`write_artifact`)."""
+    return write_artifact(check_export(req), progress, log)
+
+
+def write_artifact(job: CheckedExport, progress: bool = True, log=print) -> Path:
+    """Write the artifact directory of a checked request; the directory appears only once complete."""
+    req, deploy, form = job.req, job.deploy, job.form
     paths = calibration_paths(req)
     held = holdout_paths(req)
     for path in paths + held:  # cheap checks first: a bad image costs nothing
@@ -254,7 +284,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
                 "W8A8 graph about 1.35x faster for such CPUs")
         try:
             proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                                deploy.onnx, form, target, roi_nan_guard=roi_nan_guard_for(deploy))
+                                deploy.onnx, form=form, target_cpu=target, roi_nan_guard=roi_nan_guard_for(deploy))
         except UserError as exc:
             raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)

@@ -37,7 +37,7 @@ def target_cpu_for(deploy: DeployConfig) -> TargetCpu:
     return deploy.backend.target_cpu if isinstance(deploy.backend, OnnxRuntimeConfig) else TargetCpu.ANY
 
 
-def supported_bits(form: str) -> tuple[int, ...]:
+def supported_bits(form: GraphForm) -> tuple[int, ...]:
     """Bit widths (weights and activations alike) that `form` carries exactly: the TensorRT form
     2..7 (8-bit asymmetric codes do not fit int8 with zero point 0), the onnxruntime form 2..8."""
     if form not in FORMS:
@@ -45,7 +45,7 @@ def supported_bits(form: str) -> tuple[int, ...]:
     return tuple(range(2, 8)) if form == TENSORRT else tuple(range(2, 9))
 
 
-def check_export_bits(w_bits: int, a_bits: int, form: str, w_option: str = "--w-bits",
+def check_export_bits(w_bits: int, a_bits: int, form: GraphForm, w_option: str = "--w-bits",
                       a_option: str = "--a-bits") -> None:
     """Refuse, before any calibration, bit widths `form` cannot carry exactly, naming the option."""
     allowed = supported_bits(form)

@@ -1,5 +1,5 @@
-"""Every runner is built here: torch float, fake quant, onnxruntime, TensorRT, OpenVINO, from an opened
-`Artifact` (with the session settings its deploy config recorded), a model, or a bare graph file."""
+"""Every runner is built here: torch float and fake quant from a model; onnxruntime, TensorRT and OpenVINO
+from an opened `Artifact` (with the session settings its deploy config recorded) or a bare graph file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 from torch import nn
 
 from ..artifact.artifact_file import Artifact, engine_beside, onnx_file_of
-from ..artifact.detector import fake_quant_model
 from ..errors import UserError
 from .base import Runner
 from .ort_runner import OrtRunner, ort_providers
@@ -34,13 +33,12 @@ class RunnerSettings:
 
 def runner_for(backend: str, source: Source | None, settings: RunnerSettings = RunnerSettings(),
                log: Callable[[str], None] = print) -> Runner:
-    """The runner of `backend` over `source`: torch/quant take a model (quant also an artifact, whose
-    fake-quant model it builds); ort/trt/openvino an artifact, or an ONNX file or engine."""
+    """The runner of `backend` over `source`: torch/quant take a model (an artifact's fake-quant model is
+    `artifact.detector.fake_quant_model`); ort/trt/openvino an artifact, or an ONNX file, engine or folder."""
     if backend in ("torch", "quant"):
-        model = fake_quant_model(source) if isinstance(source, Artifact) else source
-        if not isinstance(model, nn.Module):
-            raise ValueError("torch/quant backends need a model or an artifact")
-        return TorchRunner(model, settings.device, name=backend)
+        if not isinstance(source, nn.Module):
+            raise ValueError("torch/quant backends need a model")
+        return TorchRunner(source, settings.device, name=backend)
     if source is None or isinstance(source, nn.Module):
         raise UserError(f"--backend {backend} needs --model (ONNX file, engine or artifact directory)")
     if isinstance(source, Path) and source.is_dir():

@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 
 from ..artifact.artifact_file import Artifact
-from ..errors import UserError
 from ..files import file_sha256
 from ..output_dir import FolderKind, check_not_an_input, check_out_dir, checked_records, staged_dir
 from . import codec
+from .repo_check import check_repository, parse_config, schema
 from .triton_stages import NET_OUTPUTS, PRE_OUTPUTS, RESPONSE
 
 NETWORK, NETWORK_TRT, PRE, POST = "repq_network", "repq_network_trt", "repq_preprocess", "repq_postprocess"
@@ -47,17 +47,6 @@ MODEL_PY = ('"""Triton Python-backend model written by repq-export triton-repo (
             'Triton\'s Python environment)."""\n\nfrom repq_export.serving.triton_stages import TritonPythonModel  '
             '# noqa: F401\n')
 _ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 10: "TYPE_FP16"}
-
-
-def schema():
-    """Triton's ModelConfig protobuf module and protobuf's text_format (from the [serve] extra)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise UserError("triton-repo needs the [serve] extra (tritonclient[grpc]): pip install "
-                        "'repq-export[serve]'") from None
-    return model_config_pb2, text_format
 
 
 def add_tensor(field, name: str, data_type: str, dims: list[int], optional: bool = False) -> None:
@@ -151,15 +140,6 @@ def write_config(folder: Path, cfg) -> None:
         raise RuntimeError(f"{folder}/config.pbtxt does not parse back into the config written")
 
 
-def parse_config(path: Path):
-    """A config.pbtxt parsed into Triton's ModelConfig (UserError where it does not parse)."""
-    mc, text_format = schema()
-    try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
-    except text_format.ParseError as exc:
-        raise UserError(f"{path}: not a Triton ModelConfig ({exc})") from None
-
-
 def copy_file(src: Path, dst: Path) -> None:
     """Copy a model file into the repository being written (a full disk raises OSError, caught by staged_dir)."""
     shutil.copyfile(src, dst)
@@ -183,8 +163,6 @@ def write_model_repository(artifact: Artifact, out: Path, force: bool = False, i
 
 def fill_repository(out: Path, artifact: Artifact, instances: int, kind: str) -> list[str]:
     """Write every model folder of the repository into the (new, empty) folder `out`; the model names."""
-    from .repo_check import check_repository
-
     onnx_path = artifact.onnx_path
     io = onnx_io(onnx_path)
     write_config(out / NETWORK, network_config(NETWORK, "onnxruntime", io, instances, kind))
