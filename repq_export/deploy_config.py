@@ -367,8 +367,7 @@ class _Reader:
         target = self.expect(f"{key}.target_cpu", raw.get("target_cpu", TARGET_ANY), "str")
         if target not in TARGET_CPUS:
             raise self.fail(f"{key}.target_cpu", f"must be one of {list(TARGET_CPUS)}, got {target!r}")
-        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level,
-                                 target_cpu=TargetCpu(target))
+        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level, target_cpu=TargetCpu(target))
 
     def tensorrt(self, key: str, raw: dict) -> TensorRTConfig:
         self.keys(key, raw, ("type", "common_config", "model_inputs"))
