@@ -23,6 +23,7 @@ from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES
 from repq_export.config_values import ValueReader, as_lists
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
+from repq_export.graph_targets import GraphForm, TargetCpu
 from repq_export.models import reference_settings as ref
 from repq_export.models.config import evaluate_source
 from repq_export.resources import MAX_CONFIG_BYTES
@@ -39,9 +40,9 @@ ORT_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 #: u8s8 kernel can saturate on any CPU. 'vnni': 8-bit weights as full-range int8, one product per
 #: layer (faster); exact only where u8s8 kernels do not add pairs of products in int16 (x86 with
 #: AVX-512 VNNI, AVX-VNNI or AMX; ARM64), and the onnxruntime runner refuses other CPUs.
-TARGET_ANY = "any"
-TARGET_VNNI = "vnni"
-TARGET_CPUS = (TARGET_ANY, TARGET_VNNI)
+TARGET_ANY = TargetCpu.ANY
+TARGET_VNNI = TargetCpu.VNNI
+TARGET_CPUS = tuple(t.value for t in TargetCpu)
 
 # mmdeploy keys that this project deliberately does not take, with the reason.
 _NOT_TAKEN = {
@@ -83,7 +84,7 @@ class OnnxRuntimeConfig:
     #: exporter's int8 weight codes stay within +-64 (8-bit weights as two halves), so every level
     #: is exact for its graphs. 'basic' avoids the fusions for graphs from elsewhere.
     graph_optimization_level: str = "all"
-    target_cpu: str = TARGET_ANY  # see TARGET_CPUS
+    target_cpu: TargetCpu = TargetCpu.ANY  # see TARGET_CPUS
     type: str = "onnxruntime"
 
 
@@ -99,7 +100,7 @@ class TensorRTConfig:
 
 #: backend_config.graph_form of an OpenVINO deploy config: which exact lowering OpenVINO reads
 #: (export/forms.py). Either gets the RoiAlign NaN guard (export/nan_guard.py).
-OPENVINO_GRAPH_FORMS = ("onnxruntime", "tensorrt")
+OPENVINO_GRAPH_FORMS = (GraphForm.ONNXRUNTIME.value, GraphForm.TENSORRT.value)
 #: backend_config.inference_precision: set explicitly on every compile (OpenVINO's own default is
 #: bf16 on CPUs with BF16/AMX); 'bf16' only where the parity check judged it.
 OPENVINO_PRECISIONS = ("f32", "bf16")
@@ -109,7 +110,7 @@ OPENVINO_PRECISIONS = ("f32", "bf16")
 class OpenVINOConfig:
     """OpenVINO CPU settings: the graph form it reads, and its inference precision."""
 
-    graph_form: str = "onnxruntime"
+    graph_form: GraphForm = GraphForm.ONNXRUNTIME
     inference_precision: str = "f32"
     device: str = "CPU"
     type: str = "openvino"
@@ -287,7 +288,7 @@ class _Reader(ValueReader):
         device = self.expect(f"{key}.device", raw.get("device", "CPU"), "str")
         if device != "CPU":
             raise self.fail(f"{key}.device", f"only 'CPU' is supported, got {device!r}")
-        return OpenVINOConfig(graph_form=form, inference_precision=precision)
+        return OpenVINOConfig(graph_form=GraphForm(form), inference_precision=precision)
 
     def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
         self.keys(key, raw, ("type", "providers", "graph_optimization_level", "target_cpu"))
@@ -306,7 +307,7 @@ class _Reader(ValueReader):
         target = self.expect(f"{key}.target_cpu", raw.get("target_cpu", TARGET_ANY), "str")
         if target not in TARGET_CPUS:
             raise self.fail(f"{key}.target_cpu", f"must be one of {list(TARGET_CPUS)}, got {target!r}")
-        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level, target_cpu=target)
+        return OnnxRuntimeConfig(providers=providers, graph_optimization_level=level, target_cpu=TargetCpu(target))
 
     def tensorrt(self, key: str, raw: dict) -> TensorRTConfig:
         self.keys(key, raw, ("type", "common_config", "model_inputs"))

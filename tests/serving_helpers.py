@@ -39,11 +39,13 @@ def free_ports(count: int) -> list[int]:
 
 def in_process(artifact: Path, images: list[Path]) -> dict[Path, object]:
     """Each image's detections from the artifact's onnxruntime runner in this process (what predict does)."""
-    from repq_export.commands.predict import artifact_runner
+    from repq_export.artifact.artifact_file import Artifact
     from repq_export.evaluation.evaluate import run_image
+    from repq_export.runtime.build import runner_for
 
-    runner, _, settings = artifact_runner(artifact, "ort")
-    return {p: run_image(runner, p, settings)[2] for p in images}
+    opened = Artifact.open(artifact)
+    runner = runner_for("ort", opened)
+    return {p: run_image(runner, p, opened.preprocess)[2] for p in images}
 
 
 def assert_same(served, dets, classes, score_thr: float = 0.0) -> None:

@@ -12,11 +12,13 @@ import onnx
 import pytest
 
 from cli_helpers import TINY_MASK, make_checkpoint, make_coco
-from repq_export.commands.runners import make_runner
+from repq_export.runtime.build import runner_for
 from repq_export.data.images import read_image
 from repq_export.data.transforms import preprocess
 from repq_export.errors import UserError
-from repq_export.export.artifact import ExportRequest, artifact_preprocess, export_artifact, load_artifact_model
+from repq_export.artifact.artifact_file import Artifact
+from repq_export.artifact.detector import fake_quant_model
+from repq_export.export.artifact import ExportRequest, export_artifact
 
 STATIC_W, STATIC_H = 288, 224  # larger than any tiny-config image (scale 256 x 192), multiples of 32
 
@@ -72,11 +74,11 @@ def test_post_processing_and_static_size_reach_the_graph(made):
     assert [d.dim_value for d in img] == [1, 3, STATIC_H, STATIC_W]
     boxes = proto.graph.output[0].type.tensor_type.shape.dim
     assert boxes[0].dim_param  # the number of detections stays dynamic in a static export
-    manifest = json.loads((out / "repq.json").read_text())
-    settings = artifact_preprocess(manifest)
+    artifact = Artifact.open(out)
+    settings = artifact.preprocess
     assert settings.pad_to == (STATIC_H, STATIC_W)
-    runner = make_runner("ort", model_path=out)
-    qmodel, _, _ = load_artifact_model(out)
+    runner = runner_for("ort", artifact)
+    qmodel = fake_quant_model(artifact)
     assert qmodel.roi_head.score_thr == 0.3 and qmodel.roi_head.max_per_img == 3
     for path in sorted(img_dir.iterdir()):
         prep = preprocess(read_image(path), **vars(settings))
@@ -90,7 +92,7 @@ def test_session_settings_travel_with_the_artifact(made):
     _, out, _ = made
     import onnxruntime as ort
 
-    runner = make_runner("ort", model_path=out)
+    runner = runner_for("ort", Artifact.open(out))
     level = runner.session.get_session_options().graph_optimization_level
     assert level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert runner.session.get_providers() == ["CPUExecutionProvider"]
@@ -114,12 +116,12 @@ def test_a_provider_this_onnxruntime_lacks_is_refused(made):
         (edited / f.name).write_bytes(f.read_bytes())
     (edited / "repq.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="lacks CUDAExecutionProvider"):
-        make_runner("ort", model_path=edited)
+        runner_for("ort", Artifact.open(edited))
 
 
 def test_an_image_larger_than_the_static_size_is_refused(made):
     _, out, _ = made
-    settings = artifact_preprocess(json.loads((out / "repq.json").read_text()))
+    settings = Artifact.open(out).preprocess
     big = np.zeros((800, 1200, 3), np.uint8)  # resized to 171 x 256 (h x w) at the tiny scale
     with pytest.raises(UserError, match="does not fit the graph's static input size"):
         preprocess(big, **vars(replace(settings, pad_to=(160, 160))))

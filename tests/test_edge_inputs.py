@@ -30,8 +30,10 @@ import torch
 from repq_export.deploy_config import TARGET_ANY, TARGET_VNNI, PostProcessing, load_deploy_config
 from repq_export.data.transforms import PreprocessSettings, preprocess
 from repq_export.evaluation.parity import compare_codes, find_code_probes, with_probe_outputs
-from repq_export.export.deploy_settings import apply_post_processing
-from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_target_cpu
+from repq_export.artifact.artifact_file import Artifact
+from repq_export.artifact.detector import apply_post_processing
+from repq_export.export.forms import ONNXRUNTIME, TENSORRT
+from repq_export.graph_targets import graph_target_cpu
 from repq_export.export.graph_index import index_graph
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.ort_check import check_onnxruntime_form, rule_empty_reshape
@@ -178,7 +180,8 @@ def float_shapes(tmp_path_factory):
         if (kind, regime) not in graphs:
             path = tmp_path_factory.mktemp(f"float-{kind}-{regime}") / "model.onnx"
             torch.manual_seed(0)
-            export_onnx(with_post_processing(tiny_float_model(kind), regime), path, torch.randn(1, 3, 160, 224), IMG_HW)
+            export_onnx(with_post_processing(tiny_float_model(kind), regime), path, torch.randn(1, 3, 160, 224), IMG_HW,
+                        form=TENSORRT)
             graphs[(kind, regime)] = path
         if (kind, regime, static) not in cache:
             cache[(kind, regime, static)] = output_shapes(graphs[(kind, regime)], network_inputs(kind, static))
@@ -334,7 +337,8 @@ def test_serving_returns_an_empty_detection_list(silent_artifact):
     from repq_export.serving.server import ServeOptions, model_instances
     from repq_export.serving.triton_stages import run_postprocess, run_preprocess
 
-    models, manifest = model_instances(silent_artifact, ServeOptions())
+    opened = Artifact.open(silent_artifact)
+    models, manifest = model_instances(opened, ServeOptions()), opened.manifest
     for name, image in FLAT_IMAGES.items():
         data = cv2.imencode(".png", image)[1].reshape(1, -1)
         served = [codec.decode_response(models[0].detect({codec.IMAGE: data}))]
@@ -355,7 +359,8 @@ def test_serving_refuses_an_image_that_shrinks_to_nothing_as_a_bad_request(silen
     from repq_export.serving.server import ServeOptions, model_instances
     from repq_export.serving.triton_stages import run_preprocess
 
-    models, manifest = model_instances(silent_artifact, ServeOptions())
+    opened = Artifact.open(silent_artifact)
+    models, manifest = model_instances(opened, ServeOptions()), opened.manifest
     data = cv2.imencode(".png", np.zeros((1, 2000, 3), np.uint8))[1].reshape(1, -1)
     with pytest.raises(codec.BadRequest, match="shrinks to nothing"):
         models[0].detect({codec.IMAGE: data})

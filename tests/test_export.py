@@ -12,6 +12,7 @@ import torch
 
 from repq_export.evaluation.parity import (backend_output, compare_codes, compare_float_parts, find_code_probes,
                                           match_detections, with_probe_outputs)
+from repq_export.export.forms import TENSORRT
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.build import build_detector
@@ -51,7 +52,7 @@ def tiny_quant_model(kind: str, bits: int = 4):
 def exported(request, tmp_path_factory):
     qmodel, img = tiny_quant_model(request.param)
     path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    proto = export_onnx(qmodel, path, img, IMG_HW)
+    proto = export_onnx(qmodel, path, img, IMG_HW, form=TENSORRT)
     return request.param, qmodel, img, path, proto
 
 
@@ -154,7 +155,7 @@ def test_onnxruntime_detections_match_fake_quant(exported):
 def test_export_is_byte_identical(exported, tmp_path):
     kind, qmodel, img, path, _ = exported
     again = tmp_path / "again.onnx"
-    export_onnx(copy.deepcopy(qmodel), again, img, IMG_HW)
+    export_onnx(copy.deepcopy(qmodel), again, img, IMG_HW, form=TENSORRT)
     assert again.read_bytes() == path.read_bytes()
 
 

@@ -136,9 +136,9 @@ def test_missing_openvino_is_one_user_error(tmp_path):
     code = ("import sys; sys.modules['openvino'] = None\n"
             "from pathlib import Path\n"
             "from repq_export.errors import UserError\n"
-            "from repq_export.commands.runners import make_runner\n"
+            "from repq_export.runtime.build import runner_for\n"
             "try:\n"
-            f"    make_runner('openvino', model_path=Path({str(tmp_path)!r}))\n"
+            f"    runner_for('openvino', Path({str(tmp_path)!r}))\n"
             "except UserError as e:\n"
             "    print('ERR', e)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -183,12 +183,13 @@ def test_runner_on_tiny_configs_f32_deterministic_and_matching(tiny_graph):
 def test_openvino_codes_are_fake_quant_codes_but_near_ties(tiny_graph):
     """Tier 1 probed on OpenVINO: over a million codes, at most one in ten thousand flips."""
     from repq_export.data.transforms import Preprocessed
+    from repq_export.runtime.openvino_runner import OpenVINORunner
 
     qmodel, img, path, proto = tiny_graph
     prep = Preprocessed(img, (int(IMG_HW[0]), int(IMG_HW[1])), (int(IMG_HW[0]), int(IMG_HW[1])),
                         np.ones(4, np.float32))
     image = ImageResult(0, path, prep, None, None)
-    codes = probe_codes(qmodel, str(path), [image], float_parts=False, code_backend="openvino")
+    codes = probe_codes(qmodel, path, [image], OpenVINORunner(path, "f32"), float_parts=False)
     elements, flips = sum(r.elements for r in codes), sum(r.mismatches for r in codes)
     assert elements > 10**5 and flips <= elements * 1e-4, (elements, flips)
 
@@ -212,7 +213,9 @@ def bundled_ov(tmp_path_factory):
     from repq_export.commands.demo import BUNDLED
     from repq_export.data.coco import CocoDataset
     from repq_export.data.synthetic import make_synthetic_coco
-    from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+    from repq_export.artifact.artifact_file import Artifact
+    from repq_export.artifact.detector import fake_quant_model
+    from repq_export.export.artifact import ExportRequest, export_artifact
 
     if not OV_OK:
         pytest.skip(OV_WHY)
@@ -223,21 +226,20 @@ def bundled_ov(tmp_path_factory):
     out = root / "w4a4"
     export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=4, a_bits=4, config=config, deploy_config=OV_CONFIG,
                                   calib_paths=[dataset[0][1]]), progress=False, log=lambda *_: None)
-    qmodel, manifest, settings = load_artifact_model(out)
-    return out, dataset, qmodel, settings, manifest
+    artifact = Artifact.open(out)
+    return out, dataset, fake_quant_model(artifact), artifact.preprocess, artifact.manifest
 
 
 def ov_verdict(bundled, onnx_path, precision: str = "f32"):
     from repq_export.evaluation.envelope import Float64Reference
-    from repq_export.evaluation.parity_check import check_parity
+    from repq_export.evaluation.parity_check import ParityOptions, check_parity
     from repq_export.runtime.openvino_runner import OpenVINORunner
     from repq_export.runtime.torch_runner import TorchRunner
 
     out, dataset, qmodel, settings, _ = bundled
+    options = ParityOptions(code_images=1, progress=False, samples=200, float_parts=False)
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OpenVINORunner(onnx_path, precision),
-                                dataset, settings, onnx_path=str(onnx_path), code_images=1, progress=False,
-                                ideal=Float64Reference(qmodel), samples=200, float_parts=False,
-                                code_backend="openvino", ov_precision=precision)
+                                dataset, settings, options, onnx_path, ideal=Float64Reference(qmodel))
     return report
 
 

@@ -14,8 +14,10 @@ from repq_export.evaluation.bootstrap import interval, per_image_matches, resamp
 from repq_export.evaluation.coco_eval import evaluate_coco
 from repq_export.evaluation.envelope import MIN_IMAGES, Float64Reference, judge_envelope
 from repq_export.evaluation.evaluate import coco_results, run_dataset
-from repq_export.evaluation.parity_check import check_parity, probe_codes
-from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+from repq_export.evaluation.parity_check import ParityOptions, check_parity, probe_codes
+from repq_export.artifact.artifact_file import Artifact
+from repq_export.artifact.detector import fake_quant_model
+from repq_export.export.artifact import ExportRequest, export_artifact
 from repq_export.runtime.ort_runner import OrtRunner
 from repq_export.runtime.torch_runner import TorchRunner
 
@@ -36,7 +38,8 @@ def artifact(root, images: int, seed: int):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out, dataset = artifact(tmp_path_factory.mktemp("verdict"), 6, 11)
-    qmodel, _, settings = load_artifact_model(out)
+    opened = Artifact.open(out)
+    qmodel, settings = fake_quant_model(opened), opened.preprocess
     return out, dataset, qmodel, settings
 
 
@@ -48,9 +51,9 @@ def broken(out, proto: onnx.ModelProto, name: str):
 
 def verdict(small, onnx_path, code_images=0):
     out, dataset, qmodel, settings = small
+    options = ParityOptions(code_images=code_images, progress=False, samples=200, float_parts=False)
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OrtRunner(onnx_path), dataset, settings,
-                                onnx_path=str(onnx_path), code_images=code_images, progress=False,
-                                ideal=Float64Reference(qmodel), samples=200, float_parts=False)
+                                options, onnx_path, ideal=Float64Reference(qmodel))
     return report
 
 
@@ -98,7 +101,7 @@ def test_honest_graph_passes_and_a_roi_align_mode_change_fails(small, reference_
     matched = roi.figure("matched")
     assert matched.backend < matched.reference - 0.2 and matched.low > matched.margin and not matched.ok
     assert not roi.ok
-    codes = probe_codes(qmodel, str(path), reference_runs[1].images[:1], float_parts=False)
+    codes = probe_codes(qmodel, path, reference_runs[1].images[:1], OrtRunner(path), float_parts=False)
     assert sum(r.elements for r in codes) > 10**6 and sum(r.mismatches for r in codes) == 0  # tier 1 cannot see it
 
 
@@ -106,7 +109,7 @@ def test_a_quantizer_scale_off_by_a_step_fails_tier_1(small):
     out, dataset, qmodel, settings = small
     path = broken(out, gb.with_quantizer_scale(onnx.load(out / "model.onnx"), index=3, factor=1.5), "scale")
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OrtRunner(path), dataset, settings,
-                                max_images=1, onnx_path=str(path), progress=False, float_parts=False)
+                                ParityOptions(max_images=1, progress=False, float_parts=False), path)
     assert report.tier1_ok is False and report.code_mismatches > 0 and not report.ok
 
 
@@ -125,7 +128,8 @@ def test_demo_set_fails_broken_graphs_and_passes_the_honest_one(breakage, tmp_pa
     """The demo's 50 images (seed 2026): float16 float parts (about 88% matched against torch float32's
     91%) FAIL tier 2, the honest graph passes."""
     out, dataset = artifact(tmp_path, 50, DEMO_SEED)
-    qmodel, _, settings = load_artifact_model(out)
+    opened = Artifact.open(out)
+    qmodel, settings = fake_quant_model(opened), opened.preprocess
     proto = onnx.load(out / "model.onnx")
     bad = gb.with_float16_outputs(proto) if breakage == "float16" else gb.with_roi_align_mode(proto, "output_half_pixel")
     case = (out, dataset, qmodel, settings)
@@ -148,7 +152,8 @@ def test_tensorrt_goes_through_the_same_rule(request):
     deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_tensorrt-int8_dynamic-320x320-1344x1344.py")
     build_engine(out / "model.onnx", out / "model.engine", deploy)
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), TensorRTRunner(out / "model.engine"),
-                                dataset, settings, progress=False, ideal=Float64Reference(qmodel), samples=200)
+                                dataset, settings, ParityOptions(progress=False, samples=200),
+                                ideal=Float64Reference(qmodel))
     assert report.envelope is not None and report.envelope.images == len(dataset)
     assert report.ok, report.table()
 
@@ -157,9 +162,9 @@ def test_too_few_images_leave_tiers_2_and_3_unjudged(small):
     """On fewer images than the float64 rule needs there is no interval: tiers 2/3 say so instead of judging."""
     out, dataset, qmodel, settings = small
     onnx_path = out / "model.onnx"
+    options = ParityOptions(max_images=MIN_IMAGES - 1, code_images=1, progress=False, samples=50, float_parts=False)
     report, _, _ = check_parity(qmodel, TorchRunner(qmodel, name="quant"), OrtRunner(onnx_path), dataset, settings,
-                                max_images=MIN_IMAGES - 1, onnx_path=str(onnx_path), code_images=1, progress=False,
-                                ideal=Float64Reference(qmodel), samples=50, float_parts=False)
+                                options, onnx_path, ideal=Float64Reference(qmodel))
     assert not report.envelope.judged and report.tier2_ok is None and report.tier3_ok is None
     assert report.tier1_ok and report.ok  # tier 1 still judges: 0 codes differ
     assert "NOT JUDGED" in report.table()

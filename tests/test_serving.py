@@ -27,12 +27,13 @@ def art(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(art):
     """A server over the tiny artifact with two instances and a 1 MiB image limit, in this process."""
+    from repq_export.artifact.artifact_file import Artifact
     from repq_export.serving.server import ServeOptions, start_server
 
     http, grpc, metrics = free_ports(3)
     options = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, instances=2,
                            max_image_bytes=1 << 20)
-    triton = start_server(art.path, options, log=lambda _: None)
+    triton = start_server(Artifact.open(art.path), options, log=lambda _: None)
     yield {"http": f"http://127.0.0.1:{http}", "grpc": f"grpc://127.0.0.1:{grpc}"}
     triton.stop()
 

@@ -70,13 +70,15 @@ def test_steps_give_the_in_process_detections(art):
     """The Python steps around the network (what Triton runs) equal predict's path, on every test image."""
     import json
 
-    from repq_export.commands.predict import artifact_runner
+    from repq_export.artifact.artifact_file import Artifact
+    from repq_export.runtime.build import runner_for
     from repq_export.evaluation.evaluate import run_image
     from repq_export.serving import codec
     from repq_export.serving.triton_stages import run_postprocess, run_preprocess
 
     manifest = json.loads((art.path / "repq.json").read_text())
-    runner, _, settings = artifact_runner(art.path, "ort")
+    opened = Artifact.open(art.path)
+    runner, settings = runner_for("ort", opened), opened.preprocess
     for path in sorted(art.img_dir.glob("*.png")):
         pre = run_preprocess(np.frombuffer(path.read_bytes(), np.uint8)[None], manifest["preprocess"])
         net = runner(torch.from_numpy(pre["img"]), torch.from_numpy(pre["img_hw"]))
@@ -105,7 +107,8 @@ def test_python_steps_load_and_answer_in_tritonserver(art, repo, tmp_path):
     import tritonclient.http as http
     from serving_helpers import free_ports
 
-    from repq_export.commands.predict import artifact_runner
+    from repq_export.artifact.artifact_file import Artifact
+    from repq_export.runtime.build import runner_for
     from repq_export.evaluation.evaluate import run_image
     from repq_export.serving import codec
     from repq_export.serving.triton_stages import RESPONSE
@@ -141,7 +144,8 @@ def test_python_steps_load_and_answer_in_tritonserver(art, repo, tmp_path):
             t.set_data_from_numpy(array)
             return t
 
-        runner, _, settings = artifact_runner(art.path, "ort")
+        opened = Artifact.open(art.path)
+        runner, settings = runner_for("ort", opened), opened.preprocess
         for path in sorted(art.img_dir.glob("*.png")):
             result = client.infer("repq_preprocess", [tensor("image", np.frombuffer(path.read_bytes(), np.uint8)[None])])
             pre = {n: result.as_numpy(n) for n in ("img", "img_hw", "scale_factor", "ori_hw")}

@@ -23,7 +23,8 @@ from repq_export.export.locations import scope_to_name
 from repq_export.evaluation.visualize import (ROLE_COLORS, _nice_ceiling, class_color, detector_part,
                                               draw_detections, plot_layer_errors, render_layer_errors,
                                               side_by_side, write_image)
-from repq_export.export.artifact import load_artifact_model
+from repq_export.artifact.artifact_file import Artifact
+from repq_export.artifact.detector import fake_quant_model
 from repq_export.quant.layers import named_quantizers
 
 H, W, GRAY = 120, 160, 128
@@ -154,7 +155,7 @@ def art(tmp_path_factory):
 
 
 def test_measure_layer_errors_matches_a_direct_computation(art):
-    qmodel, _, _ = load_artifact_model(art.path)
+    qmodel = fake_quant_model(Artifact.open(art.path))
     torch.manual_seed(0)
     img, img_hw = torch.randn(1, 3, 160, 224), torch.tensor([150.0, 210.0])
     rows = measure_layer_errors(qmodel, [(img, img_hw)])

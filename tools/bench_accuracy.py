@@ -136,8 +136,9 @@ def float_worker(task: dict) -> dict:
     import onnx
 
     from repq_export.deploy_config import load_deploy_config
-    from repq_export.export.deploy_settings import apply_post_processing
+    from repq_export.artifact.detector import apply_post_processing
     from repq_export.export.nan_guard import guard_roi_align_nans
+    from repq_export.export.forms import ONNXRUNTIME
     from repq_export.export.onnx_export import export_onnx, write_model
     from repq_export.models.checkpoint import load_checkpoint
     from repq_export.resources import DEFAULT_DEPLOY_CONFIG
@@ -148,7 +149,7 @@ def float_worker(task: dict) -> dict:
     detector, info = load_checkpoint(Path(task["ckpt"]), Path(task["config"]) if task["config"] else None)
     apply_post_processing(detector, deploy.codebase.post_processing)
     prep = preprocess_file(calibration_paths(task["sets"], 1)[0], info.preprocess)
-    export_onnx(detector.eval(), task["ort"], prep.tensor, prep.img_hw_tensor, deploy.onnx)
+    export_onnx(detector.eval(), task["ort"], prep.tensor, prep.img_hw_tensor, deploy.onnx, form=ONNXRUNTIME)
     guarded = onnx.load(task["ort"])
     guard_roi_align_nans(guarded)
     write_model(guarded, task["openvino"])
@@ -218,7 +219,9 @@ def ours_worker(task: dict) -> dict:
     """repq-export's artifact (default onnxruntime deploy config), then its state in the OpenVINO form."""
     from repq_export.data.images import preprocess_file
     from repq_export.deploy_config import load_deploy_config
-    from repq_export.export.artifact import ExportRequest, export_artifact, load_artifact_model
+    from repq_export.artifact.artifact_file import Artifact
+    from repq_export.artifact.detector import fake_quant_model
+    from repq_export.export.artifact import ExportRequest, export_artifact
     from repq_export.export.forms import ONNXRUNTIME, form_for, supported_bits
     from repq_export.export.onnx_export import export_onnx
     from repq_export.quant.recon_settings import ReconSettings
@@ -234,12 +237,13 @@ def ours_worker(task: dict) -> dict:
                         calib_img_dir=Path(sets["cal_dir"]), calib_images=task["calib_images"],
                         holdout=task["holdout"], accept_accuracy_loss=True, force=True, recon=recon)
     seconds, _ = bc.time_call(lambda: export_artifact(req, progress=False, log=lambda *a: print(*a, file=sys.stderr)))
-    qmodel, manifest, settings = load_artifact_model(out)
+    artifact = Artifact.open(out)
+    qmodel, settings = fake_quant_model(artifact), artifact.preprocess
     deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu.py")
     form = form_for(deploy) if bits in supported_bits(form_for(deploy)) else ONNXRUNTIME
     prep = preprocess_file(calibration_paths(sets, 1)[0], settings)
-    export_onnx(qmodel, task["openvino"], prep.tensor, prep.img_hw_tensor, deploy.onnx, form, roi_nan_guard=True)
-    check = manifest["calibration_check"]
+    export_onnx(qmodel, task["openvino"], prep.tensor, prep.img_hw_tensor, deploy.onnx, form=form, roi_nan_guard=True)
+    check = artifact.calibration_check
     return {"make_s": seconds, "openvino_form": form, "calibration_check": check["verdict"]}
 
 

@@ -125,11 +125,12 @@ def quant_export_worker(task: dict) -> dict:
 def float_export_worker(task: dict) -> dict:
     """Export the float graph."""
     from repq_export.export.onnx_export import export_onnx
+    from repq_export.graph_targets import GraphForm
 
     bc.set_threads(task["threads"])
     img, img_hw = bc.bench_image(tuple(task["size"]))
     model = bo.load_detector(task["detector"], task["seed"])
-    seconds, _ = bc.time_call(lambda: export_onnx(model, task["path"], img, img_hw))
+    seconds, _ = bc.time_call(lambda: export_onnx(model, task["path"], img, img_hw, form=GraphForm.ONNXRUNTIME))
     return {"export_s": seconds}
 
 

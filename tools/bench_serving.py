@@ -139,8 +139,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)  # the host-side torch work (mask pasting) of the in-process row
 
-    from repq_export.export.artifact import artifact_preprocess, read_artifact
-    from repq_export.export.deploy_settings import artifact_onnx_file
+    from repq_export.artifact.artifact_file import Artifact
     from repq_export.runtime.ort_runner import OrtRunner
     from repq_export.serving.server import ServeOptions, start_server
 
@@ -152,14 +151,15 @@ def main() -> int:
         else:
             artifact, images = tiny_artifact(Path(tmp))
         payloads = [path.read_bytes() for path in images]
-        settings = artifact_preprocess(read_artifact(artifact))
+        opened = Artifact.open(artifact)
+        settings = opened.preprocess
         deadline = time.perf_counter() + args.max_seconds
-        runner = OrtRunner(artifact_onnx_file(artifact), threads=args.threads)
+        runner = OrtRunner(opened.onnx_path, threads=args.threads)
         rows = [("in-process runner", 1, *in_process_row(runner, settings, payloads, args.requests, deadline))]
         expected = rows[0][4]
         rows[0] = rows[0][:4] + ([],)
         http, grpc, metrics = free_ports(3)
-        triton = start_server(artifact, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
+        triton = start_server(opened, ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics,
                                                      instances=args.instances, threads=args.threads), log=lambda _: None)
         try:
             for clients in args.clients:

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from repq_export.commands.demo import BUNDLED  # noqa: E402
-from repq_export.commands.runners import make_runner  # noqa: E402
+from repq_export.runtime.build import runner_for  # noqa: E402
 from repq_export.data.coco import CocoDataset  # noqa: E402
 from repq_export.data.images import preprocess_file  # noqa: E402
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
@@ -89,7 +89,7 @@ def calibrate_on(detector: torch.nn.Module, paths: list[Path], settings, bits: i
 
 def score(model: torch.nn.Module, backend: str, dataset: CocoDataset, settings, n: int, progress: bool) -> tuple[float, float]:
     """(box AP, mask AP) x 100 on the first `n` images."""
-    ap = score_run(run_dataset(make_runner(backend, model), dataset, settings, n, progress=progress), dataset)
+    ap = score_run(run_dataset(runner_for(backend, model), dataset, settings, n, progress=progress), dataset)
     return 100 * ap["bbox_mAP"], 100 * ap["segm_mAP"]
 
 

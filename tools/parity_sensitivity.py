@@ -27,7 +27,8 @@ from repq_export.evaluation import graph_breakages as gb  # noqa: E402
 from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap  # noqa: E402
 from repq_export.evaluation.envelope import Float64Reference, judge_envelope  # noqa: E402
 from repq_export.evaluation.evaluate import DatasetRun, coco_results, run_dataset  # noqa: E402
-from repq_export.export.artifact import load_artifact_model  # noqa: E402
+from repq_export.artifact.artifact_file import Artifact  # noqa: E402
+from repq_export.artifact.detector import fake_quant_model  # noqa: E402
 from repq_export.runtime.ort_runner import OrtRunner  # noqa: E402
 from repq_export.runtime.torch_runner import TorchRunner  # noqa: E402
 
@@ -69,7 +70,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write the Markdown tables here")
     args = p.parse_args()
     start = time.time()
-    qmodel, _, settings = load_artifact_model(args.artifact)
+    artifact = Artifact.open(args.artifact)
+    qmodel, settings = fake_quant_model(artifact), artifact.preprocess
     dataset = CocoDataset(args.ann, args.img_dir)
     n = min(args.max_images, len(dataset))
     ideal = run_dataset(Float64Reference(qmodel), dataset, settings, n, progress=False)

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from repq_export.commands.demo import BUNDLED  # noqa: E402
-from repq_export.commands.runners import make_runner  # noqa: E402
+from repq_export.runtime.build import runner_for  # noqa: E402
 from repq_export.data.calibration_choice import spread_indices  # noqa: E402
 from repq_export.data.coco import CocoDataset  # noqa: E402
 from repq_export.data.images import preprocess_file  # noqa: E402
@@ -93,7 +93,7 @@ def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
 
 
 def run(model: torch.nn.Module, backend: str, dataset: CocoDataset, settings, n: int, progress: bool) -> DatasetRun:
-    return run_dataset(make_runner(backend, model), dataset, settings, n, progress=progress)
+    return run_dataset(runner_for(backend, model), dataset, settings, n, progress=progress)
 
 
 def paired(base: DatasetRun, other: DatasetRun, dataset: CocoDataset, weights: np.ndarray) -> dict[str, tuple]:

@@ -18,14 +18,15 @@ from ..deploy_config import load_deploy_config
 from ..errors import UserError
 from ..evaluation.evaluate import run_dataset, score_run
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, RULE, Float64Reference
-from ..evaluation.parity_check import ParityReport, check_parity
-from ..export.artifact import ExportRequest, export_artifact, load_artifact_model
-from ..export.deploy_settings import artifact_engine_file, artifact_onnx_file
+from ..evaluation.parity_check import ParityOptions, ParityReport, check_parity
+from ..artifact.artifact_file import Artifact, engine_beside
+from ..artifact.detector import fake_quant_model
+from ..export.artifact import ExportRequest, export_artifact
 from ..models.checkpoint import load_checkpoint
 from ..output_dir import check_not_an_input, check_replaceable, record_added_file
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
 from .common import CommandParser, bits, fraction, output_file, positive_int
-from .runners import make_runner, model_file
+from ..runtime.build import runner_for
 from .test_tool import write_json
 
 BUNDLED = (
@@ -123,7 +124,7 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
     detector, info = load_checkpoint(ckpt, config)
     cfg_name = str(config) if config else "(from checkpoint)"
     rows = []
-    float_run = run_dataset(make_runner("torch", detector), dataset, info.preprocess, args.num_images,
+    float_run = run_dataset(runner_for("torch", detector), dataset, info.preprocess, args.num_images,
                             progress=not args.quiet)
     ap = score_run(float_run, dataset)
     rows.append(Row(name, cfg_name, str(ckpt), "float", "torch", ap["bbox_mAP"], ap["segm_mAP"], "-"))
@@ -136,14 +137,16 @@ def run_model(name: str, ckpt: Path, config: Path | None, ann: Path, img_dir: Pa
                             holdout_paths=demo_holdout(dataset, args.num_images), accept_accuracy_loss=True,
                             force=True)
         export_artifact(req, progress=not args.quiet, log=lambda *_: None)
-        qmodel, manifest, settings = load_artifact_model(out)
-        check = manifest["calibration_check"]
-        ref = make_runner("quant", qmodel)
-        ort_runner = make_runner("ort", model_path=out)
+        artifact = Artifact.open(out)
+        qmodel = fake_quant_model(artifact)
+        check = artifact.calibration_check
+        ref = runner_for("quant", qmodel)
+        ort_runner = runner_for("ort", artifact)
         ideal = Float64Reference(qmodel)
-        report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, settings, args.num_images,
-                                    str(model_file(out, "ort")), progress=not args.quiet, ideal=ideal,
-                                    match_margin=args.match_margin, ap_margin=args.ap_margin, float_parts=False)
+        options = ParityOptions(max_images=args.num_images, progress=not args.quiet, match_margin=args.match_margin,
+                                ap_margin=args.ap_margin, float_parts=False)
+        report, _, _ = check_parity(qmodel, ref, ort_runner, dataset, artifact.preprocess, options, artifact.onnx_path,
+                                    ideal)
         write_json(out / "parity_ort.json", report.as_dict())
         record_added_file(out, out / "parity_ort.json")
         precision = f"W{n}A{n}"
@@ -172,12 +175,15 @@ def tensorrt_row(name: str, cfg_name: str, ckpt: Path, config: Path | None, n: i
     export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=n, a_bits=n, config=config, calib_paths=[dataset[0][1]],
                                   deploy_config=deploy_path, accept_accuracy_loss=True, force=True),
                     progress=not args.quiet, log=lambda *_: None)
-    build_engine(artifact_onnx_file(out), artifact_engine_file(out), load_deploy_config(deploy_path))
-    record_added_file(out, artifact_engine_file(out))
-    qmodel, _, settings = load_artifact_model(out)
-    report, _, _ = check_parity(qmodel, make_runner("quant", qmodel), make_runner("trt", model_path=out), dataset,
-                                settings, args.num_images, None, progress=not args.quiet, ideal=ideal,
-                                match_margin=args.match_margin, ap_margin=args.ap_margin)
+    onnx_path = Artifact.open(out).onnx_path
+    build_engine(onnx_path, engine_beside(onnx_path), load_deploy_config(deploy_path))
+    record_added_file(out, engine_beside(onnx_path))
+    artifact = Artifact.open(out)
+    qmodel = fake_quant_model(artifact)
+    options = ParityOptions(max_images=args.num_images, progress=not args.quiet, match_margin=args.match_margin,
+                            ap_margin=args.ap_margin)
+    report, _, _ = check_parity(qmodel, runner_for("quant", qmodel), runner_for("trt", artifact), dataset,
+                                artifact.preprocess, options, ideal=ideal)
     write_json(out / "parity_trt.json", report.as_dict())
     record_added_file(out, out / "parity_trt.json")
     return Row(name, cfg_name, str(ckpt), precision, "tensorrt", report.ap_backend["bbox_mAP"],

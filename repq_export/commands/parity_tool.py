@@ -17,13 +17,14 @@ from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, SAMPLES, Float6
 from ..evaluation.evaluate import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
 from ..evaluation.noise_floor import Ulps, measure_noise_floor
-from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityReport, check_parity
+from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityOptions, ParityReport, check_parity
 from ..evaluation.visualize import plot_layer_errors, side_by_side, write_image
-from ..export.artifact import load_artifact_model
+from ..artifact.artifact_file import Artifact
+from ..artifact.detector import fake_quant_model
 from ..output_dir import check_not_an_input
 from ..runtime.base import Runner
+from ..runtime.build import ONNX_BACKENDS, RunnerSettings, runner_for
 from .common import CommandParser, device, fraction, non_negative_int, output_file, positive_int, run_command
-from .runners import ONNX_BACKENDS, make_runner, model_file
 from .test_tool import write_json
 
 
@@ -92,22 +93,21 @@ def run(argv: list[str] | None) -> int:
     check_not_an_input({"--json-out": args.json_out, "--save-plot": args.save_plot, "--save-images": args.save_images},
                        {"ARTIFACT": args.artifact, "--ann": args.ann, "--img-dir": args.img_dir})
     dataset = CocoDataset(args.ann, args.img_dir)  # first: a bad file costs no model work
-    qmodel, manifest, settings = load_artifact_model(args.artifact)
-    num_classes = manifest.get("architecture", {}).get("num_classes")
+    artifact = Artifact.open(args.artifact)
+    qmodel = fake_quant_model(artifact)
+    settings = artifact.preprocess
+    num_classes = artifact.num_classes
     if num_classes is not None and len(dataset.cat_ids) != num_classes:
         raise UserError(f"{args.ann}: {len(dataset.cat_ids)} categories, but the model predicts "
                         f"{num_classes} classes")
-    ref = make_runner("quant", qmodel, device=args.device)
-    backend = make_backend(args, qmodel)
+    ref = runner_for("quant", qmodel, RunnerSettings(device=args.device))
+    backend = make_backend(args, artifact, qmodel)
     ideal = None if args.no_float64 else Float64Reference(qmodel)
-    onnx_path = str(model_file(args.artifact, args.backend)) if args.backend in ONNX_BACKENDS else None
-    report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, args.max_images,
-                                                onnx_path, args.code_images, progress=not args.quiet,
-                                                ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
-                                                ideal=ideal, match_margin=args.match_margin,
-                                                ap_margin=args.ap_margin, samples=args.bootstrap_samples,
-                                                code_backend=args.backend,
-                                                ov_precision=getattr(backend, "precision", "f32"))
+    onnx_path = artifact.onnx_path if args.backend in ONNX_BACKENDS else None
+    options = ParityOptions(max_images=args.max_images, code_images=args.code_images, progress=not args.quiet,
+                            ap_tolerance=args.ap_tolerance, min_match_rate=args.min_match_rate,
+                            match_margin=args.match_margin, ap_margin=args.ap_margin, samples=args.bootstrap_samples)
+    report, ref_run, backend_run = check_parity(qmodel, ref, backend, dataset, settings, options, onnx_path, ideal)
     print(report.table())
     result = report.as_dict()
     if args.noise_floor:
@@ -121,9 +121,9 @@ def run(argv: list[str] | None) -> int:
         result["noise_floor"] = {**floor.as_dict(), "backend_within": inside}
     if args.json_out:
         write_json(args.json_out, result)
-    precision = f"W{manifest['w_bits']}A{manifest['a_bits']}"
+    precision = artifact.precision
     if args.save_images:
-        save_pictures(args.save_images, ref_run, backend_run, manifest.get("classes"),
+        save_pictures(args.save_images, ref_run, backend_run, artifact.classes,
                       (f"fake quant {precision}", args.backend), args.score_thr)
         print(f"wrote {len(ref_run.images)} side-by-side pictures to {args.save_images}/")
     if args.save_plot:
@@ -136,14 +136,14 @@ def run(argv: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
-def make_backend(args: argparse.Namespace, qmodel: nn.Module) -> Runner:
+def make_backend(args: argparse.Namespace, artifact: Artifact, qmodel: nn.Module) -> Runner:
     """The runner --backend names: onnxruntime or TensorRT on the artifact, or fake quant on CUDA."""
     if args.backend == "quant-cuda":
         if not torch.cuda.is_available():
             raise UserError("--backend quant-cuda: no CUDA device is available to torch")
-        return make_runner("quant", copy.deepcopy(qmodel), device="cuda")
-    return make_runner(args.backend, model_path=args.artifact, device="cuda" if args.backend == "trt" else "cpu",
-                       ov_precision=args.ov_precision)
+        return runner_for("quant", copy.deepcopy(qmodel), RunnerSettings(device="cuda"))
+    return runner_for(args.backend, artifact, RunnerSettings(device="cuda" if args.backend == "trt" else "cpu",
+                                                              ov_precision=args.ov_precision))
 
 
 def ulps_option(text: str) -> float | str:
@@ -181,7 +181,7 @@ def check_picture_paths(args: argparse.Namespace) -> None:
         raise UserError(f"--save-plot {args.save_plot}: give a file name ending in .png")
 
 
-def save_pictures(folder: Path, ref_run: DatasetRun, backend_run: DatasetRun, classes: list[str] | None,
+def save_pictures(folder: Path, ref_run: DatasetRun, backend_run: DatasetRun, classes: tuple[str, ...] | None,
                   titles: tuple[str, str], score_thr: float) -> None:
     """One side-by-side picture an image: fake-quant detections left, the backend's right."""
     try:

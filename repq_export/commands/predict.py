@@ -8,15 +8,14 @@ from pathlib import Path
 
 from ..data.images import read_image
 from ..data.postprocess import postprocess
-from ..data.transforms import PreprocessSettings, preprocess
+from ..data.transforms import preprocess
 from ..errors import UserError
 from ..evaluation.visualize import IMAGE_SUFFIXES, class_name, draw_detections, write_image
-from ..export.artifact import artifact_preprocess, load_artifact_model, read_artifact
-from ..export.deploy_settings import post_processing_of
+from ..artifact.artifact_file import Artifact
+from ..artifact.detector import fake_quant_model
 from ..output_dir import check_not_an_input, check_output_file
-from ..runtime.base import Runner
 from .common import CommandParser, fraction, max_pixels_option
-from .runners import make_runner
+from ..runtime.build import RunnerSettings, runner_for
 
 MAX_LISTED = 20  # detections printed one a line; the picture shows them all
 
@@ -48,32 +47,24 @@ def save_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def artifact_runner(artifact: Path, backend: str) -> tuple[Runner, dict, PreprocessSettings]:
-    """The runner of `backend` over `artifact`, with the artifact's manifest and preprocessing."""
-    if backend == "quant":
-        qmodel, manifest, settings = load_artifact_model(artifact)
-        return make_runner("quant", qmodel), manifest, settings
-    manifest = read_artifact(artifact)  # checks the files against the manifest
-    runner = make_runner(backend, model_path=artifact, device="cuda" if backend == "trt" else "cpu")
-    return runner, manifest, artifact_preprocess(manifest)
-
-
 def run_predict(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     out = save_path(args)
     img = read_image(args.image, args.max_pixels)
-    runner, manifest, settings = artifact_runner(args.artifact, args.backend)
+    artifact = Artifact.open(args.artifact)
+    source = fake_quant_model(artifact) if args.backend == "quant" else artifact
+    runner = runner_for(args.backend, source, RunnerSettings(device="cuda" if args.backend == "trt" else "cpu"))
     try:
-        prep = preprocess(img, **vars(settings))
+        prep = preprocess(img, **vars(artifact.preprocess))
     except UserError as exc:
         raise UserError(f"{args.image}: {exc}") from None
-    mask_thr = post_processing_of(manifest).mask_thr_binary
+    mask_thr = artifact.post_processing.mask_thr_binary
     dets = postprocess(*runner(prep.tensor, prep.img_hw_tensor), prep, mask_thr=mask_thr, keep_binary=True)
-    classes = manifest.get("classes")
+    classes = artifact.classes
     write_image(out, draw_detections(img, dets, classes, args.score_thr))
     shown = [i for i in dets.scores.argsort(kind="stable")[::-1] if dets.scores[i] >= args.score_thr]
     print(f"wrote {out}: {len(shown)} detections with score >= {args.score_thr:g} ({len(dets)} in all), "
-          f"{args.backend} backend, W{manifest['w_bits']}A{manifest['a_bits']}")
+          f"{args.backend} backend, {artifact.precision}")
     for i in shown[:MAX_LISTED]:
         box = ", ".join(f"{v:.1f}" for v in dets.boxes[i])
         print(f"  {class_name(int(dets.labels[i]), classes):<16} {dets.scores[i]:.3f}  [{box}]")

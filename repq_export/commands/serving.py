@@ -49,14 +49,16 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def run_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
-    from ..serving.server import ServeOptions, serve_until_signal, start_server
+    from ..artifact.artifact_file import Artifact
+    from ..serving.server import ServeOptions, check_serving_stack, serve_until_signal, start_server
 
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
                            max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                            backend=args.backend, threads=args.threads,
                            max_image_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_pixels)
-    triton = start_server(args.artifact, options, log=lambda m: print(m, flush=True))
+    check_serving_stack()  # before the artifact: a missing extra is said first, as before any work
+    triton = start_server(Artifact.open(args.artifact), options, log=lambda m: print(m, flush=True))
     return serve_until_signal(triton, log=lambda m: print(m, flush=True))
 
 
@@ -119,9 +121,12 @@ def triton_repo_parser() -> argparse.ArgumentParser:
 
 def run_triton_repo(argv: list[str]) -> int:
     args = triton_repo_parser().parse_args(argv)
+    from ..artifact.artifact_file import Artifact
+    from ..serving.repo_check import schema
     from ..serving.triton_repo import write_model_repository
 
-    written = write_model_repository(args.artifact, args.out, force=args.force, instances=args.instances,
-                                     kind=args.kind)
+    schema()  # before the artifact: a missing extra is said first, as before any work
+    written = write_model_repository(Artifact.open(args.artifact), args.out, force=args.force,
+                                     instances=args.instances, kind=args.kind)
     print(f"wrote Triton model repository {args.out}: {', '.join(written)}")
     return 0

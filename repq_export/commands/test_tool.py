@@ -12,7 +12,7 @@ from ..data.images import blame_calibration_images, read_image
 from ..data.transforms import preprocess
 from ..errors import UserError
 from ..files import check_input_file, write_atomically
-from ..export.deploy_settings import recorded_manifest
+from ..artifact.artifact_file import Artifact
 from ..resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES, MAX_PIXELS
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
@@ -22,7 +22,7 @@ from ..output_dir import check_not_an_input
 from .common import (CommandParser, bits, default_device, device, max_pixels_option, output_file, positive_int,
                      run_command)
 from .recon_options import add_recon_options, maybe_reconstruct, recon_settings
-from .runners import BACKENDS, make_runner
+from ..runtime.build import BACKENDS, RunnerSettings, runner_for
 
 DEFAULT_ANN = Path("data/coco/annotations/instances_val2017.json")
 DEFAULT_IMG_DIR = Path("data/coco/val2017")
@@ -125,15 +125,14 @@ def check_quant_source(quant_file: Path, checkpoint: Path, checkpoint_sha256: st
                         f"{checkpoint} (sha256 {checkpoint_sha256[:12]}...)")
 
 
-def check_model_source(model: Path, manifest: dict | None, checkpoint: Path, checkpoint_sha256: str) -> None:
+def check_model_source(model: Path, artifact: Artifact | None, checkpoint: Path, checkpoint_sha256: str) -> None:
     """Refuse an artifact (or its graph or engine) exported from another checkpoint: its AP would be
     reported under CHECKPOINT's name. A graph from elsewhere (no manifest) records no source."""
-    if manifest is None:
+    if artifact is None:
         return
-    source = manifest["source_checkpoint"]
-    if source["sha256"] != checkpoint_sha256:
-        raise UserError(f"--model {model}: exported from another checkpoint ({source['name']}, sha256 "
-                        f"{source['sha256'][:12]}...), not {checkpoint} (sha256 {checkpoint_sha256[:12]}...); give "
+    if artifact.source_sha256 != checkpoint_sha256:
+        raise UserError(f"--model {model}: exported from another checkpoint ({artifact.source_name}, sha256 "
+                        f"{artifact.source_sha256[:12]}...), not {checkpoint} (sha256 {checkpoint_sha256[:12]}...); give "
                         "the checkpoint it was made from")
 
 
@@ -178,7 +177,7 @@ def run(argv: list[str] | None) -> int:
 def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
     """Evaluate in this process, or as one rank of a torchrun job (rank 0 reports)."""
     dataset = CocoDataset(args.ann, args.img_dir, tuple(args.eval))  # first: a bad file costs no model work
-    recorded = recorded_manifest(args.model) if backend in ("ort", "trt") and args.model is not None else None
+    recorded = Artifact.describing(args.model) if backend in ("ort", "trt") and args.model is not None else None
     detector, info = load_checkpoint(args.checkpoint, args.config)
     check_model_source(args.model, recorded, args.checkpoint, info.sha256)
     if len(dataset.cat_ids) != info.arch.num_classes:
@@ -196,7 +195,9 @@ def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
     device = args.device  # TensorRT takes the GPU init_from_env made current; onnxruntime's CUDA provider GPU 0
     if group and args.device == "cuda" and backend in ("torch", "quant"):
         device = f"cuda:{group.local_rank}"
-    runner = make_runner(backend, model, args.model, device)
+    source = model if backend in ("torch", "quant") else (recorded if recorded is not None and args.model.is_dir()
+                                                         else args.model)
+    runner = runner_for(backend, source, RunnerSettings(device=device))
     if group is None:
         run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet,
                            max_pixels=args.max_pixels)

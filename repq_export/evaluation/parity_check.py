@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 from torch import nn
 from tqdm import tqdm
 
@@ -14,7 +13,7 @@ from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
 from ..export.locations import scope_to_name
 from ..quant.layers import named_quantizers
-from ..runtime.base import Runner
+from ..runtime.base import GraphRunner, Runner
 from .envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, SAMPLES, Envelope, judge_envelope
 from .evaluate import DatasetRun, ImageResult, run_image, score_run
 from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift,
@@ -29,6 +28,21 @@ MASK_IOU_MIN = 0.95  # fixed tier 2: mean IoU of matched RoI masks
 #: rounding tie may flip; its verdict is the float64 rule of tiers 2 and 3, as for any float32 backend)
 TIER1_EXACT = "exact"
 TIER1_REPORTED = "near-tie flips"
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """How a parity check runs and judges, beside the runners: images, tier-1 probe, tolerances, margins."""
+
+    max_images: int | None = None  # only the first N images (None: all)
+    code_images: int = 1  # images for the tier-1 code probe (0 skips it)
+    progress: bool = True
+    ap_tolerance: float | None = None  # tier 3 by this fixed tolerance instead of the float64 rule
+    min_match_rate: float | None = None  # tier 2 by this fixed tolerance instead of the float64 rule
+    match_margin: float = MATCH_MARGIN
+    ap_margin: float = AP_MARGIN
+    samples: int = SAMPLES  # bootstrap resamples of the float64 rule
+    float_parts: bool = True  # tier 1 also measures the float parts fed the backend's codes
 
 
 @dataclass
@@ -209,26 +223,16 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def probe_runner(probed: bytes, code_backend: str, ov_precision: str) -> Callable[[dict], dict]:
-    """A function from feeds to every named output of the probed graph, on onnxruntime (CPU) or OpenVINO."""
-    if code_backend == "openvino":
-        from ..runtime.openvino_runner import OpenVINORunner
-
-        return OpenVINORunner(probed, ov_precision, name="openvino-probe").run_all
-    session = ort.InferenceSession(probed, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(names, session.run(None, feeds)))
-
-
-def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult],
-                float_parts: bool = True, code_backend: str = "ort", ov_precision: str = "f32") -> list[CodeReport]:
-    """Tier 1 on onnxruntime (or OpenVINO): every quantizer call's codes, fed the graph's own inputs."""
+def probe_codes(qmodel: nn.Module, onnx_path: str | Path, images: list[ImageResult], backend: GraphRunner,
+                float_parts: bool = True) -> list[CodeReport]:
+    """Tier 1: every quantizer call's codes, fed the graph's own inputs, read from the graph at `onnx_path`
+    with probe outputs added, run in a session like `backend`'s (`GraphRunner.with_graph`)."""
     proto = onnx.load(onnx_path)
     probes = find_code_probes(proto, {name for name, _ in named_quantizers(qmodel)})
-    run = probe_runner(with_probe_outputs(proto, probes).SerializeToString(), code_backend, ov_precision)
+    probed = backend.with_graph(with_probe_outputs(proto, probes).SerializeToString())
     reports: dict[str, CodeReport] = {}
     for image in images:
-        values = run({"img": image.prep.tensor.numpy(), "img_hw": image.prep.img_hw_tensor.numpy()})
+        values = probed.run_all({"img": image.prep.tensor.numpy(), "img_hw": image.prep.img_hw_tensor.numpy()})
         compare_codes(qmodel, probes, values, reports)
         inputs = record_quantizer_inputs(qmodel, image.prep.tensor, image.prep.img_hw_tensor)
         compare_drift(qmodel, probes, values, inputs, reports)
@@ -238,33 +242,36 @@ def probe_codes(qmodel: nn.Module, onnx_path: str, images: list[ImageResult],
 
 
 def check_parity(qmodel: nn.Module, ref: Runner, backend: Runner, dataset: CocoDataset,
-                 settings: PreprocessSettings, max_images: int | None = None, onnx_path: str | None = None,
-                 code_images: int = 1, progress: bool = True, ap_tolerance: float | None = None,
-                 min_match_rate: float | None = None, ideal: Runner | None = None,
-                 match_margin: float = MATCH_MARGIN, ap_margin: float = AP_MARGIN, samples: int = SAMPLES,
-                 float_parts: bool = True, code_backend: str = "ort",
-                 ov_precision: str = "f32") -> tuple[ParityReport, DatasetRun, DatasetRun]:
-    """All three tiers; tier 1 only where the backend is the ONNX graph (`onnx_path`), probed on `code_backend`
-    (on 'openvino' reported as near-tie flips, not judged); tiers 2 and 3 against the float64 run where
-    ``ideal`` runs it (`envelope.py`), else (or where given) by the fixed tolerances."""
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    report = ParityReport(backend.name, count, 0, ap_tolerance=ap_tolerance, min_match_rate=min_match_rate,
-                          tier1_rule=TIER1_REPORTED if code_backend == "openvino" else TIER1_EXACT)
+                 settings: PreprocessSettings, options: ParityOptions = ParityOptions(),
+                 onnx_path: str | Path | None = None,
+                 ideal: Runner | None = None) -> tuple[ParityReport, DatasetRun, DatasetRun]:
+    """All three tiers; tier 1 only where the backend runs the ONNX graph `onnx_path` (a `GraphRunner`), probed in
+    a session like the backend's (reported as near-tie flips, not judged, where its codes are not exact); tiers 2
+    and 3 against the float64 run where ``ideal`` runs it (`envelope.py`), else (or where given) by the fixed
+    tolerances."""
+    count = len(dataset) if options.max_images is None else min(options.max_images, len(dataset))
+    probed = onnx_path is not None and options.code_images > 0
+    if probed and not hasattr(backend, "with_graph"):
+        raise ValueError(f"{backend.name}: tier 1 needs a runner of the ONNX graph (onnxruntime or OpenVINO)")
+    exact = getattr(backend, "codes_exact", True)
+    report = ParityReport(backend.name, count, 0, ap_tolerance=options.ap_tolerance,
+                          min_match_rate=options.min_match_rate, tier1_rule=TIER1_EXACT if exact else TIER1_REPORTED)
     runners = [ref, backend] + ([ideal] if ideal is not None else [])
     runs = [DatasetRun(r.name) for r in runners]
-    for index in tqdm(range(count), desc="parity", unit="img", disable=not progress, leave=False):
+    for index in tqdm(range(count), desc="parity", unit="img", disable=not options.progress, leave=False):
         info, path = dataset[index]
         for runner, run in zip(runners, runs):
             prep, net, dets = run_image(runner, path, settings)
             run.images.append(ImageResult(int(info["id"]), path, prep, net, dets))
         report.detections.add(match_detections(runs[0].images[-1].net, runs[1].images[-1].net))
     ref_run, backend_run = runs[:2]
-    if onnx_path is not None and code_images > 0:
-        report.code_images = min(code_images, count)
-        report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images], float_parts,
-                                   code_backend, ov_precision)
+    if probed:
+        report.code_images = min(options.code_images, count)
+        report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images], backend,
+                                   options.float_parts)
     report.ap_ref = score_run(ref_run, dataset)
     report.ap_backend = score_run(backend_run, dataset)
     if ideal is not None:
-        report.envelope = judge_envelope(runs[2], ref_run, backend_run, dataset, match_margin, ap_margin, samples)
+        report.envelope = judge_envelope(runs[2], ref_run, backend_run, dataset, options.match_margin,
+                                         options.ap_margin, options.samples)
     return report, ref_run, backend_run

@@ -20,10 +20,11 @@ from ..data.coco import CocoDataset, unscorable
 from ..data.images import blame_calibration_images, check_calibration_image, preprocess_file
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
+from ..artifact.detector import apply_post_processing
 from ..errors import UserError
+from ..graph_targets import GraphForm
 from ..evaluation.calibration_check import (CalibrationCheck, check_calibration, dataset_ids, format_check,
                                             image_pairs, model_outputs)
-from ..models.build import build_detector
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
@@ -31,12 +32,11 @@ from ..quant.recon_settings import ReconSettings
 from ..quant.reconstruct import reconstruct
 from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
-from ..quant.state import load_quant_state, save_quant_state
+from ..quant.state import save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG, MAX_PIXELS
 from ..runtime.cpu_features import saturation_free
 from ..output_dir import MANIFEST, check_not_an_input, check_out_dir, staged_dir
-from .deploy_settings import apply_post_processing, backend_entry, post_processing_entry, post_processing_of
-from .manifest_check import read_manifest
+from .deploy_settings import backend_entry, post_processing_entry
 from .forms import ONNXRUNTIME, check_export_bits, form_for, roi_nan_guard_for, target_cpu_for
 from .onnx_export import count_qdq, export_onnx
 from .ort_check import check_onnxruntime_form, format_ort_report
@@ -68,6 +68,33 @@ class ExportRequest:
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
     max_pixels: int = MAX_PIXELS  # pixel budget of each calibration image (--max-pixels)
     recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
+    engine: bool = False  # a TensorRT engine follows (--engine): TensorRT must be here before any work
+    bits_options: tuple[str, str] = ("--w-bits", "--a-bits")  # the options a bits error names
+
+
+@dataclass(frozen=True)
+class CheckedExport:
+    """An export request whose cheap checks passed, with the deploy config they read: what the writer starts from."""
+
+    req: ExportRequest
+    deploy: DeployConfig
+    form: GraphForm
+
+
+def check_export(req: ExportRequest) -> CheckedExport:
+    """The checks that cost no model work, each run once: the deploy config read, the bits its form carries,
+    TensorRT for --engine, and the output folder (replaceable, writable, none of the inputs)."""
+    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY_CONFIG)
+    form = form_for(deploy)
+    check_export_bits(req.w_bits, req.a_bits, form, *req.bits_options)
+    if req.engine:
+        from .tensorrt_builder import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise UserError(f"--engine: {why}; nothing was written (leave out --engine for the ONNX artifact)")
+    check_export_out(req)
+    return CheckedExport(req, deploy, form)
 
 
 def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
@@ -207,11 +234,13 @@ def build_manifest(info: LoadedCheckpoint, qmodel: torch.nn.Module, calib: list[
 
 
 def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Path:
-    """Write the artifact directory for `req`; the directory appears only once complete."""
-    check_export_out(req)
-    deploy = load_deploy_config(req.deploy_config or DEFAULT_DEPLOY_CONFIG)
-    form = form_for(deploy)
-    check_export_bits(req.w_bits, req.a_bits, form)
+    """Check `req` (`check_export`), then write its artifact directory (`write_artifact`)."""
+    return write_artifact(check_export(req), progress, log)
+
+
+def write_artifact(job: CheckedExport, progress: bool = True, log=print) -> Path:
+    """Write the artifact directory of a checked request; the directory appears only once complete."""
+    req, deploy, form = job.req, job.deploy, job.form
     paths = calibration_paths(req)
     held = holdout_paths(req)
     for path in paths + held:  # cheap checks first: a bad image costs nothing
@@ -255,7 +284,7 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
                 "W8A8 graph about 1.35x faster for such CPUs")
         try:
             proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                                deploy.onnx, form, target, roi_nan_guard=roi_nan_guard_for(deploy))
+                                deploy.onnx, form=form, target_cpu=target, roi_nan_guard=roi_nan_guard_for(deploy))
         except UserError as exc:
             raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)
@@ -294,74 +323,9 @@ def judge_calibration(qmodel: torch.nn.Module, paths: list[Path], held: list[Pat
                              min(req.w_bits, req.a_bits), dataset)
 
 
-def load_artifact_model(artifact: str | Path) -> tuple[torch.nn.Module, dict, PreprocessSettings]:
-    """The fake-quant detector of an artifact (no checkpoint, no calibration), its manifest and
-    preprocessing: the reference side of every parity check."""
-    artifact = Path(artifact)
-    manifest = read_artifact(artifact)
-    try:
-        detector = build_detector(manifest["model_config"])
-    except UserError as err:  # the model config's own 'config: <field>: ...' messages
-        raise UserError(f"{artifact / MANIFEST}: model_config: {str(err).removeprefix('config: ')}") from None
-    apply_post_processing(detector, post_processing_of(manifest))
-    qmodel = load_quant_state(detector, artifact / manifest["quant_state"]["file"], manifest["w_bits"],
-                              manifest["a_bits"])
-    return qmodel, manifest, artifact_preprocess(manifest)
-
-
-def artifact_preprocess(manifest: dict) -> PreprocessSettings:
-    """The host-side preprocessing recorded in an artifact's manifest (what every backend is fed)."""
-    return PreprocessSettings.from_dict(manifest["preprocess"], f"{MANIFEST}: preprocess")
-
-
 def static_preprocess(pre: PreprocessSettings, deploy: DeployConfig) -> PreprocessSettings:
     """`pre`, padding to the deploy config's static size (onnx_config.input_shape, width first) if it has one."""
     if deploy.onnx.input_shape is None:
         return pre
     width, height = deploy.onnx.input_shape
     return replace(pre, pad_to=(height, width))
-
-
-def read_artifact(artifact: str | Path) -> dict:
-    """The manifest of an artifact directory, checked field by field and against the files it names."""
-    artifact = Path(artifact)
-    manifest = read_manifest(artifact)
-    for key in ("onnx", "quant_state"):
-        entry = manifest[key]
-        path = artifact / entry["file"]
-        if not path.is_file():
-            raise UserError(f"{artifact}: {entry['file']} named in {MANIFEST} is missing")
-        if file_sha256(path) != entry["sha256"]:
-            raise UserError(f"{path}: does not match the sha256 in {MANIFEST} (file changed or truncated)")
-    check_quantizer_table(manifest, artifact)
-    return manifest
-
-
-def check_quantizer_table(manifest: dict, artifact: Path) -> None:
-    """Refuse a manifest whose quantizer table differs from quant.pth (an edited scale or zero point):
-    the table is what a reader trusts, quant.pth and model.onnx what runs."""
-    from ..quant.state import read_quant_state
-
-    table = manifest.get("quantizers")
-    manifest_path = artifact / MANIFEST
-    if not isinstance(table, list):
-        raise UserError(f"{manifest_path}: no quantizer table ('quantizers' list)")
-    _, state = read_quant_state(artifact / manifest["quant_state"]["file"])
-    for row in table:
-        name = row.get("name") if isinstance(row, dict) else None
-        if not isinstance(name, str) or f"{name}.scale" not in state:
-            raise UserError(f"{manifest_path}: quantizer table row {str(name)[:80]!r} is not in quant.pth")
-        for field_name in ("scale", "zero_point"):
-            saved = state.get(f"{name}.{field_name}")
-            recorded = row.get(field_name)
-            if recorded is None and field_name == "zero_point" and saved is not None and row.get("kind") == LOG_SQRT2:
-                continue
-            expected = None if saved is None else (saved.item() if saved.dim() == 0 else saved.flatten().tolist())
-            if recorded != expected:
-                raise UserError(f"{manifest_path}: the quantizer table's {field_name} of {name} differs from "
-                                f"quant.pth (edited?): {str(recorded)[:40]} vs {str(expected)[:40]}")
-    names = {row["name"] for row in table}
-    extra = sorted(k[: -len(".scale")] for k in state if k.endswith("_quantizer.scale") and k[: -len(".scale")] not in names)
-    if extra:
-        raise UserError(f"{manifest_path}: quantizer table lacks {len(extra)} quantizer(s) of quant.pth "
-                        f"(first: {extra[0]})")

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import onnx
 
-from ..deploy_config import TARGET_ANY, DeployConfig, OnnxRuntimeConfig, OpenVINOConfig, TensorRTConfig
+from ..deploy_config import DeployConfig, OnnxRuntimeConfig, OpenVINOConfig, TensorRTConfig
 from ..errors import UserError
+from ..graph_targets import TARGET_CPU_KEY, GraphForm, TargetCpu
 
-TENSORRT = "tensorrt"
-ONNXRUNTIME = "onnxruntime"
-FORMS = (TENSORRT, ONNXRUNTIME)
-
-TARGET_CPU_KEY = "repq_target_cpu"  # the graph's metadata entry: deploy_config.TARGET_CPUS
+TENSORRT = GraphForm.TENSORRT
+ONNXRUNTIME = GraphForm.ONNXRUNTIME
+FORMS = tuple(f.value for f in GraphForm)
 
 
-def form_for(deploy: DeployConfig) -> str:
+def form_for(deploy: DeployConfig) -> GraphForm:
     """The lowering a deploy config's backend runs exactly and fastest (OpenVINO: the one its config names)."""
     if isinstance(deploy.backend, OpenVINOConfig):
-        return deploy.backend.graph_form
+        return GraphForm(deploy.backend.graph_form)
     return TENSORRT if isinstance(deploy.backend, TensorRTConfig) else ONNXRUNTIME
 
 
@@ -33,12 +32,12 @@ def roi_nan_guard_for(deploy: DeployConfig) -> bool:
     return isinstance(deploy.backend, OpenVINOConfig)
 
 
-def target_cpu_for(deploy: DeployConfig) -> str:
+def target_cpu_for(deploy: DeployConfig) -> TargetCpu:
     """The CPUs the onnxruntime form is made exact on (`deploy_config.TARGET_CPUS`); 'any' for TensorRT."""
-    return deploy.backend.target_cpu if isinstance(deploy.backend, OnnxRuntimeConfig) else TARGET_ANY
+    return deploy.backend.target_cpu if isinstance(deploy.backend, OnnxRuntimeConfig) else TargetCpu.ANY
 
 
-def supported_bits(form: str) -> tuple[int, ...]:
+def supported_bits(form: GraphForm) -> tuple[int, ...]:
     """Bit widths (weights and activations alike) that `form` carries exactly: the TensorRT form
     2..7 (8-bit asymmetric codes do not fit int8 with zero point 0), the onnxruntime form 2..8."""
     if form not in FORMS:
@@ -46,7 +45,7 @@ def supported_bits(form: str) -> tuple[int, ...]:
     return tuple(range(2, 8)) if form == TENSORRT else tuple(range(2, 9))
 
 
-def check_export_bits(w_bits: int, a_bits: int, form: str, w_option: str = "--w-bits",
+def check_export_bits(w_bits: int, a_bits: int, form: GraphForm, w_option: str = "--w-bits",
                       a_option: str = "--a-bits") -> None:
     """Refuse, before any calibration, bit widths `form` cannot carry exactly, naming the option."""
     allowed = supported_bits(form)
@@ -86,12 +85,5 @@ def set_target_cpu(proto: onnx.ModelProto, target_cpu: str) -> None:
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = TARGET_CPU_KEY, target_cpu
+    entry.key, entry.value = TARGET_CPU_KEY, str(target_cpu)
 
-
-def graph_target_cpu(metadata: dict[str, str] | onnx.ModelProto) -> str:
-    """The target CPU a graph (or its metadata map, as onnxruntime returns it) was exported for;
-    'any' where none is recorded."""
-    if isinstance(metadata, onnx.ModelProto):
-        metadata = {p.key: p.value for p in metadata.metadata_props}
-    return metadata.get(TARGET_CPU_KEY, TARGET_ANY)

@@ -21,6 +21,7 @@ from ..quant.kinds import LOG_SQRT2, SHIFTED, UNIFORM
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
+from ..graph_targets import GraphForm
 from .forms import ONNXRUNTIME, TENSORRT
 from .qdq import DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_lowered
 
@@ -116,7 +117,7 @@ class LogSqrt2Lowered(nn.Module):
 
     kind = LOG_SQRT2
 
-    def __init__(self, q: LogSqrt2Quantizer, form: str = TENSORRT) -> None:
+    def __init__(self, q: LogSqrt2Quantizer, form: GraphForm) -> None:
         super().__init__()
         self.form = form
         self.n_bits = q.bits
@@ -128,7 +129,7 @@ class LogSqrt2Lowered(nn.Module):
         return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits, cast_floors=self.form == ONNXRUNTIME)
 
 
-def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, form: str = TENSORRT) -> nn.Module:
+def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, *, form: GraphForm) -> nn.Module:
     """The export form of an input quantizer, by kind and backend form."""
     if isinstance(q, LogSqrt2Quantizer):
         return LogSqrt2Lowered(q, form)
@@ -145,7 +146,7 @@ def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, form: s
 
 
 def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
-                 form: str = TENSORRT) -> tuple[Tensor, Tensor, Tensor | None]:
+                 form: GraphForm) -> tuple[Tensor, Tensor, Tensor | None]:
     """Weight codes, per-output-channel scale and zero point (None: int8 codes q - zp, zero point 0).
 
     TensorRT form: int8 q - zp, always. onnxruntime form: the same while every code lies in
@@ -188,7 +189,7 @@ class ExportConv2d(nn.Module):
     In the onnxruntime form an on-grid bias goes in as int32 through DequantizeLinear.
     """
 
-    def __init__(self, layer: QuantConv2d, name: str, form: str = TENSORRT) -> None:
+    def __init__(self, layer: QuantConv2d, name: str, form: GraphForm) -> None:
         super().__init__()
         codes, scale, zero_point = weight_codes(layer, name, form)
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels)
@@ -220,7 +221,7 @@ class ExportConv2d(nn.Module):
 class ExportLinear(nn.Module):
     """A quantized linear: lowered input @ DequantizeLinear(codes (in, out), scale, axis 1) + bias."""
 
-    def __init__(self, layer: QuantLinear, name: str, form: str = TENSORRT) -> None:
+    def __init__(self, layer: QuantLinear, name: str, form: GraphForm) -> None:
         super().__init__()
         codes, scale, zero_point = weight_codes(layer, name, form)
         self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", form=form)
@@ -243,7 +244,7 @@ class ExportLinear(nn.Module):
 class ExportMatMul(nn.Module):
     """A quantized activation matmul: both inputs lowered by their kind."""
 
-    def __init__(self, layer: QuantMatMul, name: str, form: str = TENSORRT) -> None:
+    def __init__(self, layer: QuantMatMul, name: str, form: GraphForm) -> None:
         super().__init__()
         self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a", form=form)
         self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b", form=form)
@@ -257,7 +258,7 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def lower_for_export(qmodel: nn.Module, form: str = TENSORRT) -> nn.Module:
+def lower_for_export(qmodel: nn.Module, form: GraphForm) -> nn.Module:
     """A copy of a calibrated fake-quant model with every quantized layer in its export form."""
     if form not in (TENSORRT, ONNXRUNTIME):
         raise ValueError(f"unknown export form {form!r}")

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..boundary import INPUT_NAMES, OUTPUT_NAMES
-from ..deploy_config import TARGET_ANY, OnnxConfig
+from ..deploy_config import OnnxConfig
 from ..files import write_atomically
+from ..graph_targets import GraphForm, TargetCpu
 from ..quant.layers import named_quantizers
-from .forms import ONNXRUNTIME, TENSORRT, set_target_cpu
+from .forms import ONNXRUNTIME, set_target_cpu
 from .locations import locate_calls, store_calls
 from .nan_guard import guard_roi_align_nans
 from .lowering import lower_for_export
@@ -66,7 +67,7 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
-                cfg: OnnxConfig | None = None, form: str = TENSORRT, target_cpu: str = TARGET_ANY,
+                cfg: OnnxConfig | None = None, *, form: GraphForm, target_cpu: TargetCpu = TargetCpu.ANY,
                 roi_nan_guard: bool = False) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the

@@ -17,7 +17,7 @@ quant, or an integer kernel could saturate):
   are stored as uint8 with per-channel zero points and multiplied as two int8 halves hi, lo
   (codes - zp = 16 hi + lo, `rules/split_uint8_weights.py`), each within +-16; the rule reads
   them through their folded expression. A graph exported for target CPU 'vnni' (its metadata,
-  `forms.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
+  `graph_targets.TARGET_CPU_KEY`) keeps 8-bit weights as full-range int8 instead: this rule does not
   apply to it, and its runner refuses CPUs whose u8s8 kernels could saturate.
 - ``qdq-shape``: as in ``trt_check``: zero point and scale of one size, per-axis scales that fit.
 - ``weight-path``: weight codes computed by control flow (Loop, Scan, If), an op ``const_eval`` does
@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto
 
 from ..deploy_config import TARGET_CPUS, TARGET_VNNI
-from .forms import graph_target_cpu
+from ..graph_targets import graph_target_cpu
 from .lowering import INT16_MAX, U8S8_SAFE_WEIGHT
 from .graph_index import Graph, Issue, index_graph, issue, node_attr, rule_qdq_shapes, zero_point_input
 

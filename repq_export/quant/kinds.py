@@ -6,12 +6,21 @@ the parity reports and the pictures all say the same thing.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from torch import nn
 
-# kind: which fake quantizer (and so which ONNX lowering) it is
-UNIFORM = "uniform"
-LOG_SQRT2 = "log_sqrt2"
-SHIFTED = "shifted"  # an 8-bit asymmetric input lowered as int8 codes shifted by 2^(n-1) (patch embed)
+
+class QuantizerKind(StrEnum):
+    """Which fake quantizer (and so which ONNX lowering) a quantizer is."""
+
+    UNIFORM = "uniform"
+    LOG_SQRT2 = "log_sqrt2"
+    SHIFTED = "shifted"  # an 8-bit asymmetric input lowered as int8 codes shifted by 2^(n-1) (patch embed)
+
+
+# the members under the short names the lowerings and reports use
+UNIFORM, LOG_SQRT2, SHIFTED = QuantizerKind.UNIFORM, QuantizerKind.LOG_SQRT2, QuantizerKind.SHIFTED
 
 # role: what it quantizes
 WEIGHT = "weight"
@@ -23,7 +32,7 @@ PER_TENSOR = "per_tensor"
 PER_CHANNEL = "per_channel"
 
 
-def kind_of(quantizer: nn.Module) -> str:
+def kind_of(quantizer: nn.Module) -> QuantizerKind:
     """UNIFORM or LOG_SQRT2 (as fake quant defines it; SHIFTED is a lowering of a uniform one)."""
     from repq_export.quant.log_sqrt2 import LogSqrt2Quantizer
 

@@ -102,6 +102,12 @@ def load_quant_state(
     """
     path = Path(path)
     manifest, state = read_quant_state(path)
+    return apply_quant_state(detector, manifest, state, path, w_bits, a_bits)
+
+
+def apply_quant_state(detector: nn.Module, manifest: Mapping[str, Any], state: Mapping[str, Tensor], path: Path,
+                      w_bits: int | None = None, a_bits: int | None = None) -> QuantDetector:
+    """`load_quant_state` over a state already read by `read_quant_state` from ``path`` (named in errors)."""
     settings = _settings_from_manifest(manifest, path)
     for option, wanted, saved in (("w_bits", w_bits, settings.w_bits), ("a_bits", a_bits, settings.a_bits)):
         if wanted is not None and wanted != saved:

@@ -62,6 +62,8 @@ class OpenVINORunner:
     `self.precision` is what the compiled model reports it runs at.
     """
 
+    codes_exact = False  # computes x * (1/d), not x / d: a code next to a rounding tie may flip
+
     def __init__(self, onnx_path: str | Path | bytes, precision: str = "f32", threads: int = 0,
                  name: str = "openvino") -> None:
         core = openvino_core()
@@ -83,10 +85,15 @@ class OpenVINORunner:
         except Exception as exc:
             raise UserError(f"{where}: OpenVINO cannot compile it ({str(exc).splitlines()[0]})") from None
         self.precision = precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.threads = threads
         self.request = self.compiled.create_infer_request()
         # an output may carry several tensor names; each maps to its port
         self.ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
         self.name = name
+
+    def with_graph(self, graph: bytes) -> OpenVINORunner:
+        """A compiled model of the ONNX model `graph` at the precision this one runs at."""
+        return OpenVINORunner(graph, self.precision, self.threads, name=f"{self.name}-probe")
 
     def describe(self) -> str:
         """One line for the log: the device and the precision the compiled model runs at."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..export.forms import graph_target_cpu
+from ..graph_targets import graph_target_cpu
 from ..boundary import NetOutput, as_net_output
 from .cpu_features import require_cpu_for
 
@@ -53,28 +53,46 @@ def session_options(opt_level: str = "all", threads: int = 0):
 
 
 class OrtRunner:
-    """An onnxruntime session over `onnx_path`; `opt_level` is onnxruntime's graph optimization level.
+    """An onnxruntime session over `onnx_path` (or an in-memory ONNX model's bytes); `opt_level` is
+    onnxruntime's graph optimization level.
 
     The default ('all') is what a user gets without asking; the exporter guarantees that the graph
     is exact at that level (docs/numerics.md, 'Backend rules').
     """
 
-    def __init__(self, onnx_path: str | Path, device: str = "cpu", opt_level: str = "all",
+    codes_exact = True  # onnxruntime divides by the scale: every code off a float tie is fake quant's
+
+    def __init__(self, onnx_path: str | Path | bytes, device: str = "cpu", opt_level: str = "all",
                  providers: list[str] | None = None, threads: int = 0, name: str = "ort") -> None:
         import onnxruntime as ort
 
-        path = Path(onnx_path)
-        if not path.is_file():
-            raise UserError(f"{path}: no such ONNX file")
+        if isinstance(onnx_path, bytes):
+            model, where = onnx_path, "the ONNX model"
+        else:
+            path = Path(onnx_path)
+            if not path.is_file():
+                raise UserError(f"{path}: no such ONNX file")
+            model, where = str(path), str(path)
+        self.providers = providers or ort_providers(device)
+        self.opt_level, self.threads = opt_level, threads
         try:
-            self.session = ort.InferenceSession(str(path), session_options(opt_level, threads),
-                                                providers=providers or ort_providers(device))
+            self.session = ort.InferenceSession(model, session_options(opt_level, threads), providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"{where}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         if self.session.get_providers()[0] == "CPUExecutionProvider":  # a GPU runs no u8s8 CPU kernels
-            require_cpu_for(graph_target_cpu(self.session.get_modelmeta().custom_metadata_map), str(path))
+            require_cpu_for(graph_target_cpu(self.session.get_modelmeta().custom_metadata_map), where)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.name = name
+
+    def with_graph(self, graph: bytes) -> OrtRunner:
+        """A session over the ONNX model `graph` with this one's providers, level and threads."""
+        return OrtRunner(graph, opt_level=self.opt_level, providers=self.providers, threads=self.threads,
+                         name=f"{self.name}-probe")
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output of the graph by name (the tier-1 probe reads extra outputs)."""
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
 
     def __call__(self, img: torch.Tensor, img_hw: torch.Tensor) -> NetOutput:
         feeds = {

@@ -1,5 +1,5 @@
-"""Checks a Triton model repository without a server: every config.pbtxt parses into Triton's
-ModelConfig, names and files are where Triton looks, and each ensemble's wiring is complete."""
+"""Triton's ModelConfig schema, and a model repository checked without a server: every config.pbtxt
+parses into ModelConfig, names and files are where Triton looks, and each ensemble's wiring is complete."""
 
 from __future__ import annotations
 
@@ -10,10 +10,28 @@ from ..errors import UserError
 MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
 
 
+def schema():
+    """Triton's ModelConfig protobuf module and protobuf's text_format (from the [serve] extra)."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise UserError("triton-repo needs the [serve] extra (tritonclient[grpc]): pip install "
+                        "'repq-export[serve]'") from None
+    return model_config_pb2, text_format
+
+
+def parse_config(path: Path):
+    """A config.pbtxt parsed into Triton's ModelConfig (UserError where it does not parse)."""
+    mc, text_format = schema()
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UserError(f"{path}: not a Triton ModelConfig ({exc})") from None
+
+
 def load_configs(repo: Path) -> tuple[dict, list[str]]:
     """{model name: ModelConfig} of every model folder, and what is wrong with them."""
-    from .triton_repo import parse_config
-
     configs, problems = {}, []
     for folder in sorted(p for p in repo.iterdir() if p.is_dir()):
         path = folder / "config.pbtxt"

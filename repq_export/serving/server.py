@@ -14,13 +14,14 @@ import sysconfig
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from ..artifact.artifact_file import Artifact
 from ..data.postprocess import postprocess
 from ..data.transforms import preprocess
 from ..errors import UserError
+from ..runtime.build import RunnerSettings, runner_for
 from . import codec
 
 
@@ -97,24 +98,20 @@ class DetectionModel:
         return [self.detect(dict(r)) for r in requests]
 
 
-def model_instances(artifact: Path, options: ServeOptions) -> tuple[list[DetectionModel], dict]:
-    """`options.instances` independent runners over the artifact, and its manifest."""
-    from ..commands.runners import make_runner
-    from ..export.artifact import artifact_preprocess, read_artifact
+def model_instances(artifact: Artifact, options: ServeOptions) -> list[DetectionModel]:
+    """`options.instances` independent runners over the opened artifact."""
     from ..runtime.ort_runner import OrtRunner
 
     if options.backend not in ("ort", "trt"):
         raise UserError(f"--backend {options.backend}: choose ort or trt")
-    manifest = read_artifact(artifact)  # checks the files against the manifest
-    settings = artifact_preprocess(manifest)
     models = []
     for _ in range(options.instances):
         if options.backend == "ort":
-            runner = OrtRunner(artifact / manifest["onnx"]["file"], threads=options.threads)
+            runner = OrtRunner(artifact.onnx_path, threads=options.threads)
         else:
-            runner = make_runner("trt", model_path=artifact, device="cuda")
-        models.append(DetectionModel(runner, settings, manifest.get("classes"), options))
-    return models, manifest
+            runner = runner_for("trt", artifact, RunnerSettings(device="cuda"))
+        models.append(DetectionModel(runner, artifact.preprocess, artifact.classes, options))
+    return models
 
 
 def tensor_specs():
@@ -132,12 +129,12 @@ def tensor_specs():
     return inputs, outputs
 
 
-def start_server(artifact: Path, options: ServeOptions, log: Callable[[str], None] = print):
+def start_server(artifact: Artifact, options: ServeOptions, log: Callable[[str], None] = print):
     """Load the runners, start Triton with the model bound, return once it is ready (a pytriton Triton)."""
     check_serving_stack()
     if options.max_batch_size < 1 or options.instances < 1:
         raise UserError("--instances and --max-batch-size must be at least 1")
-    models, manifest = model_instances(Path(artifact), options)
+    models = model_instances(artifact, options)
     python_backend_env()
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
@@ -163,8 +160,8 @@ def start_server(artifact: Path, options: ServeOptions, log: Callable[[str], Non
                 raise UserError(f"Triton did not start ({reason}); are ports {options.http_port}/"
                                 f"{options.grpc_port}/{options.metrics_port} free?") from None
             log(f"Triton could not load the model ({reason}); starting it again")
-    log(f"serving {artifact} as model '{codec.MODEL_NAME}' ({options.backend}, W{manifest['w_bits']}A"
-        f"{manifest['a_bits']}, {options.instances} instance(s), max batch {options.max_batch_size}): "
+    log(f"serving {artifact.path} as model '{codec.MODEL_NAME}' ({options.backend}, {artifact.precision}, "
+        f"{options.instances} instance(s), max batch {options.max_batch_size}): "
         f"http://{options.host}:{options.http_port}  grpc://{options.host}:{options.grpc_port}  "
         f"metrics :{options.metrics_port}")
     return triton

@@ -22,10 +22,11 @@ import re
 import shutil
 from pathlib import Path
 
-from ..errors import UserError
+from ..artifact.artifact_file import Artifact
 from ..files import file_sha256
 from ..output_dir import FolderKind, check_not_an_input, check_out_dir, checked_records, staged_dir
 from . import codec
+from .repo_check import check_repository, parse_config, schema
 from .triton_stages import NET_OUTPUTS, PRE_OUTPUTS, RESPONSE
 
 NETWORK, NETWORK_TRT, PRE, POST = "repq_network", "repq_network_trt", "repq_preprocess", "repq_postprocess"
@@ -46,17 +47,6 @@ MODEL_PY = ('"""Triton Python-backend model written by repq-export triton-repo (
             'Triton\'s Python environment)."""\n\nfrom repq_export.serving.triton_stages import TritonPythonModel  '
             '# noqa: F401\n')
 _ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8", 10: "TYPE_FP16"}
-
-
-def schema():
-    """Triton's ModelConfig protobuf module and protobuf's text_format (from the [serve] extra)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise UserError("triton-repo needs the [serve] extra (tritonclient[grpc]): pip install "
-                        "'repq-export[serve]'") from None
-    return model_config_pb2, text_format
 
 
 def add_tensor(field, name: str, data_type: str, dims: list[int], optional: bool = False) -> None:
@@ -91,12 +81,12 @@ def network_config(name: str, backend: str, io: tuple[list, list], instances: in
     return cfg
 
 
-def python_config(name: str, stage: str, manifest: dict, net_outputs: list, instances: int):
+def python_config(name: str, stage: str, artifact: Artifact, net_outputs: list, instances: int):
     mc, _ = schema()
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     cfg.parameters["stage"].string_value = stage
-    cfg.parameters["preprocess"].string_value = json.dumps(manifest["preprocess"])
-    cfg.parameters["classes"].string_value = json.dumps(manifest.get("classes"))
+    cfg.parameters["preprocess"].string_value = json.dumps(artifact.preprocess.as_dict())
+    cfg.parameters["classes"].string_value = json.dumps(artifact.classes)
     pre = [("img", "TYPE_FP32", [1, 3, -1, -1]), ("img_hw", "TYPE_FP32", [2]), ("scale_factor", "TYPE_FP32", [4]),
            ("ori_hw", "TYPE_INT64", [2])]
     if stage == "preprocess":
@@ -150,60 +140,47 @@ def write_config(folder: Path, cfg) -> None:
         raise RuntimeError(f"{folder}/config.pbtxt does not parse back into the config written")
 
 
-def parse_config(path: Path):
-    """A config.pbtxt parsed into Triton's ModelConfig (UserError where it does not parse)."""
-    mc, text_format = schema()
-    try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
-    except text_format.ParseError as exc:
-        raise UserError(f"{path}: not a Triton ModelConfig ({exc})") from None
-
-
 def copy_file(src: Path, dst: Path) -> None:
     """Copy a model file into the repository being written (a full disk raises OSError, caught by staged_dir)."""
     shutil.copyfile(src, dst)
 
 
-def write_model_repository(artifact: Path, out: Path, force: bool = False, instances: int = 1,
+def write_model_repository(artifact: Artifact, out: Path, force: bool = False, instances: int = 1,
                            kind: str = "cpu") -> list[str]:
-    """Write the repository for `artifact` into `out`, staged beside it and renamed into place once complete;
-    returns the model names written."""
-    from ..export.artifact import read_artifact
-
+    """Write the repository for the opened `artifact` into `out`, staged beside it and renamed into place
+    once complete; returns the model names written."""
     schema()
-    check_not_an_input({"OUT": out}, {"ARTIFACT": artifact}, replaced=frozenset({"OUT"}))
+    check_not_an_input({"OUT": out}, {"ARTIFACT": artifact.path}, replaced=frozenset({"OUT"}))
     check_out_dir(out, force, option="OUT", kind=TRITON_REPO)
-    manifest = read_artifact(artifact)
     with staged_dir(out, force, "OUT", TRITON_REPO) as tmp:
-        written = fill_repository(tmp, artifact, manifest, instances, kind)
+        written = fill_repository(tmp, artifact, instances, kind)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        record = {"format": REPO_FORMAT, "artifact": str(artifact.resolve()), "models": written, "files": files}
+        record = {"format": REPO_FORMAT, "artifact": str(artifact.path.resolve()), "models": written,
+                  "files": files}
         (tmp / REPO_MANIFEST).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return written
 
 
-def fill_repository(out: Path, artifact: Path, manifest: dict, instances: int, kind: str) -> list[str]:
+def fill_repository(out: Path, artifact: Artifact, instances: int, kind: str) -> list[str]:
     """Write every model folder of the repository into the (new, empty) folder `out`; the model names."""
-    from .repo_check import check_repository
-
-    onnx_path = artifact / manifest["onnx"]["file"]
+    onnx_path = artifact.onnx_path
     io = onnx_io(onnx_path)
     write_config(out / NETWORK, network_config(NETWORK, "onnxruntime", io, instances, kind))
     (out / NETWORK / "1").mkdir()
     copy_file(onnx_path, out / NETWORK / "1" / "model.onnx")
     written = [NETWORK]
-    engine = artifact / "model.engine"
-    if engine.is_file():
+    engine = artifact.engine_path
+    if engine is not None:
         write_config(out / NETWORK_TRT, network_config(NETWORK_TRT, "tensorrt", io, instances, "gpu"))
         (out / NETWORK_TRT / "1").mkdir()
         copy_file(engine, out / NETWORK_TRT / "1" / "model.plan")
         written.append(NETWORK_TRT)
     for name, stage in ((PRE, "preprocess"), (POST, "postprocess")):
-        write_config(out / name, python_config(name, stage, manifest, io[1], instances))
+        write_config(out / name, python_config(name, stage, artifact, io[1], instances))
         (out / name / "1").mkdir()
         (out / name / "1" / "model.py").write_text(MODEL_PY)
         written.append(name)
-    ensembles = [(codec.MODEL_NAME, NETWORK)] + ([(f"{codec.MODEL_NAME}_trt", NETWORK_TRT)] if engine.is_file() else [])
+    ensembles = [(codec.MODEL_NAME, NETWORK)] + ([(f"{codec.MODEL_NAME}_trt", NETWORK_TRT)] if engine is not None else [])
     for name, network in ensembles:
         write_config(out / name, ensemble_config(name, network, io))
         (out / name / "1").mkdir()

@@ -18,9 +18,9 @@ from ..data.transforms import PreprocessSettings
 from ..deploy_config import (MAX_OPSET, MIN_OPSET, OPENVINO_GRAPH_FORMS, OPENVINO_PRECISIONS, ORT_OPTIMIZATION_LEVELS,
                              TARGET_CPUS)
 from ..errors import UserError
-from ..output_dir import MANIFEST
+from ..output_dir import ADDED_FILES, MANIFEST
+from ..graph_targets import GraphForm
 from ..quant.recipe import QuantSettings
-from .forms import FORMS
 
 FORMAT = "repq-export-artifact"
 VERSION = 1
@@ -138,13 +138,14 @@ def check_manifest(manifest: Any, path: Path) -> None:
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: quantization settings: {err}") from None
     if "form" in manifest:
-        f.one_of(manifest["form"], "form", FORMS)
+        f.one_of(manifest["form"], "form", tuple(g.value for g in GraphForm))
     _check_source(f, manifest)
     _check_model(f, manifest)
     PreprocessSettings.from_dict(f.section(manifest, "preprocess"), f"{path}: preprocess")
     _check_post_processing(f, manifest)
     _check_backend(f, manifest)
     _check_files(f, manifest)
+    _check_added_files(f, manifest)
     _check_quantizer_rows(f, manifest)
 
 
@@ -235,6 +236,14 @@ def _check_files(f: _Fields, manifest: dict) -> None:
     if shape is not None and not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(v) and v > 0
                                                                                       for v in shape)):
         raise f.fail("onnx.export_shape", "must be 4 positive integers [1, 3, H, W]", shape)
+
+
+def _check_added_files(f: _Fields, manifest: dict) -> None:
+    """added_files: files written into the artifact after export (engine, parity report), name -> sha256."""
+    added = f.section(manifest, ADDED_FILES, required=False)
+    for name, digest in (added or {}).items():
+        f.file_name(name, f"{ADDED_FILES} key")
+        f.sha256(digest, f"{ADDED_FILES}.{name}")
 
 
 def _check_quantizer_rows(f: _Fields, manifest: dict) -> None:
