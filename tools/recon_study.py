@@ -22,7 +22,6 @@ import argparse
 import copy
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_common import cpu_model  # noqa: E402  (tools/, the script's own folder)
 from repq_export.commands.demo import BUNDLED  # noqa: E402
 from repq_export.runtime.build import runner_for  # noqa: E402
 from repq_export.data.calibration_choice import spread_indices  # noqa: E402
@@ -110,16 +110,6 @@ def paired(base: DatasetRun, other: DatasetRun, dataset: CocoDataset, weights: n
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = resample_weights(n, args.samples, 0)
     calib_paths = [calib_set[i][1] for i in spread_indices(len(calib_set), args.calib_images)]
     recon_paths = [calib_set[i][1] for i in spread_indices(len(calib_set), args.recon_images)]
-    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {args.threads} threads; scored on {n} images of "
+    lines = [f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {args.threads} threads; scored on {n} images of "
              f"synthetic seed {args.val_seed}; RepQ-ViT calibrated on {len(calib_paths)} and reconstruction on "
              f"{len(recon_paths)} images of synthetic seed {args.calib_seed} ({len(calib_set)} images); paired "
              f"bootstrap over the scoring images, {args.samples} resamples, 95% interval", "",
