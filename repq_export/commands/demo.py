@@ -16,7 +16,8 @@ from ..data.coco import CocoDataset
 from ..data.synthetic import make_synthetic_set
 from ..deploy_config import load_deploy_config
 from ..errors import UserError
-from ..evaluation.evaluate import run_dataset, score_run
+from ..evaluation.evaluate import score_run
+from ..evaluation.image_loop import run_dataset
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, RULE, Float64Reference
 from ..evaluation.parity_check import ParityOptions, ParityReport, check_parity
 from ..artifact.artifact_file import Artifact, engine_beside
