@@ -31,11 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .files import deferred_signals, file_sha256, temporary_name, write_atomically, write_error
+from .files import deferred_signals, file_sha256, temporary_name, write_error
 
-MANIFEST = "repq.json"
-MANIFEST_FORMAT = "repq-export-artifact"
-ADDED_FILES = "added_files"  # repq.json's record of files written into an artifact after it was made
 MAX_MANIFEST_BYTES = 64 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 _TMP_PATTERN = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)(?P<pid>\d+)")
@@ -53,6 +50,7 @@ class FolderKind:
     records: Callable[[dict], dict[str, str]]  # manifest -> {relative path: sha256}; ValueError if malformed
     file_pattern: re.Pattern  # relative paths of the files the tool writes there
     dir_pattern: re.Pattern | None = None  # relative paths of the folders it makes there (None: flat)
+    parse: Callable[[str], object] = json.loads  # the manifest's text -> its JSON; ValueError or UserError if bad
 
     def own_file(self, rel: str) -> bool:
         """Whether a relative path is one of this kind's file names (or its half-written form)."""
@@ -79,44 +77,16 @@ def checked_records(records: object, pattern: re.Pattern, where: str) -> dict[st
     return dict(records)
 
 
-ARTIFACT_FILES = re.compile(r"quant\.pth|[A-Za-z0-9_][A-Za-z0-9_.-]*\.(?:onnx|engine)|parity_[a-z0-9]+\.json")
-
-
-def artifact_records(manifest: dict) -> dict[str, str]:
-    """{file: sha256} that an artifact's repq.json records: the graph, quant.pth and the files added later
-    (a TensorRT engine, the demo's parity reports)."""
-    records = {}
-    for key in ("onnx", "quant_state"):
-        entry = manifest.get(key)
-        if isinstance(entry, dict) and "file" in entry:
-            records[entry["file"]] = entry.get("sha256")
-    records = checked_records(records, ARTIFACT_FILES, "'onnx'/'quant_state'")
-    return records | checked_records(manifest.get(ADDED_FILES, {}), ARTIFACT_FILES, f"'{ADDED_FILES}'")
-
-
-ARTIFACT = FolderKind("an artifact", MANIFEST, MANIFEST_FORMAT, artifact_records, ARTIFACT_FILES)
-
-
-def read_manifest(path: Path) -> dict | None:
-    """A manifest's JSON object, or None where it is not a plain, readable, small JSON object file."""
+def read_manifest_file(path: Path, parse: Callable[[str], object] = json.loads) -> dict | None:
+    """A manifest's JSON object (``parse`` reads its text), or None where it is not a plain, readable, small
+    JSON object file."""
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
             return None
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UserError):
         return None
     return manifest if isinstance(manifest, dict) else None
-
-
-def record_added_file(artifact: Path, path: Path) -> None:
-    """Record a file written into an existing artifact (engine, parity report) with its sha256 in repq.json,
-    so that --force may later delete it, and only while it is unchanged."""
-    manifest = read_manifest(artifact / MANIFEST)
-    if manifest is None:
-        raise UserError(f"{artifact}: not an artifact directory (no {MANIFEST}); {path.name} is not recorded")
-    added = manifest.get(ADDED_FILES)
-    manifest[ADDED_FILES] = {**(added if isinstance(added, dict) else {}), path.name: file_sha256(path)}
-    write_atomically(artifact / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def owned_files(folder: Path, kind: FolderKind, label: str) -> list[str]:
@@ -124,7 +94,7 @@ def owned_files(folder: Path, kind: FolderKind, label: str) -> list[str]:
     under the tool's own names with bytes unchanged; UserError (nothing deleted) where any is not."""
     if kind.manifest is None:
         raise UserError(f"{label}: exists already (not made by this run); it is left alone: move it away")
-    manifest = read_manifest(folder / kind.manifest)
+    manifest = read_manifest_file(folder / kind.manifest, kind.parse)
     if manifest is None or manifest.get("format") != kind.marker:
         raise UserError(f"{label}: exists and is not {kind.what} written by repq-export (no {kind.manifest}); "
                         "it is left alone: name a new folder")
@@ -170,7 +140,7 @@ def _refuse_dangerous(out: Path, option: str) -> Path:
     return resolved
 
 
-def check_replaceable(out: Path, force: bool, option: str = "--out", kind: FolderKind = ARTIFACT) -> list[str]:
+def check_replaceable(out: Path, force: bool, option: str = "--out", *, kind: FolderKind) -> list[str]:
     """Refuse an existing `out` unless --force was given and every file in it is one this tool wrote, unchanged;
     the files --force may delete (none where `out` does not exist)."""
     resolved = _refuse_dangerous(out, option)
@@ -199,15 +169,15 @@ def parent_problem(path: Path) -> str | None:
     return None if parent.is_dir() else f"parent folder {parent} does not exist"
 
 
-def check_out_dir(out: Path, force: bool, make_parent: bool = False, option: str = "--out",
-                  kind: FolderKind = ARTIFACT) -> None:
+def check_out_dir(out: Path, force: bool, make_parent: bool = False, option: str = "--out", *,
+                  kind: FolderKind) -> None:
     """Every check on an output folder that can run before any work: replaceable, parent writable.
 
     With `make_parent` (a default output path) a missing parent folder is created, after the other checks."""
     problem = parent_problem(out)
     if problem and "is a file" in problem:
         raise UserError(f"{option} {out}: {problem}")
-    check_replaceable(out, force, option, kind)
+    check_replaceable(out, force, option, kind=kind)
     parent = out.resolve().parent
     if make_parent and not parent.exists() and parent.parent.is_dir():
         parent.mkdir()
@@ -290,7 +260,7 @@ def _only_own_names(folder: Path, kind: FolderKind) -> bool:
     return True
 
 
-def remove_stale_temporaries(out: Path, kind: FolderKind = ARTIFACT) -> list[Path]:
+def remove_stale_temporaries(out: Path, kind: FolderKind) -> list[Path]:
     """Remove `.<name>.tmp<PID>` (and `.old<PID>`) siblings of `out` whose process is gone and that hold
     only the tool's file names."""
     parent, removed = out.resolve().parent, []
@@ -321,12 +291,12 @@ def _delete_owned(folder: Path, owned: list[str]) -> None:
 
 
 @contextmanager
-def staged_dir(out: Path, force: bool, option: str = "--out", kind: FolderKind = ARTIFACT) -> Iterator[Path]:
+def staged_dir(out: Path, force: bool, option: str = "--out", *, kind: FolderKind) -> Iterator[Path]:
     """A fresh hidden sibling of `out` to write into; renamed to `out` when the block ends normally.
 
     The sibling is removed on any error, Ctrl-C or SIGTERM (see commands.common.run_command); an
     OSError (a full disk) becomes one line naming `out` and its disk."""
-    check_replaceable(out, force, option, kind)
+    check_replaceable(out, force, option, kind=kind)
     remove_stale_temporaries(out, kind)
     resolved = out.resolve()
     tmp = temporary_name(resolved)
@@ -337,7 +307,7 @@ def staged_dir(out: Path, force: bool, option: str = "--out", kind: FolderKind =
         except OSError as exc:
             raise UserError(f"{option} {out}: cannot create the folder ({exc.strerror or exc})") from None
         yield tmp
-        owned = check_replaceable(out, force, option, kind)  # again: the folder may have changed during the work
+        owned = check_replaceable(out, force, option, kind=kind)  # again: the folder may have changed during the work
         with deferred_signals():  # the old folder is moved aside and the new one moved in as one step
             old = None
             if resolved.exists():

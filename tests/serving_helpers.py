@@ -40,7 +40,7 @@ def free_ports(count: int) -> list[int]:
 def in_process(artifact: Path, images: list[Path]) -> dict[Path, object]:
     """Each image's detections from the artifact's onnxruntime runner in this process (what predict does)."""
     from repq_export.artifact.artifact_file import Artifact
-    from repq_export.evaluation.evaluate import run_image
+    from repq_export.evaluation.image_loop import run_image
     from repq_export.runtime.build import runner_for
 
     opened = Artifact.open(artifact)

@@ -16,7 +16,8 @@ from repq_export.artifact.artifact_file import Artifact
 from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
 from repq_export.graph_targets import GraphForm, TargetCpu
-from repq_export.output_dir import record_added_file
+from repq_export.artifact.folder import ARTIFACT, record_added_file
+from repq_export.output_dir import check_replaceable
 from repq_export.runtime.build import RunnerSettings, runner_for
 
 
@@ -54,6 +55,31 @@ def test_a_changed_or_missing_added_file_is_refused(art, tmp_path):
     report.unlink()
     with pytest.raises(UserError, match="parity_ort.json named in repq.json is missing"):
         Artifact.open(out)
+
+
+def test_force_reads_repq_json_through_the_one_parser(art, tmp_path):
+    """--force deletes exactly the recorded, unchanged files; a repq.json the parser refuses (not JSON, not an
+    object) leaves the folder alone, as does one that records no file."""
+    out = copy_of(art, tmp_path)
+    owned = check_replaceable(out, True, kind=ARTIFACT)
+    assert sorted(owned) == sorted(p.name for p in out.iterdir())
+    good = (out / "repq.json").read_text()
+    for text in (good[:-20], "[1, 2]", json.dumps({"format": "repq-export-artifact"})):
+        (out / "repq.json").write_text(text)
+        with pytest.raises(UserError, match="left alone"):
+            check_replaceable(out, True, kind=ARTIFACT)
+
+
+def test_recording_an_added_file_needs_a_valid_manifest(art, tmp_path):
+    out = copy_of(art, tmp_path)
+    report = out / "parity_ort.json"
+    report.write_text("{}\n")
+    manifest = json.loads((out / "repq.json").read_text())
+    manifest["post_processing"]["keep_top_k"] = -3
+    (out / "repq.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="keep_top_k"):
+        record_added_file(out, report)
+    assert "parity_ort.json" not in (out / "repq.json").read_text()
 
 
 def test_an_added_file_outside_the_folder_is_refused(art, tmp_path):

@@ -25,7 +25,9 @@ from cli_helpers import CLI, REPO, TINY_MASK, call_main, one_error, tiny_artifac
 from repq_export import cli
 from repq_export.commands import test_tool
 from repq_export.commands.common import Terminated, _raise_terminated
-from repq_export.output_dir import MANIFEST_FORMAT, record_added_file, remove_stale_temporaries, staged_dir
+from repq_export.artifact.folder import ARTIFACT, record_added_file
+from repq_export.artifact.manifest_check import FORMAT
+from repq_export.output_dir import remove_stale_temporaries, staged_dir
 from repq_export.resources import DEPLOY_CONFIGS_DIR
 
 
@@ -146,7 +148,7 @@ def test_a_signal_right_after_the_temporary_folder_is_made_removes_it(tmp_path, 
 
     monkeypatch.setattr(Path, "mkdir", mkdir_then_terminated)
     with pytest.raises(Terminated):
-        with staged_dir(tmp_path / "out", force=False):
+        with staged_dir(tmp_path / "out", force=False, kind=ARTIFACT):
             pass
     assert list(tmp_path.iterdir()) == []
 
@@ -154,7 +156,7 @@ def test_a_signal_right_after_the_temporary_folder_is_made_removes_it(tmp_path, 
 def test_signals_are_held_while_the_artifact_is_swapped(tmp_path, monkeypatch):
     # SIGTERM sent between the two renames (old artifact aside, new one in) is raised only after both.
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "repq.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))  # an earlier artifact
+    (tmp_path / "out" / "repq.json").write_text(json.dumps({"format": FORMAT}))  # an earlier artifact
     real_replace = os.replace
     sent = []
 
@@ -166,8 +168,8 @@ def test_signals_are_held_while_the_artifact_is_swapped(tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with pytest.raises(Terminated):
-            with staged_dir(tmp_path / "out", force=True) as tmp:
-                (tmp / "repq.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "new": 1}))
+            with staged_dir(tmp_path / "out", force=True, kind=ARTIFACT) as tmp:
+                (tmp / "repq.json").write_text(json.dumps({"format": FORMAT, "new": 1}))
                 monkeypatch.setattr(os, "replace", replace_with_signal)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -195,7 +197,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     alive.mkdir()
     other = tmp_path / f".other.tmp{pid}"  # another --out's: not ours to judge now
     other.mkdir()
-    assert remove_stale_temporaries(tmp_path / "out") == [stale.resolve()]
+    assert remove_stale_temporaries(tmp_path / "out", ARTIFACT) == [stale.resolve()]
     assert not stale.exists() and users.is_dir() and alive.is_dir() and other.is_dir()
 
 

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from repq_export.deploy_config import OpenVINOConfig, load_deploy_config
 from repq_export.errors import UserError
 from repq_export.evaluation.parity_check import TIER1_REPORTED, probe_codes
-from repq_export.evaluation.evaluate import ImageResult
+from repq_export.evaluation.image_loop import ImageResult
 from repq_export.export.forms import ONNXRUNTIME, TENSORRT, form_for, roi_nan_guard_for
 from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans
 from repq_export.export.onnx_export import export_onnx

@@ -13,7 +13,8 @@ from repq_export.evaluation import graph_breakages as gb
 from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap
 from repq_export.evaluation.coco_eval import evaluate_coco
 from repq_export.evaluation.envelope import MIN_IMAGES, Float64Reference, judge_envelope
-from repq_export.evaluation.evaluate import coco_results, run_dataset
+from repq_export.evaluation.evaluate import coco_results
+from repq_export.evaluation.image_loop import run_dataset
 from repq_export.evaluation.parity_check import ParityOptions, check_parity, probe_codes
 from repq_export.artifact.artifact_file import Artifact
 from repq_export.artifact.detector import fake_quant_model

@@ -27,7 +27,7 @@ import pytest
 from cli_helpers import CLI, PARITY_PY, REPO, TEST_PY, TINY_MASK, call_main, one_error, run_cli, tiny_artifact
 from repq_export import cli, files
 from repq_export.commands import parity_tool, test_tool
-from repq_export.output_dir import record_added_file
+from repq_export.artifact.folder import record_added_file
 
 
 def tree(root: Path) -> dict[str, bytes | str | None]:

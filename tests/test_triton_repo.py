@@ -72,7 +72,7 @@ def test_steps_give_the_in_process_detections(art):
 
     from repq_export.artifact.artifact_file import Artifact
     from repq_export.runtime.build import runner_for
-    from repq_export.evaluation.evaluate import run_image
+    from repq_export.evaluation.image_loop import run_image
     from repq_export.serving import codec
     from repq_export.serving.triton_stages import run_postprocess, run_preprocess
 
@@ -109,7 +109,7 @@ def test_python_steps_load_and_answer_in_tritonserver(art, repo, tmp_path):
 
     from repq_export.artifact.artifact_file import Artifact
     from repq_export.runtime.build import runner_for
-    from repq_export.evaluation.evaluate import run_image
+    from repq_export.evaluation.image_loop import run_image
     from repq_export.serving import codec
     from repq_export.serving.triton_stages import RESPONSE
 

@@ -22,7 +22,7 @@ rerun with the same options reuses them; --fresh starts over):
     --recon); the OpenVINO graph is the same quantization state (its quant.pth) exported as
     deploy_configs/instance-seg_openvino_cpu.py does: the TensorRT form with the NaN guard, and for
     8 bits, which that form cannot carry, the onnxruntime form with the guard (the config's note);
-  - scoring: tools/test.py's evaluation (evaluation/evaluate.py: run_dataset, score_run) on the
+  - scoring: tools/test.py's evaluation (evaluation/image_loop.py: run_dataset; evaluate.py: score_run) on the
     first --num-images images of the held-out set; latency is the runner call alone (preprocessing
     and mask pasting excluded), median over those images after one warm-up call, at --threads, and
     at 1 thread over the first --one-thread-images images.
@@ -277,7 +277,8 @@ def make_runner(backend: str, path: str, threads: int):
 def eval_worker(task: dict) -> dict:
     """tools/test.py's evaluation of one graph on one backend, with the runner's time per image."""
     from repq_export.data.coco import CocoDataset
-    from repq_export.evaluation.evaluate import run_dataset, run_image, score_run
+    from repq_export.evaluation.evaluate import score_run
+    from repq_export.evaluation.image_loop import run_dataset, run_image
     from repq_export.models.checkpoint import load_checkpoint
 
     bc.set_threads(task["threads"])
@@ -297,8 +298,8 @@ def eval_worker(task: dict) -> dict:
         one = make_runner(task["backend"], task["model"], 1)
         run_image(one, dataset[0][1], settings)
         timed1 = TimedRunner(one)
-        for i in range(min(task["one_thread_images"], task["num_images"], len(dataset))):
-            run_image(timed1, dataset[i][1], settings)
+        run_dataset(timed1, dataset, settings, min(task["one_thread_images"], task["num_images"]), progress=False,
+                    slim=True)
         out["ms_1t"] = 1000 * statistics.median(timed1.times)
     return out
 

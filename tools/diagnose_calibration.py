@@ -39,7 +39,8 @@ from repq_export.runtime.build import runner_for  # noqa: E402
 from repq_export.data.coco import CocoDataset  # noqa: E402
 from repq_export.data.images import preprocess_file  # noqa: E402
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
-from repq_export.evaluation.evaluate import run_dataset, score_run  # noqa: E402
+from repq_export.evaluation.evaluate import score_run  # noqa: E402
+from repq_export.evaluation.image_loop import run_dataset  # noqa: E402
 from repq_export.data.calibration_choice import spread_indices  # noqa: E402
 from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
 from repq_export.quant.calibrate import quantize  # noqa: E402

@@ -26,7 +26,8 @@ from repq_export.data.coco import CocoDataset  # noqa: E402
 from repq_export.evaluation import graph_breakages as gb  # noqa: E402
 from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap  # noqa: E402
 from repq_export.evaluation.envelope import Float64Reference, judge_envelope  # noqa: E402
-from repq_export.evaluation.evaluate import DatasetRun, coco_results, run_dataset  # noqa: E402
+from repq_export.evaluation.evaluate import coco_results  # noqa: E402
+from repq_export.evaluation.image_loop import DatasetRun, run_dataset  # noqa: E402
 from repq_export.artifact.artifact_file import Artifact  # noqa: E402
 from repq_export.artifact.detector import fake_quant_model  # noqa: E402
 from repq_export.runtime.ort_runner import OrtRunner  # noqa: E402

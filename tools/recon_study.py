@@ -39,7 +39,8 @@ from repq_export.data.coco import CocoDataset  # noqa: E402
 from repq_export.data.images import preprocess_file  # noqa: E402
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.evaluation.bootstrap import interval, per_image_matches, resample_weights, weighted_ap  # noqa: E402
-from repq_export.evaluation.evaluate import DatasetRun, coco_results, run_dataset  # noqa: E402
+from repq_export.evaluation.evaluate import coco_results  # noqa: E402
+from repq_export.evaluation.image_loop import DatasetRun, run_dataset  # noqa: E402
 from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
 from repq_export.quant.calibrate import quantize  # noqa: E402
 from repq_export.quant.recon_settings import DEFAULT_IMAGES, ReconSettings  # noqa: E402

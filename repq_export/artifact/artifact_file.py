@@ -20,10 +20,9 @@ from ..deploy_config import OnnxConfig, PostProcessing
 from ..errors import UserError
 from ..files import file_sha256
 from ..graph_targets import GraphForm, TargetCpu
-from ..output_dir import ADDED_FILES, MANIFEST
 from ..quant.kinds import LOG_SQRT2
 from ..quant.state import read_quant_state
-from .manifest_check import read_manifest
+from .manifest_check import ADDED_FILES, MANIFEST, read_manifest
 
 DEFAULT_ONNX_FILE = OnnxConfig.save_file  # the ONNX file of a folder without a manifest
 

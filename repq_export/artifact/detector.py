@@ -8,9 +8,9 @@ from torch import nn
 from ..deploy_config import PostProcessing
 from ..errors import UserError
 from ..models.build import build_detector
-from ..output_dir import MANIFEST
 from ..quant.state import apply_quant_state
 from .artifact_file import Artifact
+from .manifest_check import MANIFEST
 
 
 def apply_post_processing(detector: nn.Module, post: PostProcessing) -> None:

@@ -18,12 +18,13 @@ from ..data.transforms import PreprocessSettings
 from ..deploy_config import (MAX_OPSET, MIN_OPSET, OPENVINO_GRAPH_FORMS, OPENVINO_PRECISIONS, ORT_OPTIMIZATION_LEVELS,
                              TARGET_CPUS)
 from ..errors import UserError
-from ..output_dir import ADDED_FILES, MANIFEST
 from ..graph_targets import GraphForm
 from ..quant.recipe import QuantSettings
 
-FORMAT = "repq-export-artifact"
+MANIFEST = "repq.json"
+FORMAT = "repq-export-artifact"  # the manifest's "format" value
 VERSION = 1
+ADDED_FILES = "added_files"  # the record of files written into an artifact after it was made
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -113,13 +114,23 @@ def read_manifest(artifact: str | Path) -> dict:
     if not manifest_path.is_file():
         raise UserError(f"{artifact}: not an artifact directory (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):
+        text = manifest_path.read_text(encoding="utf-8")
+    except ValueError:
         raise UserError(f"{manifest_path}: not valid JSON") from None
     except OSError as err:
         raise UserError(f"{manifest_path}: cannot read ({err.strerror or err})") from None
+    manifest = parse_manifest(text, manifest_path)
     check_manifest(manifest, manifest_path)
     return manifest
+
+
+def parse_manifest(text: str, path: str | Path = MANIFEST) -> Any:
+    """repq.json's text as JSON, unchecked: the one place repq.json is parsed (the reader above checks what it
+    gives; ``--force`` reads only the format marker and the file records of it)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise UserError(f"{path}: not valid JSON") from None
 
 
 def check_manifest(manifest: Any, path: Path) -> None:

@@ -16,14 +16,16 @@ from ..data.coco import CocoDataset
 from ..data.synthetic import make_synthetic_set
 from ..deploy_config import load_deploy_config
 from ..errors import UserError
-from ..evaluation.evaluate import run_dataset, score_run
+from ..evaluation.evaluate import score_run
+from ..evaluation.image_loop import run_dataset
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, RULE, Float64Reference
 from ..evaluation.parity_check import ParityOptions, ParityReport, check_parity
 from ..artifact.artifact_file import Artifact, engine_beside
 from ..artifact.detector import fake_quant_model
 from ..export.artifact import ExportRequest, export_artifact
 from ..models.checkpoint import load_checkpoint
-from ..output_dir import check_not_an_input, check_replaceable, record_added_file
+from ..artifact.folder import ARTIFACT, record_added_file
+from ..output_dir import check_not_an_input, check_replaceable
 from ..resources import ASSETS_DIR, CONFIGS_DIR, DEPLOY_CONFIGS_DIR
 from .common import CommandParser, bits, fraction, output_file, positive_int
 from ..runtime.build import runner_for
@@ -250,7 +252,7 @@ def check_demo_args(args: argparse.Namespace) -> None:
     for name in names:  # the artifact folders the demo replaces: only ones it wrote, unchanged
         for n in args.bits:
             for suffix in ("", "-tensorrt"):
-                check_replaceable(args.work_dir / f"{name}-w{n}a{n}{suffix}", True, "--work-dir")
+                check_replaceable(args.work_dir / f"{name}-w{n}a{n}{suffix}", True, "--work-dir", kind=ARTIFACT)
 
 
 def run_demo(argv: list[str]) -> int:

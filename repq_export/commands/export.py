@@ -66,7 +66,7 @@ def run_export(argv: list[str]) -> int:
     from ..export.artifact import ExportRequest, check_export, write_artifact
     from ..export.tensorrt_builder import build_engine
     from ..files import check_input_file
-    from ..output_dir import record_added_file
+    from ..artifact.folder import record_added_file
     from ..resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES
 
     check_input_file(args.ckpt, "checkpoint", "--ckpt")

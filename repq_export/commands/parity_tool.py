@@ -14,7 +14,7 @@ from ..data.coco import CocoDataset
 from ..data.images import read_image
 from ..errors import UserError
 from ..evaluation.envelope import AP_MARGIN, MATCH_MARGIN, RULE, SAMPLES, Float64Reference
-from ..evaluation.evaluate import DatasetRun
+from ..evaluation.image_loop import DatasetRun
 from ..evaluation.layer_errors import attach_code_mismatches, measure_layer_errors
 from ..evaluation.noise_floor import Ulps, measure_noise_floor
 from ..evaluation.parity_check import AP_TOLERANCE, MATCH_RATE_MIN, ParityOptions, ParityReport, check_parity

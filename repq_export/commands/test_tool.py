@@ -13,10 +13,11 @@ from ..data.transforms import preprocess
 from ..errors import UserError
 from ..files import check_input_file, write_atomically
 from ..artifact.artifact_file import Artifact
-from ..resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES, MAX_PIXELS
+from ..resources import MAX_ANNOTATION_BYTES, MAX_CONFIG_BYTES
 from ..evaluation.coco_eval import format_ap_table
 from ..evaluation import distributed
-from ..evaluation.evaluate import DatasetRun, ImageResult, coco_results, run_dataset, run_image, score_run
+from ..evaluation.evaluate import coco_results, score_run
+from ..evaluation.image_loop import run_dataset, run_sharded
 from ..models.checkpoint import load_checkpoint
 from ..output_dir import check_not_an_input
 from .common import (CommandParser, bits, default_device, device, max_pixels_option, output_file, positive_int,
@@ -136,26 +137,6 @@ def check_model_source(model: Path, artifact: Artifact | None, checkpoint: Path,
                         "the checkpoint it was made from")
 
 
-def sharded_run(runner, dataset: CocoDataset, settings, max_images: int | None,
-                group: distributed.ProcessGroup, max_pixels: int = MAX_PIXELS) -> DatasetRun | None:
-    """This rank's share of the images run, gathered on rank 0 in loader order (None on other ranks).
-
-    Only what scoring needs travels: each image's id, path and detections (not the padded tensor)."""
-    count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    try:
-        mine = []
-        for index in distributed.shard(count, group):
-            info, path = dataset[index]
-            dets = run_image(runner, path, settings, max_pixels)[2]
-            mine.append((index, ImageResult(int(info["id"]), path, None, None, dets)))
-    except UserError as exc:
-        mine = str(exc)
-    parts = distributed.gather_to_main(mine, group)
-    if parts is None:
-        return None
-    return DatasetRun(runner.name, [result for _, result in sorted(pair for part in parts for pair in part)])
-
-
 def run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     backend = args.backend
@@ -200,9 +181,9 @@ def evaluate(args, backend: str, group: distributed.ProcessGroup | None) -> int:
     runner = runner_for(backend, source, RunnerSettings(device=device))
     if group is None:
         run_ = run_dataset(runner, dataset, info.preprocess, args.max_images, progress=not args.quiet,
-                           max_pixels=args.max_pixels)
+                           max_pixels=args.max_pixels, slim=True)
     else:
-        run_ = sharded_run(runner, dataset, info.preprocess, args.max_images, group, args.max_pixels)
+        run_ = run_sharded(runner, dataset, info.preprocess, args.max_images, group, max_pixels=args.max_pixels)
         if run_ is None:
             return 0
     metrics = score_run(run_, dataset, tuple(args.eval))

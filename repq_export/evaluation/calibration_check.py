@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 from ..data.coco import CocoDataset
 from ..data.coco_results import to_coco_results
-from ..data.postprocess import Detections, postprocess
+from ..data.postprocess import Detections
 from ..data.transforms import Preprocessed
 from ..boundary import NetOutput
 from ..runtime.torch_runner import TorchRunner
 from .coco_eval import evaluate_coco
+from .image_loop import run_prepared
 from .parity import match_detections
 
 SCORE_FLOOR = 0.3  # detections below it are compared by AP only: near the test threshold (0.05) float and
@@ -227,8 +228,7 @@ def model_outputs(model: nn.Module, preps: list[Preprocessed], device: str, desc
     runner = TorchRunner(model, device, name=desc)
     out = []
     for prep in tqdm(preps, desc=f"check {desc:>5}", unit="img", disable=not progress, leave=False):
-        net = runner(prep.tensor, prep.img_hw_tensor)
-        out.append((net, postprocess(*net, prep)))
+        out.append(run_prepared(runner, prep))
     return out
 
 

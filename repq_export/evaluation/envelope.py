@@ -28,7 +28,8 @@ from torch import nn
 from ..data.coco import CocoDataset
 from ..boundary import NetOutput, as_net_output
 from .bootstrap import CONFIDENCE, interval, per_image_matches, resample_weights, weighted_aps
-from .evaluate import DatasetRun, coco_results
+from .evaluate import coco_results
+from .image_loop import DatasetRun
 from .parity import match_detections
 
 MATCH_MARGIN = 0.005  # matched share: 0.5 points fewer matched than torch float32 is tolerated

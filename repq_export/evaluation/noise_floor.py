@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
 from ..hooks import hooked
 from ..quant.layers import named_quantizers
 from ..runtime.base import Runner
-from .evaluate import DatasetRun, ImageResult, run_image, score_run
+from .evaluate import score_run
+from .image_loop import DatasetRun, run_dataset
 from .parity import DetectionSummary, match_detections
 
 
@@ -161,18 +161,20 @@ class NoiseFloorSpread:
 def measure_noise_floor(qmodel: nn.Module, ref: Runner, ref_run: DatasetRun, dataset: CocoDataset,
                         settings: PreprocessSettings, samples: int = 1, ulps: Ulps = 1.0,
                         progress: bool = True) -> NoiseFloorSpread:
-    """Rerun the images of ``ref_run`` (``ref`` runs ``qmodel``) once per sample with activations nudged
-    by ``ulps`` ulps (one step, or one per quantizer name) and compare each rerun with ``ref_run``."""
+    """Rerun the images of ``ref_run`` (the first images of ``dataset``; ``ref`` runs ``qmodel``) once per
+    sample with activations nudged by ``ulps`` ulps (one step, or one per quantizer name) and compare each
+    rerun with ``ref_run``."""
     ap_ref = score_run(ref_run, dataset)
     floors = []
     for sample in range(samples):
-        nudged_run, summary = DatasetRun(f"{ref.name}+ulps#{sample}"), DetectionSummary()
         with nudged_activations(qmodel, sample, ulps) as steps:
-            for image in tqdm(ref_run.images, desc=f"noise floor {sample + 1}/{samples}", unit="img",
-                              disable=not progress, leave=False):
-                prep, net, dets = run_image(ref, image.path, settings)
-                nudged_run.images.append(ImageResult(image.image_id, image.path, prep, net, dets))
-                summary.add(match_detections(image.net, net))
+            nudged_run = run_dataset(ref, dataset, settings, len(ref_run.images), progress=progress,
+                                     desc=f"noise floor {sample + 1}/{samples}")
+        if nudged_run.image_ids != ref_run.image_ids:
+            raise ValueError("ref_run is not a run over the first images of dataset")
+        summary = DetectionSummary()
+        for image, nudged in zip(ref_run.images, nudged_run.images):
+            summary.add(match_detections(image.net, nudged.net))
         ap = score_run(nudged_run, dataset)
         floors.append(NoiseFloor(sample, sum(steps) / len(steps), isinstance(ulps, dict), len(steps), summary,
                                  ap["bbox_mAP"] - ap_ref["bbox_mAP"], ap["segm_mAP"] - ap_ref["segm_mAP"]))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import onnx
 from torch import nn
-from tqdm import tqdm
 
 from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
@@ -15,7 +14,8 @@ from ..export.locations import scope_to_name
 from ..quant.layers import named_quantizers
 from ..runtime.base import GraphRunner, Runner
 from .envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, SAMPLES, Envelope, judge_envelope
-from .evaluate import DatasetRun, ImageResult, run_image, score_run
+from .evaluate import score_run
+from .image_loop import DatasetRun, ImageResult, run_together
 from .parity import (CodeReport, DetectionSummary, compare_codes, compare_drift,
                      compare_float_parts, find_code_probes, match_detections, record_quantizer_inputs,
                      with_probe_outputs)
@@ -249,22 +249,18 @@ def check_parity(qmodel: nn.Module, ref: Runner, backend: Runner, dataset: CocoD
     a session like the backend's (reported as near-tie flips, not judged, where its codes are not exact); tiers 2
     and 3 against the float64 run where ``ideal`` runs it (`envelope.py`), else (or where given) by the fixed
     tolerances."""
-    count = len(dataset) if options.max_images is None else min(options.max_images, len(dataset))
     probed = onnx_path is not None and options.code_images > 0
     if probed and not hasattr(backend, "with_graph"):
         raise ValueError(f"{backend.name}: tier 1 needs a runner of the ONNX graph (onnxruntime or OpenVINO)")
+    runners = [ref, backend] + ([ideal] if ideal is not None else [])
+    runs = run_together(runners, dataset, settings, options.max_images, progress=options.progress, desc="parity")
+    ref_run, backend_run = runs[:2]
+    count = len(ref_run.images)
     exact = getattr(backend, "codes_exact", True)
     report = ParityReport(backend.name, count, 0, ap_tolerance=options.ap_tolerance,
                           min_match_rate=options.min_match_rate, tier1_rule=TIER1_EXACT if exact else TIER1_REPORTED)
-    runners = [ref, backend] + ([ideal] if ideal is not None else [])
-    runs = [DatasetRun(r.name) for r in runners]
-    for index in tqdm(range(count), desc="parity", unit="img", disable=not options.progress, leave=False):
-        info, path = dataset[index]
-        for runner, run in zip(runners, runs):
-            prep, net, dets = run_image(runner, path, settings)
-            run.images.append(ImageResult(int(info["id"]), path, prep, net, dets))
-        report.detections.add(match_detections(runs[0].images[-1].net, runs[1].images[-1].net))
-    ref_run, backend_run = runs[:2]
+    for ref_image, backend_image in zip(ref_run.images, backend_run.images):
+        report.detections.add(match_detections(ref_image.net, backend_image.net))
     if probed:
         report.code_images = min(options.code_images, count)
         report.codes = probe_codes(qmodel, onnx_path, backend_run.images[: report.code_images], backend,

@@ -21,6 +21,8 @@ from ..data.images import blame_calibration_images, check_calibration_image, pre
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..artifact.detector import apply_post_processing
+from ..artifact.folder import ARTIFACT
+from ..artifact.manifest_check import MANIFEST
 from ..errors import UserError
 from ..graph_targets import GraphForm
 from ..evaluation.calibration_check import (CalibrationCheck, check_calibration, dataset_ids, format_check,
@@ -35,7 +37,7 @@ from ..quant.layers import named_quantizers
 from ..quant.state import save_quant_state
 from ..resources import DEFAULT_DEPLOY_CONFIG, MAX_PIXELS
 from ..runtime.cpu_features import saturation_free
-from ..output_dir import MANIFEST, check_not_an_input, check_out_dir, staged_dir
+from ..output_dir import check_not_an_input, check_out_dir, staged_dir
 from .deploy_settings import backend_entry, post_processing_entry
 from .forms import ONNXRUNTIME, check_export_bits, form_for, roi_nan_guard_for, target_cpu_for
 from .onnx_export import count_qdq, export_onnx
@@ -107,7 +109,7 @@ def request_inputs(req: ExportRequest) -> dict[str, Path | None]:
 def check_export_out(req: ExportRequest) -> None:
     """The output folder's checks (replaceable, writable, none of the inputs), before any work."""
     check_not_an_input({"--out": req.out}, request_inputs(req), replaced=frozenset({"--out"}))
-    check_out_dir(req.out, req.force, req.make_parent)
+    check_out_dir(req.out, req.force, req.make_parent, kind=ARTIFACT)
 
 
 def check_calibration_options(req: ExportRequest) -> None:
@@ -275,7 +277,7 @@ def write_artifact(job: CheckedExport, progress: bool = True, log=print) -> Path
         log(f"WARNING: calibration check FAILED ({'; '.join(check.failures)}): the artifact is written because "
             "of --accept-accuracy-loss; it computes a model this much worse than float (repq.json: calibration_check)")
     qmodel = qmodel.cpu()
-    with staged_dir(req.out, req.force) as tmp:
+    with staged_dir(req.out, req.force, kind=ARTIFACT) as tmp:
         save_quant_state(qmodel, tmp / "quant.pth", paths, req.ckpt)
         target = target_cpu_for(deploy)
         log(f"exporting ONNX (QDQ, {form} form{f', target CPU {target}' if form == ONNXRUNTIME else ''}) ...")

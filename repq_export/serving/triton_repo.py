@@ -152,7 +152,7 @@ def write_model_repository(artifact: Artifact, out: Path, force: bool = False, i
     schema()
     check_not_an_input({"OUT": out}, {"ARTIFACT": artifact.path}, replaced=frozenset({"OUT"}))
     check_out_dir(out, force, option="OUT", kind=TRITON_REPO)
-    with staged_dir(out, force, "OUT", TRITON_REPO) as tmp:
+    with staged_dir(out, force, "OUT", kind=TRITON_REPO) as tmp:
         written = fill_repository(tmp, artifact, instances, kind)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {"format": REPO_FORMAT, "artifact": str(artifact.path.resolve()), "models": written,

@@ -1,23 +1,18 @@
-"""COCO box / mask AP of a float ``Detector`` through the project's inference path: decode,
-``preprocess``, the Detector forward at batch 1, ``postprocess``, ``evaluate_coco``."""
+"""COCO box / mask AP of a float ``Detector`` through the project's inference path: the image loop
+(decode, ``preprocess``, the Detector forward at batch 1, ``postprocess``) and ``score_run``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from repq_export.data.coco import CocoDataset
-from repq_export.data.coco_results import to_coco_results
-from repq_export.data.images import read_image
-from repq_export.data.postprocess import postprocess
-from repq_export.data.transforms import PreprocessSettings, preprocess
-from repq_export.evaluation.coco_eval import evaluate_coco
+from repq_export.data.transforms import PreprocessSettings
+from repq_export.evaluation.evaluate import score_run
+from repq_export.evaluation.image_loop import run_dataset
 from repq_export.models.detector import Detector
+from repq_export.runtime.torch_runner import TorchRunner
 
 
-@torch.no_grad()
 def evaluate_detector(
     detector: Detector,
     ann_file: str | Path,
@@ -25,15 +20,9 @@ def evaluate_detector(
     settings: PreprocessSettings,
     progress: bool = True,
 ) -> dict[str, float]:
-    """``evaluate_coco`` metrics (fractions) of ``detector`` on every image of ``ann_file``."""
+    """``evaluate_coco`` metrics (fractions) of ``detector`` on every image of ``ann_file``, on the device
+    its weights are on."""
     dataset = CocoDataset(ann_file, img_dir)
-    detector.eval()
-    bbox_results, segm_results = [], []
-    for info, path in tqdm(dataset, desc="eval", disable=not progress, dynamic_ncols=True):
-        prep = preprocess(read_image(path), **vars(settings))
-        outputs = detector(prep.tensor, prep.img_hw_tensor)
-        dets = postprocess(*outputs, prep)
-        boxes, segms = to_coco_results(dets, info["id"], dataset.cat_ids)
-        bbox_results += boxes
-        segm_results += segms
-    return evaluate_coco(dataset, bbox_results, segm_results)
+    device = str(next(detector.parameters()).device)
+    run = run_dataset(TorchRunner(detector, device, name="eval"), dataset, settings, progress=progress, slim=True)
+    return score_run(run, dataset)
