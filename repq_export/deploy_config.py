@@ -115,6 +115,7 @@ class OpenVINOConfig:
     graph_form: GraphForm = GraphForm.ONNXRUNTIME
     inference_precision: str = "f32"
     log_sqrt2_lowering: LogSqrt2Lowering = LogSqrt2Lowering.TABLE
+    static_shapes: bool = False  # compile for each input shape met (runtime/openvino_runner.py)
     device: str = "CPU"
     type: str = "openvino"
 
@@ -279,15 +280,14 @@ class _Reader(ValueReader):
         raise self.fail(f"{key}.type", f"must be 'onnxruntime', 'tensorrt' or 'openvino', got {kind!r}")
 
     def openvino(self, key: str, raw: dict) -> OpenVINOConfig:
-        self.keys(key, raw, ("type", "graph_form", "inference_precision", "device", "log_sqrt2_lowering"))
+        self.keys(key, raw, ("type", "graph_form", "inference_precision", "device", "log_sqrt2_lowering", "static_shapes"))
         form, precision, lowering = (self.one_of(f"{key}.{name}", raw.get(name, getattr(OpenVINOConfig, name)), allowed)
                                      for name, allowed in (("graph_form", OPENVINO_GRAPH_FORMS),
                                                            ("inference_precision", OPENVINO_PRECISIONS),
                                                            ("log_sqrt2_lowering", LOG_SQRT2_LOWERINGS)))
-        device = self.expect(f"{key}.device", raw.get("device", "CPU"), "str")
-        if device != "CPU":
-            raise self.fail(f"{key}.device", f"only 'CPU' is supported, got {device!r}")
-        return OpenVINOConfig(GraphForm(form), precision, LogSqrt2Lowering(lowering))
+        self.one_of(f"{key}.device", raw.get("device", "CPU"), ("CPU",))
+        static = self.expect(f"{key}.static_shapes", raw.get("static_shapes", False), "bool")
+        return OpenVINOConfig(GraphForm(form), precision, LogSqrt2Lowering(lowering), static)
 
     def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
         self.keys(key, raw, ("type", "providers", "graph_optimization_level", "target_cpu"))

@@ -205,8 +205,9 @@ def _check_backend(f: _Fields, manifest: dict) -> None:
         f.one_of(backend.get("graph_form"), "backend.graph_form", OPENVINO_GRAPH_FORMS)
         f.one_of(backend.get("inference_precision"), "backend.inference_precision", OPENVINO_PRECISIONS)
         f.one_of(backend.get("log_sqrt2_lowering", "table"), "backend.log_sqrt2_lowering", LOG_SQRT2_LOWERINGS)
-        if not isinstance(backend.get("roi_nan_guard", False), bool):
-            raise f.fail("backend.roi_nan_guard", "must be true or false", backend.get("roi_nan_guard"))
+        for key in ("roi_nan_guard", "static_shapes"):
+            if not isinstance(backend.get(key, False), bool):
+                raise f.fail(f"backend.{key}", "must be true or false", backend.get(key))
         return
     if kind == "tensorrt":
         if not isinstance(backend.get("fp16_mode", False), bool):

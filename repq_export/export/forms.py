@@ -32,6 +32,11 @@ def roi_nan_guard_for(deploy: DeployConfig) -> bool:
     return isinstance(deploy.backend, OpenVINOConfig)
 
 
+def unshared_weights_for(deploy: DeployConfig) -> bool:
+    """Whether each weight DequantizeLinear gets its own codes (export/unshared_weights.py): for OpenVINO only."""
+    return isinstance(deploy.backend, OpenVINOConfig)
+
+
 def log_sqrt2_lowering_for(deploy: DeployConfig) -> LogSqrt2Lowering:
     """How the graph writes the softmax quantizers: as the OpenVINO config says, else Log + table lookups."""
     return deploy.backend.log_sqrt2_lowering if isinstance(deploy.backend, OpenVINOConfig) else LogSqrt2Lowering.TABLE

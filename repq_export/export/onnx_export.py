@@ -20,6 +20,7 @@ from .locations import locate_calls, store_calls
 from .nan_guard import guard_roi_align_nans
 from .lowering import lower_for_export
 from .rewrites import optimize_for_onnxruntime, refresh_calls
+from .unshared_weights import unshare_weight_codes
 
 
 def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg: OnnxConfig) -> onnx.ModelProto:
@@ -68,14 +69,16 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
                 cfg: OnnxConfig | None = None, *, form: GraphForm, target_cpu: TargetCpu = TargetCpu.ANY,
-                roi_nan_guard: bool = False, log_sqrt2: LogSqrt2Lowering = LogSqrt2Lowering.TABLE) -> onnx.ModelProto:
+                roi_nan_guard: bool = False, log_sqrt2: LogSqrt2Lowering = LogSqrt2Lowering.TABLE,
+                unshared_weights: bool = False) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
     (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
     where 8-bit weights were widened). `roi_nan_guard` adds `Where(IsNaN(y), 0, y)` after every
     RoiAlign (`nan_guard.py`; OpenVINO deploy configs); `log_sqrt2` picks how the softmax
-    quantizers are written (`graph_targets.LogSqrt2Lowering`; 'bisect' for OpenVINO deploy configs).
+    quantizers are written (`graph_targets.LogSqrt2Lowering`; 'bisect' for OpenVINO deploy configs);
+    `unshared_weights` gives each weight DequantizeLinear its own codes (`unshared_weights.py`; OpenVINO).
 
     The same model and example input give a byte-identical file.
     """
@@ -93,6 +96,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
         store_calls(proto, calls)
     if roi_nan_guard:
         guard_roi_align_nans(proto)
+    if unshared_weights:
+        unshare_weight_codes(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input
