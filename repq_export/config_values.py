@@ -66,6 +66,12 @@ class ValueReader:
                 raise self.fail(f"{key}.{name}", f"unknown key (allowed: {', '.join(allowed)})")
         return value
 
+    def one_of(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        """`value` where it is one of the strings `allowed`."""
+        if self.expect(key, value, "str") not in allowed:
+            raise self.fail(key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+
     def string_list(self, key: str, value: Any) -> tuple[str, ...]:
         """A list of strings, as a tuple."""
         self.expect(key, value, "list")

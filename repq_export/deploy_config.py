@@ -23,7 +23,7 @@ from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES
 from repq_export.config_values import ValueReader, as_lists
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
-from repq_export.graph_targets import GraphForm, TargetCpu
+from repq_export.graph_targets import GraphForm, LogSqrt2Lowering, TargetCpu
 from repq_export.models import reference_settings as ref
 from repq_export.models.config import evaluate_source
 from repq_export.resources import MAX_CONFIG_BYTES
@@ -104,14 +104,18 @@ OPENVINO_GRAPH_FORMS = (GraphForm.ONNXRUNTIME.value, GraphForm.TENSORRT.value)
 #: backend_config.inference_precision: set explicitly on every compile (OpenVINO's own default is
 #: bf16 on CPUs with BF16/AMX); 'bf16' only where the parity check judged it.
 OPENVINO_PRECISIONS = ("f32", "bf16")
+#: backend_config.log_sqrt2_lowering: the softmax quantizer's ops, 'table' or 'bisect' (graph_targets.py)
+LOG_SQRT2_LOWERINGS = tuple(v.value for v in LogSqrt2Lowering)
 
 
 @dataclass(frozen=True)
 class OpenVINOConfig:
-    """OpenVINO CPU settings: the graph form it reads, and its inference precision."""
+    """OpenVINO CPU settings: the graph form it reads, its log-sqrt2 lowering, its inference precision."""
 
     graph_form: GraphForm = GraphForm.ONNXRUNTIME
     inference_precision: str = "f32"
+    log_sqrt2_lowering: LogSqrt2Lowering = LogSqrt2Lowering.TABLE
+    static_shapes: bool = False  # compile for each input shape met (runtime/openvino_runner.py)
     device: str = "CPU"
     type: str = "openvino"
 
@@ -276,19 +280,14 @@ class _Reader(ValueReader):
         raise self.fail(f"{key}.type", f"must be 'onnxruntime', 'tensorrt' or 'openvino', got {kind!r}")
 
     def openvino(self, key: str, raw: dict) -> OpenVINOConfig:
-        self.keys(key, raw, ("type", "graph_form", "inference_precision", "device"))
-        form = self.expect(f"{key}.graph_form", raw.get("graph_form", OpenVINOConfig.graph_form), "str")
-        if form not in OPENVINO_GRAPH_FORMS:
-            raise self.fail(f"{key}.graph_form", f"must be one of {list(OPENVINO_GRAPH_FORMS)}, got {form!r}")
-        precision = self.expect(f"{key}.inference_precision",
-                                raw.get("inference_precision", OpenVINOConfig.inference_precision), "str")
-        if precision not in OPENVINO_PRECISIONS:
-            raise self.fail(f"{key}.inference_precision",
-                            f"must be one of {list(OPENVINO_PRECISIONS)}, got {precision!r}")
-        device = self.expect(f"{key}.device", raw.get("device", "CPU"), "str")
-        if device != "CPU":
-            raise self.fail(f"{key}.device", f"only 'CPU' is supported, got {device!r}")
-        return OpenVINOConfig(graph_form=GraphForm(form), inference_precision=precision)
+        self.keys(key, raw, ("type", "graph_form", "inference_precision", "device", "log_sqrt2_lowering", "static_shapes"))
+        form, precision, lowering = (self.one_of(f"{key}.{name}", raw.get(name, getattr(OpenVINOConfig, name)), allowed)
+                                     for name, allowed in (("graph_form", OPENVINO_GRAPH_FORMS),
+                                                           ("inference_precision", OPENVINO_PRECISIONS),
+                                                           ("log_sqrt2_lowering", LOG_SQRT2_LOWERINGS)))
+        self.one_of(f"{key}.device", raw.get("device", "CPU"), ("CPU",))
+        static = self.expect(f"{key}.static_shapes", raw.get("static_shapes", False), "bool")
+        return OpenVINOConfig(GraphForm(form), precision, LogSqrt2Lowering(lowering), static)
 
     def onnxruntime(self, key: str, raw: dict) -> OnnxRuntimeConfig:
         self.keys(key, raw, ("type", "providers", "graph_optimization_level", "target_cpu"))

@@ -16,6 +16,14 @@ class GraphForm(StrEnum):
     ONNXRUNTIME = "onnxruntime"
 
 
+class LogSqrt2Lowering(StrEnum):
+    """How the softmax's log-sqrt2 quantizer is written as float ops (export/qdq.py explains each);
+    both give the fake quantizer's codes."""
+
+    TABLE = "table"  # Log guesses the code, two table lookups fix it: onnxruntime, TensorRT
+    BISECT = "bisect"  # comparisons and power-of-two rescalings only: one fused JIT kernel on OpenVINO
+
+
 class TargetCpu(StrEnum):
     """The CPUs an onnxruntime-form graph is exact on (deploy_config.py explains each)."""
 

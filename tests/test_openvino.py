@@ -18,9 +18,11 @@ from repq_export.deploy_config import OpenVINOConfig, load_deploy_config
 from repq_export.errors import UserError
 from repq_export.evaluation.parity_check import TIER1_REPORTED, probe_codes
 from repq_export.evaluation.image_loop import ImageResult
-from repq_export.export.forms import ONNXRUNTIME, TENSORRT, form_for, roi_nan_guard_for
+from repq_export.export.forms import (ONNXRUNTIME, TENSORRT, form_for, log_sqrt2_lowering_for, roi_nan_guard_for,
+                                     unshared_weights_for)
 from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans
 from repq_export.export.onnx_export import export_onnx
+from repq_export.graph_targets import LogSqrt2Lowering
 from repq_export.resources import DEPLOY_CONFIGS_DIR
 from repq_export.runtime.openvino_runner import MISSING, openvino_available
 
@@ -30,6 +32,7 @@ from test_export import IMG_HW, tiny_quant_model
 OV_OK, OV_WHY = openvino_available()
 needs_openvino = pytest.mark.skipif(not OV_OK, reason=OV_WHY)
 OV_CONFIG = DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu.py"
+TABLE, BISECT = LogSqrt2Lowering.TABLE, LogSqrt2Lowering.BISECT
 
 # three RoIs on a 16x16 map: zero width, ordinary, zero height
 ROIS = np.array([[2, 2, 2, 9], [1, 1, 8, 8], [3, 5, 10, 5]], np.float32)
@@ -62,6 +65,11 @@ def run_openvino(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
     from repq_export.runtime.openvino_runner import OpenVINORunner
 
     return OpenVINORunner(proto.SerializeToString()).run_all(feeds)["y"]
+
+
+def quantizer_ops(proto: onnx.ModelProto) -> set[str]:
+    """Op types of the lowered quantizers' nodes (named after their modules; the RoI extractors have a Log too)."""
+    return {n.op_type for n in proto.graph.node if "quantizer" in n.name}
 
 
 def guarded(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -105,25 +113,41 @@ def test_guard_makes_openvino_agree_on_a_zero_width_roi():
 # --------------------------------------------------------------------------------------- deploy config
 
 
-def test_deploy_config_picks_the_tensorrt_form_f32_and_the_guard():
+def test_deploy_config_picks_the_tensorrt_form_f32_the_guard_and_the_bisected_log_sqrt2():
     deploy = load_deploy_config(OV_CONFIG)
-    assert deploy.backend == OpenVINOConfig(graph_form="tensorrt", inference_precision="f32")
-    assert form_for(deploy) == TENSORRT and roi_nan_guard_for(deploy)
+    assert deploy.backend == OpenVINOConfig(graph_form="tensorrt", inference_precision="f32", log_sqrt2_lowering=BISECT,
+                                            static_shapes=True)
+    assert form_for(deploy) == TENSORRT and roi_nan_guard_for(deploy) and log_sqrt2_lowering_for(deploy) == BISECT
+    assert unshared_weights_for(deploy)
 
 
-def test_8bit_deploy_config_picks_the_onnxruntime_form_f32_and_the_guard():
+def test_8bit_deploy_config_picks_the_onnxruntime_form_f32_the_guard_and_the_bisected_log_sqrt2():
     """8-bit codes do not fit the TensorRT form (int8, zero point 0), so the W8A8 config is the onnxruntime form."""
     deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu-8bit.py")
-    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32")
-    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy)
+    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32",
+                                            log_sqrt2_lowering=BISECT, static_shapes=True)
+    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy) and log_sqrt2_lowering_for(deploy) == BISECT
+
+
+def test_every_other_deploy_config_keeps_the_table_lowering_and_shared_weights(tmp_path):
+    """onnxruntime and TensorRT configs write Log + table lookups; an OpenVINO config without the key does too."""
+    others = [load_deploy_config(p) for p in DEPLOY_CONFIGS_DIR.glob("*.py") if "openvino" not in p.name]
+    assert len(others) >= 3 and all(log_sqrt2_lowering_for(d) == TABLE for d in others)
+    assert not any(unshared_weights_for(d) for d in others)
+    bare = tmp_path / "bare.py"
+    bare.write_text(OV_CONFIG.read_text().replace("log_sqrt2_lowering='bisect',", ""))
+    assert log_sqrt2_lowering_for(load_deploy_config(bare)) == TABLE
 
 
 @pytest.mark.parametrize("key,value,message", [("graph_form", "'openvino'", "graph_form: must be one of"),
                                                ("inference_precision", "'f16'", "inference_precision: must be"),
-                                               ("device", "'GPU'", "device: only 'CPU'")])
+                                               ("log_sqrt2_lowering", "'log'", "log_sqrt2_lowering: must be one of"),
+                                               ("static_shapes", "1", "static_shapes: expected a bool"),
+                                               ("device", "'GPU'", "device: must be one of \\['CPU'\\]")])
 def test_deploy_config_refuses_bad_openvino_settings(tmp_path, key, value, message):
     text = OV_CONFIG.read_text()
     old = {"graph_form": "graph_form='tensorrt'", "inference_precision": "inference_precision='f32'",
+           "log_sqrt2_lowering": "log_sqrt2_lowering='bisect'", "static_shapes": "static_shapes=True",
            "device": "device='CPU'"}[key]
     path = tmp_path / "bad.py"
     path.write_text(text.replace(old, f"{key}={value}"))
@@ -149,14 +173,29 @@ def test_missing_openvino_is_one_user_error(tmp_path):
 # ------------------------------------------------------------------------------------ runner, tiny configs
 
 
-@pytest.fixture(scope="module", params=[("mask", ONNXRUNTIME), ("cascade", ONNXRUNTIME), ("mask", TENSORRT)],
-                ids=["mask-ortform", "cascade-ortform", "mask-trtform"])
+@pytest.fixture(scope="module", params=[("mask", ONNXRUNTIME, TABLE), ("cascade", ONNXRUNTIME, BISECT),
+                                        ("mask", TENSORRT, BISECT)],
+                ids=["mask-ortform-table", "cascade-ortform-bisect", "mask-trtform-bisect"])
 def tiny_graph(request, tmp_path_factory):
-    kind, form = request.param
+    kind, form, lowering = request.param
     qmodel, img = tiny_quant_model(kind, 4)
     path = tmp_path_factory.mktemp(f"ov-{kind}-{form}") / "model.onnx"
-    proto = export_onnx(qmodel, path, img, IMG_HW, form=form, roi_nan_guard=True)
+    proto = export_onnx(qmodel, path, img, IMG_HW, form=form, roi_nan_guard=True, log_sqrt2=lowering)
     return qmodel, img, path, proto
+
+
+def test_bisected_log_sqrt2_graph_computes_the_table_graph_bit_for_bit(tmp_path):
+    """The OpenVINO lowering of the softmax quantizers (no Log, no GatherElements) gives the same detections
+    as the table lowering on onnxruntime, bit for bit: both are the fake quantizer's values exactly."""
+    qmodel, img = tiny_quant_model("mask", 4)
+    outs, protos = {}, {}
+    for lowering in (TABLE, BISECT):
+        path = tmp_path / f"{lowering}.onnx"
+        protos[lowering] = export_onnx(qmodel, path, img, IMG_HW, form=TENSORRT, log_sqrt2=lowering)
+        outs[lowering] = run_ort(protos[lowering], {"img": img.numpy(), "img_hw": IMG_HW.numpy()})
+    ops = {k: quantizer_ops(p) for k, p in protos.items()}
+    assert {"Log", "GatherElements"} <= ops[TABLE] and not {"Log", "GatherElements"} & ops[BISECT]
+    assert outs[TABLE].shape[0] > 0 and np.array_equal(outs[TABLE], outs[BISECT])
 
 
 @needs_openvino
@@ -192,6 +231,31 @@ def test_openvino_codes_are_fake_quant_codes_but_near_ties(tiny_graph):
     codes = probe_codes(qmodel, path, [image], OpenVINORunner(path, "f32"), float_parts=False)
     elements, flips = sum(r.elements for r in codes), sum(r.mismatches for r in codes)
     assert elements > 10**5 and flips <= elements * 1e-4, (elements, flips)
+    if "Log" not in quantizer_ops(proto):  # the bisected softmax quantizers: exact compares
+        log_calls = [r for r in codes if r.kind == "log_sqrt2"]
+        assert log_calls and sum(r.elements for r in log_calls) > 10**4
+        assert sum(r.mismatches for r in log_calls) == 0
+
+
+@needs_openvino
+def test_static_shapes_compile_for_each_input_shape_and_keep_the_last_two(tiny_graph):
+    """Compiled per input shape (the deploy config's static_shapes): on each size the detections of the graph
+    compiled for dynamic shapes, up to the float rounding the tiny random 4-bit model amplifies (89 of 100 matched
+    on one size here; the bundled detectors are judged by the float64 rule below), and at most STATIC_CACHE
+    compiled models held."""
+    from repq_export.evaluation.parity import match_detections
+    from repq_export.runtime.openvino_runner import STATIC_CACHE, OpenVINORunner
+
+    _, img, path, _ = tiny_graph
+    static, dynamic = OpenVINORunner(path, static_shapes=True), OpenVINORunner(path)
+    assert "compiled for each input shape" in static.describe() and not static.compiled_by_shape
+    for h, w in ((160, 224), (192, 256), (128, 320), (160, 224)):
+        image = torch.nn.functional.interpolate(img, size=(h, w), mode="bilinear")
+        hw = torch.tensor([h - 5.0, w - 7.0])
+        got, want = static(image, hw), dynamic(image, hw)
+        match = match_detections(want, got)
+        assert match.ref == match.got == want.boxes.shape[0] > 0 and match.matched >= 0.5 * match.ref, (h, w, match)
+    assert len(static.compiled_by_shape) == STATIC_CACHE == 2 and static.precision == "f32"
 
 
 @needs_openvino
@@ -247,9 +311,12 @@ def test_openvino_artifact_records_form_precision_and_guard(bundled_ov):
     out, _, _, _, manifest = bundled_ov
     assert manifest["form"] == TENSORRT
     assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": TENSORRT,
-                                   "inference_precision": "f32", "roi_nan_guard": True}
-    roi, guarded_count = count_guarded(onnx.load(out / "model.onnx"))
+                                   "inference_precision": "f32", "roi_nan_guard": True, "log_sqrt2_lowering": BISECT,
+                                   "static_shapes": True}
+    proto = onnx.load(out / "model.onnx")
+    roi, guarded_count = count_guarded(proto)
     assert roi == guarded_count >= 2  # box and mask RoI extractors
+    assert "Less" in quantizer_ops(proto) and not {"Log", "GatherElements"} & quantizer_ops(proto)
 
 
 def test_openvino_verdict_passes_honest_and_fails_a_roi_align_breakage(bundled_ov):

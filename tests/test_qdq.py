@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from repq_export.export.qdq import DQWeight, QDQActivation, log_sqrt2_lowered
+from repq_export.export.qdq import (DQWeight, QDQActivation, log_sqrt2_bisected, log_sqrt2_lowered,
+                                  log_sqrt2_odd_half)
 from repq_export.quant.log_sqrt2 import log_sqrt2_codes, log_sqrt2_fake_quant, log_sqrt2_lut, log_sqrt2_thresholds
 from repq_export.quant.uniform import fake_quant
 
@@ -117,3 +118,41 @@ def test_log_sqrt2_lowering_equals_fake_quant(n_bits: int, cast_floors: bool) ->
     assert int((codes == 2**n_bits).sum()) > 0 and int((codes == 0).sum()) > 0  # both ends exercised
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     assert any(n.op_type == "Floor" for n in model.graph.node) != cast_floors
+
+
+class LogQBisected(LogQ):
+    def forward(self, x):
+        return log_sqrt2_bisected(x, self.scale, self.upper, log_sqrt2_odd_half(), self.n_bits)
+
+
+def log_sqrt2_probe(scale: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Softmax values, every boundary and its float32 neighbours, 0, 1, subnormals: what a lowering must get right."""
+    torch.manual_seed(1)
+    attn = torch.softmax(torch.randn(64, 49, 49) * 3, dim=-1).flatten()
+    t = log_sqrt2_thresholds(scale, n_bits)
+    boundary = torch.cat([t, torch.nextafter(t, torch.zeros_like(t)), torch.nextafter(t, torch.ones_like(t))])
+    return torch.cat([attn, boundary, torch.tensor([0.0, 1.0, 2.0, 1e-30, 1e-40, 1e-45, -1.0])])
+
+
+@pytest.mark.parametrize("scale", [0.83, 0.0371, 1.0])
+@pytest.mark.parametrize("n_bits", [2, 3, 4, 6, 8])
+def test_log_sqrt2_bisected_equals_fake_quant(n_bits: int, scale: float) -> None:
+    """The OpenVINO lowering: comparisons and power-of-two rescalings give fake quant's output bit for bit,
+    in torch and in onnxruntime, with no Log, table lookup or integer op in the graph."""
+    scale = torch.tensor(scale)
+    x = log_sqrt2_probe(scale, n_bits)
+    want = log_sqrt2_fake_quant(x, scale, n_bits)
+    assert torch.equal(LogQBisected(scale, n_bits)(x), want)
+    (out,), model = run_onnx(LogQBisected(scale, n_bits), x)
+    assert np.array_equal(out, want.numpy())
+    assert {n.op_type for n in model.graph.node} <= {"Less", "Where", "Mul", "Constant"}
+
+
+def test_log_sqrt2_bisected_fails_with_one_boundary_moved() -> None:
+    """The check above can fail: a table whose boundary t_3 is one float32 step lower changes the codes."""
+    scale, n_bits = torch.tensor(0.83), 4
+    x = log_sqrt2_probe(scale, n_bits)
+    broken = LogQBisected(scale, n_bits)
+    broken.upper = broken.upper.clone()
+    broken.upper[3] = torch.nextafter(broken.upper[3], torch.tensor(0.0))
+    assert not torch.equal(broken(x), log_sqrt2_fake_quant(x, scale, n_bits))

@@ -222,7 +222,8 @@ def ours_worker(task: dict) -> dict:
     from repq_export.artifact.artifact_file import Artifact
     from repq_export.artifact.detector import fake_quant_model
     from repq_export.export.artifact import ExportRequest, export_artifact
-    from repq_export.export.forms import ONNXRUNTIME, form_for, supported_bits
+    from repq_export.export.forms import (ONNXRUNTIME, form_for, log_sqrt2_lowering_for, supported_bits,
+                                         unshared_weights_for)
     from repq_export.export.onnx_export import export_onnx
     from repq_export.quant.recon_settings import ReconSettings
     from repq_export.resources import DEPLOY_CONFIGS_DIR
@@ -242,7 +243,8 @@ def ours_worker(task: dict) -> dict:
     deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu.py")
     form = form_for(deploy) if bits in supported_bits(form_for(deploy)) else ONNXRUNTIME
     prep = preprocess_file(calibration_paths(sets, 1)[0], settings)
-    export_onnx(qmodel, task["openvino"], prep.tensor, prep.img_hw_tensor, deploy.onnx, form=form, roi_nan_guard=True)
+    export_onnx(qmodel, task["openvino"], prep.tensor, prep.img_hw_tensor, deploy.onnx, form=form, roi_nan_guard=True,
+                log_sqrt2=log_sqrt2_lowering_for(deploy), unshared_weights=unshared_weights_for(deploy))
     check = artifact.calibration_check
     return {"make_s": seconds, "openvino_form": form, "calibration_check": check["verdict"]}
 

@@ -5,12 +5,15 @@ Per detector, side by side in one run (one process per thread count, every model
 
 - onnxruntime: the float graph, quantize_static's INT8 QDQ graph of it, our onnxruntime form at
   W4A4 / W6A6 / W8A8 (target CPU 'vnni' where the CPU has VNNI or AMX);
-- OpenVINO (CPU plugin): the float graph at inference precision f32 and bf16, quantize_static's
-  graph (f32), and our OpenVINO form at W4A4 / W6A6 (deploy config instance-seg_openvino_cpu.py:
-  TensorRT form + RoiAlign NaN guard) and W8A8 (instance-seg_openvino_cpu-8bit.py: onnxruntime
-  form + guard), all at f32;
-- with --experiments also: OpenVINO W4A4 without the NaN guard (the guard's cost), OpenVINO bf16
-  on our W4A4 and W8A8 graphs (faster, but not what the verdict passes).
+- OpenVINO (CPU plugin): the float graph at inference precision f32 and bf16 (compiled for dynamic
+  shapes, as `compile_model('model.onnx')` gives it, and bf16 also compiled for the input's shape),
+  quantize_static's graph (f32), and our OpenVINO form at W4A4 / W6A6 (deploy config
+  instance-seg_openvino_cpu.py: TensorRT form, RoiAlign NaN guard, bisected log-sqrt2, unshared
+  weight codes) and W8A8 (instance-seg_openvino_cpu-8bit.py: onnxruntime form, the same edits), all
+  at f32 and compiled as their deploy config says (static_shapes: for the input's shape);
+- with --experiments also: OpenVINO W4A4 without the NaN guard (the guard's cost), with the table
+  log-sqrt2 lowering (Log + GatherElements), compiled for dynamic shapes; OpenVINO bf16 on our W4A4
+  and W8A8 graphs (faster, but not what the verdict passes).
 
     python tools/bench_cpu.py                      # the bundled detectors (400x667) + Swin-T 800x1216
     python tools/bench_cpu.py --no-full-size --runs 3
@@ -44,25 +47,33 @@ import bench_common as bc
 import bench_onnxruntime as bo
 
 ORT, OV = "onnxruntime", "openvino"
-# name: (label, backend, source file key, OpenVINO precision, experiment only)
+DYN, STATIC = False, True  # OpenVINO: compiled for the graph's dynamic shapes, or for the input's shape
+# name: (label, backend, source file key, OpenVINO precision, static shapes, experiment only)
 VARIANTS = {
-    "ort_float": ("onnxruntime float", ORT, "float", None, False),
-    "ort_qstatic": ("onnxruntime quantize_static INT8", ORT, "qstatic", None, False),
-    "ort_w4": ("onnxruntime, our W4A4 (onnxruntime form)", ORT, "ort_w4", None, False),
-    "ort_w6": ("onnxruntime, our W6A6 (onnxruntime form)", ORT, "ort_w6", None, False),
-    "ort_w8": ("onnxruntime, our W8A8 (onnxruntime form)", ORT, "ort_w8", None, False),
-    "ov_float_f32": ("OpenVINO float, f32", OV, "float", "f32", False),
-    "ov_float_bf16": ("OpenVINO float, bf16", OV, "float", "bf16", False),
-    "ov_qstatic": ("OpenVINO quantize_static INT8, f32", OV, "qstatic", "f32", False),
-    "ov_w4": ("OpenVINO, our W4A4 (openvino deploy config)", OV, "ov_w4", "f32", False),
-    "ov_w6": ("OpenVINO, our W6A6 (openvino deploy config)", OV, "ov_w6", "f32", False),
-    "ov_w8": ("OpenVINO, our W8A8 (openvino 8-bit deploy config)", OV, "ov_w8", "f32", False),
-    "ov_w4_noguard": ("OpenVINO, our W4A4 without the NaN guard (experiment)", OV, "ov_w4_noguard", "f32", True),
-    "ov_w4_bf16": ("OpenVINO bf16, our W4A4 graph (experiment; fails the verdict)", OV, "ov_w4", "bf16", True),
-    "ov_w8_bf16": ("OpenVINO bf16, our W8A8 graph (experiment)", OV, "ov_w8", "bf16", True),
-}
+    "ort_float": ("onnxruntime float", ORT, "float", None, DYN, False),
+    "ort_qstatic": ("onnxruntime quantize_static INT8", ORT, "qstatic", None, DYN, False),
+    "ort_w4": ("onnxruntime, our W4A4 (onnxruntime form)", ORT, "ort_w4", None, DYN, False),
+    "ort_w6": ("onnxruntime, our W6A6 (onnxruntime form)", ORT, "ort_w6", None, DYN, False),
+    "ort_w8": ("onnxruntime, our W8A8 (onnxruntime form)", ORT, "ort_w8", None, DYN, False),
+    "ov_float_f32": ("OpenVINO float, f32", OV, "float", "f32", DYN, False),
+    "ov_float_bf16": ("OpenVINO float, bf16", OV, "float", "bf16", DYN, False),
+    "ov_float_bf16_static": ("OpenVINO float, bf16, compiled for the input's shape", OV, "float", "bf16", STATIC,
+                             False),
+    "ov_qstatic": ("OpenVINO quantize_static INT8, f32", OV, "qstatic", "f32", DYN, False),
+    "ov_w4": ("OpenVINO, our W4A4 (openvino deploy config)", OV, "ov_w4", "f32", None, False),
+    "ov_w6": ("OpenVINO, our W6A6 (openvino deploy config)", OV, "ov_w6", "f32", None, False),
+    "ov_w8": ("OpenVINO, our W8A8 (openvino 8-bit deploy config)", OV, "ov_w8", "f32", None, False),
+    "ov_w4_noguard": ("OpenVINO, our W4A4 without the NaN guard (experiment)", OV, "ov_w4_noguard", "f32", None,
+                      True),
+    "ov_w4_table": ("OpenVINO, our W4A4 with the table log-sqrt2 lowering (experiment)", OV, "ov_w4_table", "f32",
+                    None, True),
+    "ov_w4_dynamic": ("OpenVINO, our W4A4 compiled for dynamic shapes (experiment)", OV, "ov_w4", "f32", DYN,
+                      True),
+    "ov_w4_bf16": ("OpenVINO bf16, our W4A4 graph (experiment; fails the verdict)", OV, "ov_w4", "bf16", None, True),
+    "ov_w8_bf16": ("OpenVINO bf16, our W8A8 graph (experiment)", OV, "ov_w8", "bf16", None, True),
+}  # static shapes None: as the W-bit OpenVINO deploy config (OV_DEPLOY) says
 OURS = {4: ("ort_w4", "ov_w4"), 8: ("ort_w8", "ov_w8")}  # the deployed graphs the goal looks at
-GOALS = (("ov_float_bf16", 1.3), ("ort_float", 2.5))
+GOALS = (("ov_float_bf16", 1.3), ("ov_float_bf16_static", 1.3), ("ort_float", 2.5))
 OV_DEPLOY = {4: "instance-seg_openvino_cpu.py", 6: "instance-seg_openvino_cpu.py", 8: "instance-seg_openvino_cpu-8bit.py"}
 INT8_LAYERS = ("Convolution", "MatMul", "FullyConnected")
 INT8_PRECISIONS = ("i8", "u8")
@@ -101,7 +112,8 @@ def parse_ints(text: str) -> list[int]:
 def quant_export_worker(task: dict) -> dict:
     """Calibrate once at task['bits'], then export the onnxruntime form and the OpenVINO form(s)."""
     from repq_export.deploy_config import load_deploy_config
-    from repq_export.export.forms import form_for, roi_nan_guard_for
+    from repq_export.export.forms import form_for, log_sqrt2_lowering_for, roi_nan_guard_for, unshared_weights_for
+    from repq_export.graph_targets import LogSqrt2Lowering
     from repq_export.export.onnx_export import export_onnx
     from repq_export.quant.calibrate import quantize
     from repq_export.resources import DEPLOY_CONFIGS_DIR
@@ -113,10 +125,12 @@ def quant_export_worker(task: dict) -> dict:
     out: dict = {}
     out["calib_s"], model = bc.time_call(lambda: quantize(model, [(img, img_hw)], bits, bits, progress=False))
     ov_deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY[bits])
-    jobs = {"ort": dict(form="onnxruntime", target_cpu=task["ort_target_cpu"]),
-            "ov": dict(form=form_for(ov_deploy), roi_nan_guard=roi_nan_guard_for(ov_deploy))}
+    ov = dict(form=form_for(ov_deploy), roi_nan_guard=roi_nan_guard_for(ov_deploy),
+              log_sqrt2=log_sqrt2_lowering_for(ov_deploy), unshared_weights=unshared_weights_for(ov_deploy))
+    jobs = {"ort": dict(form="onnxruntime", target_cpu=task["ort_target_cpu"]), "ov": ov}
     if task.get("noguard"):
-        jobs["ov_noguard"] = dict(form=form_for(ov_deploy))
+        jobs["ov_noguard"] = {**ov, "roi_nan_guard": False}
+        jobs["ov_table"] = {**ov, "log_sqrt2": LogSqrt2Lowering.TABLE}
     for key, kwargs in jobs.items():
         out[f"{key}_export_s"], _ = bc.time_call(lambda: export_onnx(model, task["paths"][key], img, img_hw, **kwargs))
     return out
@@ -134,14 +148,19 @@ def float_export_worker(task: dict) -> dict:
     return {"export_s": seconds}
 
 
-def ov_compile(path: str, precision: str, threads: int, profile: bool = False):
-    """An OpenVINO CPU compiled model with the runner's properties (precision explicit), one stream."""
+def ov_compile(path: str, precision: str, threads: int, profile: bool = False, feeds: dict | None = None):
+    """An OpenVINO CPU compiled model with the runner's properties (precision explicit), one stream; with
+    `feeds`, compiled for their shapes (as the runner does with static_shapes), else for the graph's."""
     from repq_export.runtime.openvino_runner import compile_config, openvino_core
 
     config = {**compile_config(precision, threads), "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
     if profile:
         config["PERF_COUNT"] = "YES"
-    return openvino_core().compile_model(path, "CPU", config)
+    core = openvino_core()
+    model = core.read_model(path)
+    if feeds is not None:
+        model.reshape({name: list(value.shape) for name, value in feeds.items()})
+    return core.compile_model(model, "CPU", config)
 
 
 def ov_int8_layers(compiled) -> dict[str, str]:
@@ -170,7 +189,7 @@ def ov_profile(compiled, feeds: dict, runs: int = 2) -> dict[str, float]:
     return dict(totals)
 
 
-def open_model(spec: dict, threads: int, work: Path):
+def open_model(spec: dict, threads: int, work: Path, feeds: dict):
     """(callable running the feeds, kernel description) of one model."""
     if spec["backend"] == ORT:
         import onnx
@@ -180,7 +199,7 @@ def open_model(spec: dict, threads: int, work: Path):
         ops = collections.Counter(n.op_type for n in onnx.load(opt, load_external_data=False).graph.node)
         kernels = ", ".join(f"{op} {ops[op]}" for op in bo.INTEGER_OPS if ops.get(op)) or "none"
         return (lambda feeds: sess.run(None, feeds)), kernels
-    compiled = ov_compile(spec["path"], spec["precision"], threads)
+    compiled = ov_compile(spec["path"], spec["precision"], threads, feeds=feeds if spec["static"] else None)
     request = compiled.create_infer_request()
     counts = ov_int8_layers(compiled)
     kernels = "int8 " + ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "none"
@@ -197,7 +216,7 @@ def latency_worker(task: dict) -> dict:
         rss0 = bc.rss_mib()
         bc.reset_peak_rss()
         try:
-            fn, kernels = open_model(spec, threads, work)
+            fn, kernels = open_model(spec, threads, work, feeds)
             for _ in range(task["warmup"] + 1):
                 fn(feeds)
         except Exception as exc:  # noqa: BLE001  a backend refusing a graph is a result, not a crash
@@ -217,7 +236,8 @@ def profile_worker(task: dict) -> dict:
     """OpenVINO per-layer profile of one model (PERF_COUNT)."""
     img, img_hw = bc.bench_image(tuple(task["size"]))
     feeds = {"img": img.numpy(), "img_hw": img_hw.numpy()}
-    compiled = ov_compile(task["path"], task["precision"], task["threads"], profile=True)
+    compiled = ov_compile(task["path"], task["precision"], task["threads"], profile=True,
+                          feeds=feeds if task["static"] else None)
     return {"profile_us": ov_profile(compiled, feeds)}
 
 
@@ -259,6 +279,7 @@ def produce(name: str, size, args, work: Path) -> tuple[dict, dict]:
         noguard = args.experiments and bits == 4
         if noguard:
             paths["ov_noguard"] = work / f"{name}_ov_w{bits}_noguard.onnx"
+            paths["ov_table"] = work / f"{name}_ov_w{bits}_table.onnx"
         if not all(p.exists() for p in paths.values()):
             log(f"W{bits}A{bits}: calibrate, export both forms")
             result = bc.run_worker({**base, "kind": "quant", "bits": bits, "noguard": noguard,
@@ -268,18 +289,29 @@ def produce(name: str, size, args, work: Path) -> tuple[dict, dict]:
             result = {}
         for key, p in paths.items():
             done(f"{key}_w{bits}", p, result)
-    if "ov_noguard_w4" in files:
-        files["ov_w4_noguard"] = files.pop("ov_noguard_w4")
+    for key in ("noguard", "table"):
+        if f"ov_{key}_w4" in files:
+            files[f"ov_w4_{key}"] = files.pop(f"ov_{key}_w4")
     return files, errors
 
 
 # ----------------------------------------------------------------------------- report
 
 
+def deploy_static_shapes(variant: str) -> bool:
+    """Whether the OpenVINO deploy config of our `variant` ('ov_w4...') compiles for each input shape."""
+    from repq_export.deploy_config import load_deploy_config
+    from repq_export.resources import DEPLOY_CONFIGS_DIR
+
+    return load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY[int(variant[4])]).backend.static_shapes
+
+
 def model_specs(files: dict, experiments: bool) -> dict[str, dict]:
-    """The models to time: variant -> backend, file, precision."""
-    return {v: {"backend": backend, "path": files[src], "precision": prec}
-            for v, (_, backend, src, prec, exp) in VARIANTS.items() if src in files and (experiments or not exp)}
+    """The models to time: variant -> backend, file, precision, static shapes."""
+    return {v: {"backend": backend, "path": files[src], "precision": prec,
+                "static": deploy_static_shapes(v) if static is None else static}
+            for v, (_, backend, src, prec, static, exp) in VARIANTS.items()
+            if src in files and (experiments or not exp)}
 
 
 def detector_table(specs: dict, lat: dict, threads: list[int], errors: dict) -> list[str]:
@@ -287,7 +319,7 @@ def detector_table(specs: dict, lat: dict, threads: list[int], errors: dict) -> 
     top = max(threads)
     med = {v: m["times"]["median"] for v, m in lat[top].get("models", {}).items() if "times" in m}
     rows = []
-    for variant, (label, backend, src, _, exp) in VARIANTS.items():
+    for variant, (label, backend, src, *_) in VARIANTS.items():
         if variant not in specs:
             if src in errors:
                 rows.append([label, *(["-"] * (len(threads) + 4)), errors[src]])
@@ -408,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"[bench_cpu] profile {v} ...", file=sys.stderr, flush=True)
                             profiled[v] = bc.run_worker({"kind": "profile", "size": list(size),
                                                          "threads": max(threads), "path": specs[v]["path"],
-                                                         "precision": specs[v]["precision"]}).get("profile_us", {})
+                                                         "precision": specs[v]["precision"],
+                                                         "static": specs[v]["static"]}).get("profile_us", {})
                     if profiled.get(variant) and (variant, ref) == next(m for m in missed if m[0] == variant):
                         refs = [r for v, r in missed if v == variant and profiled.get(r)]
                         lines += profile_lines(variant, refs[0] if refs else ref, profiled[variant],

@@ -38,6 +38,7 @@ class BackendRecord:
     graph_form: GraphForm | None = None  # OpenVINO: the lowering it reads
     inference_precision: str | None = None  # OpenVINO: 'f32' | 'bf16'
     roi_nan_guard: bool = False  # OpenVINO: the graph carries the RoiAlign NaN guard
+    static_shapes: bool = False  # OpenVINO: compiled for each input shape met
     fp16_mode: bool = False  # TensorRT
 
     @classmethod
@@ -50,7 +51,8 @@ class BackendRecord:
                    target_cpu=TargetCpu(entry.get("target_cpu", TargetCpu.ANY)),
                    graph_form=GraphForm(form) if form is not None else None,
                    inference_precision=entry.get("inference_precision"),
-                   roi_nan_guard=bool(entry.get("roi_nan_guard", False)), fp16_mode=bool(entry.get("fp16_mode", False)))
+                   roi_nan_guard=bool(entry.get("roi_nan_guard", False)), fp16_mode=bool(entry.get("fp16_mode", False)),
+                   static_shapes=bool(entry.get("static_shapes", False)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.transforms import PreprocessSettings
-from ..deploy_config import (MAX_OPSET, MIN_OPSET, OPENVINO_GRAPH_FORMS, OPENVINO_PRECISIONS, ORT_OPTIMIZATION_LEVELS,
-                             TARGET_CPUS)
+from ..deploy_config import (LOG_SQRT2_LOWERINGS, MAX_OPSET, MIN_OPSET, OPENVINO_GRAPH_FORMS, OPENVINO_PRECISIONS,
+                             ORT_OPTIMIZATION_LEVELS, TARGET_CPUS)
 from ..errors import UserError
 from ..graph_targets import GraphForm
 from ..quant.recipe import QuantSettings
@@ -215,8 +215,10 @@ def _check_backend(f: _Fields, manifest: dict) -> None:
     if kind == "openvino":
         f.one_of(backend.get("graph_form"), "backend.graph_form", OPENVINO_GRAPH_FORMS)
         f.one_of(backend.get("inference_precision"), "backend.inference_precision", OPENVINO_PRECISIONS)
-        if not isinstance(backend.get("roi_nan_guard", False), bool):
-            raise f.fail("backend.roi_nan_guard", "must be true or false", backend.get("roi_nan_guard"))
+        f.one_of(backend.get("log_sqrt2_lowering", "table"), "backend.log_sqrt2_lowering", LOG_SQRT2_LOWERINGS)
+        for key in ("roi_nan_guard", "static_shapes"):
+            if not isinstance(backend.get(key, False), bool):
+                raise f.fail(f"backend.{key}", "must be true or false", backend.get(key))
         return
     if kind == "tensorrt":
         if not isinstance(backend.get("fp16_mode", False), bool):

@@ -3,8 +3,9 @@
 Read as data by repq_export.deploy_config (never executed). The TensorRT form carries 2..7 bits
 (int8 codes with zero point 0 cannot hold 8-bit asymmetric codes), so the 8-bit graph for
 OpenVINO is the onnxruntime form (uint8 activations with their own zero point), with the same
-RoiAlign NaN guard and inference precision f32 as instance-seg_openvino_cpu.py. Its verdict is
-the float64 rule on tiers 2 and 3, tier 1 reported as near-tie flips.
+RoiAlign NaN guard, log-sqrt2 lowering ('bisect'), static shapes and inference precision f32 as
+instance-seg_openvino_cpu.py. Its verdict is the float64 rule on tiers 2 and 3, tier 1 reported
+as near-tie flips.
 """
 onnx_config = dict(
     type='onnx',
@@ -31,4 +32,6 @@ backend_config = dict(
     device='CPU',
     graph_form='onnxruntime',
     inference_precision='f32',
+    log_sqrt2_lowering='bisect',
+    static_shapes=True,
 )

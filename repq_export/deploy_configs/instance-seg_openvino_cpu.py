@@ -14,6 +14,15 @@ runs no faster on OpenVINO, and its float parts differ by thousands of ulps; it 
 8-bit (graph_form='onnxruntime'), since the TensorRT form carries 2..7 bits.
 inference_precision: 'f32', set explicitly on every compile, because OpenVINO's default on CPUs
 with BF16 or AMX is bf16, which the parity check FAILS at W4A4.
+log_sqrt2_lowering: 'bisect' writes the softmax quantizers as comparisons and power-of-two
+rescalings (export/qdq.py), the fake quantizer's codes exactly, which OpenVINO fuses into one JIT
+kernel; 'table' (Log and two GatherElements lookups, the onnxruntime and TensorRT lowering) runs
+on OpenVINO's reference kernels.
+static_shapes: compile the graph for each input shape met (seconds for a new padded size; the
+runner keeps the last two): only for static shapes does OpenVINO fuse the quantizers' elementwise
+chains into single JIT kernels (docs/openvino.md has the timings).
+Every export for OpenVINO also gives each weight DequantizeLinear its own codes
+(export/unshared_weights.py), without which OpenVINO runs the RPN head's shared convs in f32.
 """
 onnx_config = dict(
     type='onnx',
@@ -40,4 +49,6 @@ backend_config = dict(
     device='CPU',
     graph_form='tensorrt',
     inference_precision='f32',
+    log_sqrt2_lowering='bisect',
+    static_shapes=True,
 )

@@ -39,7 +39,8 @@ from ..resources import DEFAULT_DEPLOY_CONFIG, MAX_PIXELS
 from ..runtime.cpu_features import saturation_free
 from ..output_dir import check_not_an_input, check_out_dir, staged_dir
 from .deploy_settings import backend_entry, post_processing_entry
-from .forms import ONNXRUNTIME, check_export_bits, form_for, roi_nan_guard_for, target_cpu_for
+from .forms import (ONNXRUNTIME, check_export_bits, form_for, log_sqrt2_lowering_for, roi_nan_guard_for, target_cpu_for,
+                    unshared_weights_for)
 from .onnx_export import count_qdq, export_onnx
 from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
@@ -286,7 +287,8 @@ def write_artifact(job: CheckedExport, progress: bool = True, log=print) -> Path
                 "W8A8 graph about 1.35x faster for such CPUs")
         try:
             proto = export_onnx(qmodel, tmp / deploy.onnx.save_file, preps[0].tensor, preps[0].img_hw_tensor,
-                                deploy.onnx, form=form, target_cpu=target, roi_nan_guard=roi_nan_guard_for(deploy))
+                                deploy.onnx, form=form, target_cpu=target, roi_nan_guard=roi_nan_guard_for(deploy),
+                                log_sqrt2=log_sqrt2_lowering_for(deploy), unshared_weights=unshared_weights_for(deploy))
         except UserError as exc:
             raise blame_calibration_images(exc, paths) from None
         check_form_rules(proto, form)

@@ -25,5 +25,6 @@ def backend_entry(deploy: DeployConfig) -> dict:
                 "graph_optimization_level": backend.graph_optimization_level, "target_cpu": backend.target_cpu}
     if isinstance(backend, OpenVINOConfig):
         return {"type": backend.type, "device": backend.device, "graph_form": backend.graph_form,
-                "inference_precision": backend.inference_precision, "roi_nan_guard": True}
+                "inference_precision": backend.inference_precision, "roi_nan_guard": True,
+                "log_sqrt2_lowering": backend.log_sqrt2_lowering, "static_shapes": backend.static_shapes}
     return {"type": backend.type, "fp16_mode": backend.fp16_mode}

@@ -13,7 +13,7 @@ import onnx
 
 from ..deploy_config import DeployConfig, OnnxRuntimeConfig, OpenVINOConfig, TensorRTConfig
 from ..errors import UserError
-from ..graph_targets import TARGET_CPU_KEY, GraphForm, TargetCpu
+from ..graph_targets import TARGET_CPU_KEY, GraphForm, LogSqrt2Lowering, TargetCpu
 
 TENSORRT = GraphForm.TENSORRT
 ONNXRUNTIME = GraphForm.ONNXRUNTIME
@@ -30,6 +30,16 @@ def form_for(deploy: DeployConfig) -> GraphForm:
 def roi_nan_guard_for(deploy: DeployConfig) -> bool:
     """Whether the graph needs the RoiAlign NaN guard (export/nan_guard.py): for OpenVINO only."""
     return isinstance(deploy.backend, OpenVINOConfig)
+
+
+def unshared_weights_for(deploy: DeployConfig) -> bool:
+    """Whether each weight DequantizeLinear gets its own codes (export/unshared_weights.py): for OpenVINO only."""
+    return isinstance(deploy.backend, OpenVINOConfig)
+
+
+def log_sqrt2_lowering_for(deploy: DeployConfig) -> LogSqrt2Lowering:
+    """How the graph writes the softmax quantizers: as the OpenVINO config says, else Log + table lookups."""
+    return deploy.backend.log_sqrt2_lowering if isinstance(deploy.backend, OpenVINOConfig) else LogSqrt2Lowering.TABLE
 
 
 def target_cpu_for(deploy: DeployConfig) -> TargetCpu:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..quant.kinds import LOG_SQRT2, SHIFTED
 from .forms import ONNXRUNTIME
-from .lowering import lowered_quantizers
+from .lowering import BISECT, lowered_quantizers
 
 QUANTIZER_CALLS = "repq_export.quantizer_calls"
 
@@ -54,7 +54,7 @@ def locate_calls(proto: onnx.ModelProto, lowered: nn.Module) -> list[QuantizerCa
         module = modules.get(name)
         if module is None:
             continue
-        x, codes = _values(module.kind, module.form, nodes, producer)
+        x, codes = _values(module, nodes, producer)
         calls.append(QuantizerCall(name, scope, module.kind, module.form, x, codes))
     missing = set(modules) - {c.name for c in calls}
     if missing:
@@ -62,10 +62,13 @@ def locate_calls(proto: onnx.ModelProto, lowered: nn.Module) -> list[QuantizerCa
     return calls
 
 
-def _values(kind: str, form: str, nodes: list[onnx.NodeProto], producer: dict) -> tuple[str, str]:
+def _values(module: nn.Module, nodes: list[onnx.NodeProto], producer: dict) -> tuple[str, str]:
     """(float input, codes) value names of one call, from the nodes its lowering emitted."""
+    kind, form = module.kind, module.form
     if kind == LOG_SQRT2:
-        x = next(n for n in nodes if n.op_type == "Less").input[0]  # x < t_g compares x itself, in every form
+        x = next(n for n in nodes if n.op_type == "Less").input[0]  # the first comparison is on x, in either lowering
+        if module.lowering == BISECT:  # the last Where: 0 for code 2^n, else lut[c] (`qdq.log_sqrt2_bisected`)
+            return x, next(n for n in reversed(nodes) if n.op_type == "Where").output[0]
         table = next(n for n in nodes if n.op_type == "GatherElements" and n.input[0].endswith(".lut"))
         shaped = next(n for n in nodes if n.op_type == "Reshape" and n.input[0] == table.output[0])
         return x, shaped.output[0]  # lut[code] in the shape of x (`qdq.TableLookup`)

@@ -21,9 +21,12 @@ from ..quant.kinds import LOG_SQRT2, SHIFTED, UNIFORM
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
-from ..graph_targets import GraphForm
+from ..graph_targets import GraphForm, LogSqrt2Lowering
 from .forms import ONNXRUNTIME, TENSORRT
-from .qdq import DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_lowered
+from .qdq import (DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_bisected, log_sqrt2_lowered,
+                  log_sqrt2_odd_half)
+
+TABLE, BISECT = LogSqrt2Lowering.TABLE, LogSqrt2Lowering.BISECT
 
 INT8_MIN, INT8_MAX = -128, 127
 #: |int8 weight code| at most this in the onnxruntime form: u8s8 kernels on AVX2 without VNNI add
@@ -113,26 +116,31 @@ class ActivationU8(nn.Module):
 
 
 class LogSqrt2Lowered(nn.Module):
-    """The log-sqrt2 quantizer as float ops with exact codes (`qdq.log_sqrt2_lowered`)."""
+    """The log-sqrt2 quantizer as float ops with exact codes: Log and table lookups
+    (`qdq.log_sqrt2_lowered`) or, for OpenVINO, a binary search by comparisons (`qdq.log_sqrt2_bisected`)."""
 
     kind = LOG_SQRT2
 
-    def __init__(self, q: LogSqrt2Quantizer, form: GraphForm) -> None:
+    def __init__(self, q: LogSqrt2Quantizer, form: GraphForm, lowering: LogSqrt2Lowering = TABLE) -> None:
         super().__init__()
-        self.form = form
+        self.form, self.lowering = form, lowering
         self.n_bits = q.bits
         self.register_buffer("scale", q.scale.detach().clone())
         self.register_buffer("upper", q.thresholds().detach().clone())  # the 2^n boundaries t_0 > t_1 > ...
         self.register_buffer("lut", q.lut().detach().clone())
+        self.register_buffer("odd_half", log_sqrt2_odd_half() if lowering == BISECT else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lowering == BISECT:
+            return log_sqrt2_bisected(x, self.scale, self.upper, self.odd_half, self.n_bits)
         return log_sqrt2_lowered(x, self.scale, self.upper, self.lut, self.n_bits, cast_floors=self.form == ONNXRUNTIME)
 
 
-def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, *, form: GraphForm) -> nn.Module:
-    """The export form of an input quantizer, by kind and backend form."""
+def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, *, form: GraphForm,
+                     log_sqrt2: LogSqrt2Lowering = TABLE) -> nn.Module:
+    """The export form of an input quantizer, by kind, backend form and (log-sqrt2) lowering."""
     if isinstance(q, LogSqrt2Quantizer):
-        return LogSqrt2Lowered(q, form)
+        return LogSqrt2Lowered(q, form, log_sqrt2)
     if not isinstance(q, UniformQuantizer):
         raise TypeError(f"{name}: unknown quantizer {type(q).__name__}")
     if form == ONNXRUNTIME:
@@ -244,10 +252,10 @@ class ExportLinear(nn.Module):
 class ExportMatMul(nn.Module):
     """A quantized activation matmul: both inputs lowered by their kind."""
 
-    def __init__(self, layer: QuantMatMul, name: str, form: GraphForm) -> None:
+    def __init__(self, layer: QuantMatMul, name: str, form: GraphForm, log_sqrt2: LogSqrt2Lowering = TABLE) -> None:
         super().__init__()
-        self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a", form=form)
-        self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b", form=form)
+        self.quantizer_a = lower_activation(layer.quantizer_a, f"{name}.quantizer_a", form=form, log_sqrt2=log_sqrt2)
+        self.quantizer_b = lower_activation(layer.quantizer_b, f"{name}.quantizer_b", form=form, log_sqrt2=log_sqrt2)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return self.quantizer_a(a) @ self.quantizer_b(b)
@@ -258,8 +266,9 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def lower_for_export(qmodel: nn.Module, form: GraphForm) -> nn.Module:
-    """A copy of a calibrated fake-quant model with every quantized layer in its export form."""
+def lower_for_export(qmodel: nn.Module, form: GraphForm, log_sqrt2: LogSqrt2Lowering = TABLE) -> nn.Module:
+    """A copy of a calibrated fake-quant model with every quantized layer in its export form
+    (`log_sqrt2`: how the softmax quantizers are written)."""
     if form not in (TENSORRT, ONNXRUNTIME):
         raise ValueError(f"unknown export form {form!r}")
     model = copy.deepcopy(qmodel).eval().cpu()
@@ -269,7 +278,7 @@ def lower_for_export(qmodel: nn.Module, form: GraphForm) -> nn.Module:
         elif isinstance(module, QuantLinear):
             _set_child(model, name, ExportLinear(module, name, form))
         elif isinstance(module, QuantMatMul):
-            _set_child(model, name, ExportMatMul(module, name, form))
+            _set_child(model, name, ExportMatMul(module, name, form, log_sqrt2))
     return model
 
 

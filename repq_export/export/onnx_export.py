@@ -13,13 +13,14 @@ from torch import nn
 from ..boundary import INPUT_NAMES, OUTPUT_NAMES
 from ..deploy_config import OnnxConfig
 from ..files import write_atomically
-from ..graph_targets import GraphForm, TargetCpu
+from ..graph_targets import GraphForm, LogSqrt2Lowering, TargetCpu
 from ..quant.layers import named_quantizers
 from .forms import ONNXRUNTIME, set_target_cpu
 from .locations import locate_calls, store_calls
 from .nan_guard import guard_roi_align_nans
 from .lowering import lower_for_export
 from .rewrites import optimize_for_onnxruntime, refresh_calls
+from .unshared_weights import unshare_weight_codes
 
 
 def trace_to_onnx(model: nn.Module, img: torch.Tensor, img_hw: torch.Tensor, cfg: OnnxConfig) -> onnx.ModelProto:
@@ -68,20 +69,23 @@ def inline_constant_identities(proto: onnx.ModelProto) -> None:
 
 def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: torch.Tensor,
                 cfg: OnnxConfig | None = None, *, form: GraphForm, target_cpu: TargetCpu = TargetCpu.ANY,
-                roi_nan_guard: bool = False) -> onnx.ModelProto:
+                roi_nan_guard: bool = False, log_sqrt2: LogSqrt2Lowering = LogSqrt2Lowering.TABLE,
+                unshared_weights: bool = False) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
     into place. A quantized graph carries its quantizer-call table (`locations.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
     (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
     where 8-bit weights were widened). `roi_nan_guard` adds `Where(IsNaN(y), 0, y)` after every
-    RoiAlign (`nan_guard.py`; OpenVINO deploy configs).
+    RoiAlign (`nan_guard.py`; OpenVINO deploy configs); `log_sqrt2` picks how the softmax
+    quantizers are written (`graph_targets.LogSqrt2Lowering`; 'bisect' for OpenVINO deploy configs);
+    `unshared_weights` gives each weight DequantizeLinear its own codes (`unshared_weights.py`; OpenVINO).
 
     The same model and example input give a byte-identical file.
     """
     cfg = cfg or OnnxConfig(dynamic_axes={"img": {2: "height", 3: "width"},
                                           **{name: {0: "num_dets"} for name in OUTPUT_NAMES}})
     quantized = any(True for _ in named_quantizers(model))
-    export_model = lower_for_export(model, form) if quantized else model.eval().cpu()
+    export_model = lower_for_export(model, form, log_sqrt2) if quantized else model.eval().cpu()
     proto = trace_to_onnx(export_model, img.cpu(), img_hw.cpu(), cfg)
     if quantized:
         calls = locate_calls(proto, export_model)
@@ -92,6 +96,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
         store_calls(proto, calls)
     if roi_nan_guard:
         guard_roi_align_nans(proto)
+    if unshared_weights:
+        unshare_weight_codes(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not of the user's input

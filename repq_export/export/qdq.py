@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..quant.log_sqrt2 import log_sqrt2_lut
+
 
 class QDQActivation(torch.autograd.Function):
     """Uniform per-tensor activation: Clip(lo*d, hi*d) -> QuantizeLinear(d, 0) -> DequantizeLinear.
@@ -153,3 +155,35 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     # int32 indices (codes are 0 .. 256): half the memory traffic of int64 over every attention map
     guess = torch.clamp(guess if cast_floors else torch.floor(guess), 0, levels - 1).int()
     return TableLookup.apply(lut, guess + (x < TableLookup.apply(upper, guess)).int())
+
+
+
+def log_sqrt2_odd_half() -> Tensor:
+    """2^-1 * (1 + (sqrt2 - 1)) in the float32 arithmetic of the fake quantizer's table (its entry 1 at scale 1)."""
+    return log_sqrt2_lut(torch.ones(()), 1)[1]
+
+
+def log_sqrt2_bisected(x: Tensor, scale: Tensor, upper: Tensor, odd_half: Tensor, n_bits: int) -> Tensor:
+    """Log-sqrt2 quantization by comparisons and power-of-two rescalings only (no Log, no lookup).
+
+    A binary search on the code c = #{k : x < t_k}: at a step of size b (2^(n-1), ..., 2) the code is
+    at least s + b exactly when x < t_(s+b-1), and with x' = x * 2^(s/2) that is x' < t_(b-1): t_k is
+    the smallest float32 not below the irrational boundary d * 2^-(k + 1/2)/2, so for a float32 x,
+    x < t_k is x below the boundary itself, and scaling both sides by a power of two keeps the order
+    (x' is exact, as s is even). A hit adds b to s and multiplies x' by 2^(b/2); the last step, b = 1,
+    is x' < t_0 (an odd code). The output is the table's lut[c] = (2^-ceil(c/2) * odd) * d, in its
+    own float32 order: 2^-(s/2) (a product of exact powers of two) times 1 or `odd_half` (= 2^-1 * odd),
+    then times d; and 0 where x < t_(2^n - 1) (code 2^n). Every op is elementwise (Less, Where, Mul),
+    which OpenVINO fuses into one JIT kernel, where its Log and GatherElements run reference kernels.
+    """
+    zero = x < upper[-1]
+    scaled, gain = x, None
+    step = 2 ** (n_bits - 1)
+    while step >= 2:
+        hit = scaled < upper[step - 1]
+        up, down = torch.tensor(2.0 ** (step // 2)), torch.tensor(2.0 ** -(step // 2))
+        scaled = torch.where(hit, scaled * up, scaled)
+        gain = torch.where(hit, down, torch.tensor(1.0)) if gain is None else torch.where(hit, gain * down, gain)
+        step //= 2
+    mantissa = torch.where(scaled < upper[0], odd_half, torch.tensor(1.0))
+    return torch.where(zero, torch.tensor(0.0), (mantissa if gain is None else gain * mantissa) * scale)

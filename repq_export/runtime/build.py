@@ -99,15 +99,19 @@ def checked_providers(providers: list[str], available: list[str], where: str) ->
 
 
 def openvino_runner(source: Artifact | Path, precision: str | None, log: Callable[[str], None]) -> Runner:
-    """OpenVINO on CPU at `precision`, else the artifact's recorded inference precision, else f32; the
-    precision it runs at is logged (OpenVINO's default is bf16 on CPUs with BF16/AMX, so it is always set)."""
+    """OpenVINO on CPU at `precision`, else the artifact's recorded inference precision, else f32, compiled per
+    input shape where the artifact says so; the precision it runs at is logged (OpenVINO's default is bf16 on
+    CPUs with BF16/AMX, so it is always set)."""
     from .openvino_runner import OpenVINORunner, openvino_available
 
     ok, why = openvino_available()
     if not ok:
         raise UserError(why)
     recorded = source.backend if isinstance(source, Artifact) else None
-    recorded_precision = recorded.inference_precision if recorded is not None and recorded.type == "openvino" else None
-    runner = OpenVINORunner(model_file(source, "openvino"), precision or recorded_precision or "f32")
+    if recorded is not None and recorded.type != "openvino":
+        recorded = None
+    precision = precision or (recorded and recorded.inference_precision) or "f32"
+    static = bool(recorded and recorded.static_shapes)
+    runner = OpenVINORunner(model_file(source, "openvino"), precision, static_shapes=static)
     log(runner.describe())
     return runner
