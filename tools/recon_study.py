@@ -69,18 +69,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_variant(text: str) -> tuple[str, ReconSettings]:
-    """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields)."""
+def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
+    """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields, unit name prefixes to skip); the key
+    ``skip=a|b`` leaves the units whose names start with ``a`` or ``b`` in their RepQ-ViT state."""
     name, _, rest = text.partition(":")
     fields = {f.name: f.type for f in dataclasses.fields(ReconSettings)}
-    values = {}
+    values, skip = {}, ()
     for item in filter(None, rest.split(",")):
         key, _, raw = item.partition("=")
+        if key == "skip":
+            skip = tuple(filter(None, raw.split("|")))
+            continue
         if key not in fields:
             raise SystemExit(f"--variant {text}: no field {key!r}")
         default = getattr(ReconSettings(), key)
         values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
-    return name, ReconSettings(**values)
+    return name, ReconSettings(**values), skip
 
 
 def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.quiet
-    variants = [parse_variant(v) for v in args.variant] or [("recon", ReconSettings())]
+    variants = [parse_variant(v) for v in args.variant] or [("recon", ReconSettings(), ())]
     calib_set = synthetic(args.work_dir, args.calib_seed, args.calib_set)
     val = synthetic(args.work_dir, args.val_seed, args.val_images)
     n = min(args.val_images, len(val))
@@ -143,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT | {gap['bbox'][0]:.1f} | {gap['segm'][0]:.1f} "
                          f"| | | | |")
             print("\n".join(lines[-2:]), flush=True)
-            for label, settings in variants:
+            for label, settings, skip in variants:
                 model = copy.deepcopy(repq)
                 load0, start = os.getloadavg()[0], time.perf_counter()
-                results = reconstruct(model, recon_inputs, settings, progress=progress,
-                                      log=None if args.quiet else print)
+                results = reconstruct(model, recon_inputs, settings, progress=progress, log=print,
+                                      skip=lambda unit: unit.startswith(skip) if skip else False)
                 seconds = time.perf_counter() - start
                 load = (load0 + os.getloadavg()[0]) / 2
                 kept = sum(r.kept_nearest for r in results)
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {closed[0]} / {closed[1]} | {seconds:.0f} ({load:.1f}) |")
                 print(lines[-1], flush=True)
     lines.append("")
-    lines += [f"variant {label}: {s.as_dict()}" for label, s in variants]
+    lines += [f"variant {label}: {dataclasses.asdict(s)}{f' skipping {list(skip)}' if skip else ''}" for label, s, skip in variants]
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

@@ -27,6 +27,10 @@ class ReconSettings:
     images: int = 0  # reconstruction images (the calibration images)
     step_lr: float = 4e-3  # Adam step on the log of each per-tensor activation step (0: steps fixed)
     heads: bool = True  # also the RPN head and the RoI box and mask heads
+    holdout: float = 0.0  # share of the images kept out of learning to judge each unit (0: judge on the learning ones)
+    mask_probs: bool = False  # the mask head's target in probability (sigmoid) space rather than logits
+    pooled: bool = False  # multi-map outputs (FPN levels, RPN maps): one error over all elements, not a mean of maps
+    bias_correction: bool = False  # after learning, match each unit output's per-channel mean to float's
     method: str = METHOD
 
     def as_dict(self) -> dict[str, Any]:
