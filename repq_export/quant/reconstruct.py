@@ -212,9 +212,10 @@ def reconstruct_unit(unit: ReconUnit, args_list: Sequence[tuple], targets: Seque
     try:
         with hooked((q, drop) for q in quantizers):
             for step in range(settings.iters):
-                index = int(torch.randint(len(args_list), (1,), generator=generator))
+                picks = torch.randint(len(args_list), (settings.images_per_step,), generator=generator).tolist()
                 weights = {f"unit.{name}.weight": r.soft_weight() for name, r in roundings.items()}
-                loss = _loss(functional_call(runner, weights, args_list[index]), targets[index], settings.pooled)
+                loss = sum(_loss(functional_call(runner, weights, args_list[i]), targets[i], settings.pooled)
+                           for i in picks) / len(picks)
                 if step >= warm and roundings:
                     beta = _annealed_beta(settings, step, warm)
                     loss = loss + settings.round_weight * sum(r.regularizer(beta) for r in roundings.values())
