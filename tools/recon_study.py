@@ -22,8 +22,10 @@ import argparse
 import copy
 import dataclasses
 import os
+import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/recon_sets"), help="where the synthetic sets go")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
+    p.add_argument("--cache", type=Path, help="keep the float and RepQ-ViT runs here and reuse them (they do not "
+                   "depend on the reconstruction: a later run with other variants scores only those)")
+    p.add_argument("--baselines-only", action="store_true", help="score float and RepQ-ViT only (fill --cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -98,6 +103,19 @@ def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
 
 def run(model: torch.nn.Module, backend: str, dataset: CocoDataset, settings, n: int, progress: bool) -> DatasetRun:
     return run_dataset(runner_for(backend, model), dataset, settings, n, progress=progress)
+
+
+def cached(path: Path | None, make: Callable[[], DatasetRun]) -> DatasetRun:
+    """``make()``, or its earlier result stored at ``path`` (stored there when missing)."""
+    if path is not None and path.is_file():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    result = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            pickle.dump(result, f)
+    return result
 
 
 def paired(base: DatasetRun, other: DatasetRun, dataset: CocoDataset, weights: np.ndarray) -> dict[str, tuple]:
@@ -137,16 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         prep = info.preprocess
         calib = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in calib_paths)]
         recon_inputs = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in recon_paths)]
-        float_run = run(detector, "torch", val, prep, n, progress)
+        key = (f"{name}-val{args.val_seed}x{n}-calib{args.calib_seed}x{len(calib_paths)}of{len(calib_set)}"
+               f"-t{args.threads}")
+        store = (lambda what: args.cache / f"{key}-{what}.pkl") if args.cache else (lambda what: None)
+        float_run = cached(store("float"), lambda: run(detector, "torch", val, prep, n, progress))
         for bits in args.bits:
             repq = quantize(copy.deepcopy(detector), calib, bits, bits, progress=False)
-            repq_run = run(repq, "quant", val, prep, n, progress)
+            repq_run = cached(store(f"w{bits}a{bits}"), lambda: run(repq, "quant", val, prep, n, progress))
             gap = paired(repq_run, float_run, val, weights)  # float - RepQ-ViT
             cells = [f"{gap[m][1]:.1f}" for m in METRICS]
             lines.append(f"| {name} | W{bits}A{bits} | float | {cells[0]} | {cells[1]} | | | | |")
             lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT | {gap['bbox'][0]:.1f} | {gap['segm'][0]:.1f} "
                          f"| | | | |")
             print("\n".join(lines[-2:]), flush=True)
+            if args.baselines_only:
+                continue
             for label, settings, skip in variants:
                 model = copy.deepcopy(repq)
                 load0, start = os.getloadavg()[0], time.perf_counter()
