@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHOD = "adaround-qdrop-lsq-heldout"  # + units judged on held-out images, the tuned loss and bias options
+METHOD = "adaround-qdrop-lsq-v2"  # the same by default; records the options below (held-out judging, loss, bias)
 LSQ_METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned steps, heads; judged on its own images (reads)
 WEIGHTS_ONLY_METHOD = "adaround-qdrop"  # the first method: rounding only, backbone and FPN (still reads)
 DEFAULT_ITERS = 100
