@@ -145,7 +145,7 @@ def test_quant_pth_records_the_method_and_reloads_bit_identical(recon_pair, tmp_
     save_quant_state(recon, path)
     manifest, _ = read_quant_state(path)
     assert manifest["reconstruction"] == {**SETTINGS.as_dict(), "images": 3}
-    assert manifest["reconstruction"]["method"] == "adaround-qdrop-lsq"
+    assert manifest["reconstruction"]["method"] == "adaround-qdrop-lsq-v2"
     loaded = load_quant_state(tiny_float_model("mask"), path)
     assert loaded.quant_settings == recon.quant_settings
     assert all(torch.equal(a, b) for a, b in zip(recon.state_dict().values(), loaded.state_dict().values()))

@@ -22,8 +22,10 @@ import argparse
 import copy
 import dataclasses
 import os
+import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,22 +68,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/recon_sets"), help="where the synthetic sets go")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
+    p.add_argument("--cache", type=Path, help="keep the float and RepQ-ViT runs here and reuse them (they do not "
+                   "depend on the reconstruction: a later run with other variants scores only those)")
+    p.add_argument("--baselines-only", action="store_true", help="score float and RepQ-ViT only (fill --cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def parse_variant(text: str) -> tuple[str, ReconSettings]:
-    """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields)."""
+def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
+    """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields, unit name prefixes to skip); the key
+    ``skip=a|b`` leaves the units whose names start with ``a`` or ``b`` in their RepQ-ViT state."""
     name, _, rest = text.partition(":")
     fields = {f.name: f.type for f in dataclasses.fields(ReconSettings)}
-    values = {}
+    values, skip = {}, ()
     for item in filter(None, rest.split(",")):
         key, _, raw = item.partition("=")
+        if key == "skip":
+            skip = tuple(filter(None, raw.split("|")))
+            continue
         if key not in fields:
             raise SystemExit(f"--variant {text}: no field {key!r}")
         default = getattr(ReconSettings(), key)
         values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
-    return name, ReconSettings(**values)
+    return name, ReconSettings(**values), skip
 
 
 def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
@@ -95,6 +104,19 @@ def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
 
 def run(model: torch.nn.Module, backend: str, dataset: CocoDataset, settings, n: int, progress: bool) -> DatasetRun:
     return run_dataset(runner_for(backend, model), dataset, settings, n, progress=progress)
+
+
+def cached(path: Path | None, make: Callable[[], DatasetRun]) -> DatasetRun:
+    """``make()``, or its earlier result stored at ``path`` (stored there when missing)."""
+    if path is not None and path.is_file():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    result = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            pickle.dump(result, f)
+    return result
 
 
 def paired(base: DatasetRun, other: DatasetRun, dataset: CocoDataset, weights: np.ndarray) -> dict[str, tuple]:
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     progress = not args.quiet
-    variants = [parse_variant(v) for v in args.variant] or [("recon", ReconSettings())]
+    variants = [parse_variant(v) for v in args.variant] or [("recon", ReconSettings(), ())]
     calib_set = synthetic(args.work_dir, args.calib_seed, args.calib_set)
     val = synthetic(args.work_dir, args.val_seed, args.val_images)
     n = min(args.val_images, len(val))
@@ -134,23 +156,28 @@ def main(argv: list[str] | None = None) -> int:
         prep = info.preprocess
         calib = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in calib_paths)]
         recon_inputs = [(p.tensor, p.img_hw_tensor) for p in (preprocess_file(x, prep) for x in recon_paths)]
-        float_run = run(detector, "torch", val, prep, n, progress)
+        key = (f"{name}-val{args.val_seed}x{n}-calib{args.calib_seed}x{len(calib_paths)}of{len(calib_set)}"
+               f"-t{args.threads}")
+        store = (lambda what: args.cache / f"{key}-{what}.pkl") if args.cache else (lambda what: None)
+        float_run = cached(store("float"), lambda: run(detector, "torch", val, prep, n, progress))
         for bits in args.bits:
             repq = quantize(copy.deepcopy(detector), calib, bits, bits, progress=False)
-            repq_run = run(repq, "quant", val, prep, n, progress)
+            learned = []  # reconstruct first: a --cache being filled by another run meanwhile is then read
+            for label, settings, skip in ([] if args.baselines_only else variants):
+                model = copy.deepcopy(repq)
+                load0, start = os.getloadavg()[0], time.perf_counter()
+                results = reconstruct(model, recon_inputs, settings, progress=progress, log=print,
+                                      skip=lambda unit: unit.startswith(skip) if skip else False)
+                load = (load0 + os.getloadavg()[0]) / 2
+                learned.append((label, model, results, time.perf_counter() - start, load))
+            repq_run = cached(store(f"w{bits}a{bits}"), lambda: run(repq, "quant", val, prep, n, progress))
             gap = paired(repq_run, float_run, val, weights)  # float - RepQ-ViT
             cells = [f"{gap[m][1]:.1f}" for m in METRICS]
             lines.append(f"| {name} | W{bits}A{bits} | float | {cells[0]} | {cells[1]} | | | | |")
             lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT | {gap['bbox'][0]:.1f} | {gap['segm'][0]:.1f} "
                          f"| | | | |")
             print("\n".join(lines[-2:]), flush=True)
-            for label, settings in variants:
-                model = copy.deepcopy(repq)
-                load0, start = os.getloadavg()[0], time.perf_counter()
-                results = reconstruct(model, recon_inputs, settings, progress=progress,
-                                      log=None if args.quiet else print)
-                seconds = time.perf_counter() - start
-                load = (load0 + os.getloadavg()[0]) / 2
+            for label, model, results, seconds, load in learned:
                 kept = sum(r.kept_nearest for r in results)
                 got = paired(repq_run, run(model, "quant", val, prep, n, progress), val, weights)
                 delta = [f"{got[m][2]:+.1f} [{got[m][3]:+.1f}, {got[m][4]:+.1f}]" for m in METRICS]
@@ -160,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {closed[0]} / {closed[1]} | {seconds:.0f} ({load:.1f}) |")
                 print(lines[-1], flush=True)
     lines.append("")
-    lines += [f"variant {label}: {s.as_dict()}" for label, s in variants]
+    lines += [f"variant {label}: {dataclasses.asdict(s)}{f' skipping {list(skip)}' if skip else ''}" for label, s, skip in variants]
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

@@ -6,10 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned activation steps, RPN and RoI heads too
+METHOD = "adaround-qdrop-lsq-v2"  # the same by default; records the options below (held-out judging, loss, bias)
+LSQ_METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned steps, heads; judged on its own images (reads)
 WEIGHTS_ONLY_METHOD = "adaround-qdrop"  # the first method: rounding only, backbone and FPN (still reads)
 DEFAULT_ITERS = 100
 DEFAULT_IMAGES = 32  # reconstruction images the study takes by default (the commands reconstruct on --calib-images)
+_NEW_KEYS = ("images_per_step", "holdout", "mask_probs", "pooled", "bias_correction")  # recorded from METHOD on
+# what the older methods did, in the fields they did not record
+_OLD_VALUES = {"images_per_step": 1, "holdout": 0.0, "mask_probs": False, "pooled": False, "bias_correction": False}
 
 
 @dataclass(frozen=True)
@@ -27,33 +31,47 @@ class ReconSettings:
     images: int = 0  # reconstruction images (the calibration images)
     step_lr: float = 4e-3  # Adam step on the log of each per-tensor activation step (0: steps fixed)
     heads: bool = True  # also the RPN head and the RoI box and mask heads
+    images_per_step: int = 1  # images whose losses each optimizer step averages
+    holdout: float = 0.0  # share of the images kept out of learning to judge each unit (0: judge on the learning ones)
+    mask_probs: bool = False  # the mask head's target in probability (sigmoid) space rather than logits
+    pooled: bool = False  # multi-map outputs (FPN levels, RPN maps): one error over all elements, not a mean of maps
+    bias_correction: bool = False  # after learning, match each unit output's per-channel mean to float's
     method: str = METHOD
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of the manifests' ``reconstruction`` entry."""
-        return {"method": self.method, "iters": self.iters, "seed": self.seed, "drop_prob": self.drop_prob,
-                "lr": self.lr, "round_weight": self.round_weight, "warmup": self.warmup,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, "images": self.images,
-                **({"step_lr": self.step_lr, "heads": self.heads} if self.method == METHOD else {})}
+        out = {"method": self.method, "iters": self.iters, "seed": self.seed, "drop_prob": self.drop_prob,
+               "lr": self.lr, "round_weight": self.round_weight, "warmup": self.warmup,
+               "beta_start": self.beta_start, "beta_end": self.beta_end, "images": self.images}
+        if self.method != WEIGHTS_ONLY_METHOD:
+            out.update(step_lr=self.step_lr, heads=self.heads)
+        if self.method == METHOD:
+            out.update({k: getattr(self, k) for k in _NEW_KEYS})
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ReconSettings:
         """The inverse of ``as_dict``; ValueError naming the first bad field."""
         method = raw.get("method") if isinstance(raw, Mapping) else raw
-        if method not in (METHOD, WEIGHTS_ONLY_METHOD):
+        if method not in (METHOD, LSQ_METHOD, WEIGHTS_ONLY_METHOD):
             raise ValueError(f"reconstruction: unknown method {method!r}")
-        ints = {k: raw[k] for k in ("iters", "seed", "images")}
+        new = method == METHOD
+        ints = {k: raw[k] for k in ("iters", "seed", "images", *(("images_per_step",) if new else ()))}
         float_keys = ("drop_prob", "lr", "round_weight", "warmup", "beta_start", "beta_end")
-        floats = {k: raw[k] for k in (*float_keys, *(("step_lr",) if method == METHOD else ()))}
+        extra_floats = (("step_lr",) if method != WEIGHTS_ONLY_METHOD else ()) + (("holdout",) if new else ())
+        floats = {k: raw[k] for k in (*float_keys, *extra_floats)}
+        bools = {k: raw[k] for k in (("heads",) if method != WEIGHTS_ONLY_METHOD else ())
+                 + (("mask_probs", "pooled", "bias_correction") if new else ())}
         for key, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"reconstruction.{key} must be an integer, got {value!r}")
         for key, value in floats.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"reconstruction.{key} must be a number, got {value!r}")
-        heads = raw["heads"] if method == METHOD else False
-        if not isinstance(heads, bool):
-            raise ValueError(f"reconstruction.heads must be true or false, got {heads!r}")
+        for key, value in bools.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"reconstruction.{key} must be true or false, got {value!r}")
+        old = {} if new else dict(_OLD_VALUES)
         if method == WEIGHTS_ONLY_METHOD:
-            floats["step_lr"] = 0.0
-        return cls(**ints, **{k: float(v) for k, v in floats.items()}, heads=heads, method=method)
+            floats["step_lr"], bools["heads"] = 0.0, False
+        return cls(**ints, **{k: float(v) for k, v in floats.items()}, **bools, **old, method=method)

@@ -84,10 +84,54 @@ def _squared_error(out: Any, target: Any) -> tuple[Tensor, int]:
     return sum((o - t).pow(2).sum() for o, t in pairs), sum(t.numel() for _, t in pairs)
 
 
-def _loss(out: Any, target: Any) -> Tensor:
-    """Reconstruction loss: squared error summed over channels, averaged over positions (and outputs)."""
-    terms = [(o - t).pow(2).sum(1 if o.dim() == 4 else -1).mean() for o, t in zip(_tensors(out), _tensors(target))]
-    return sum(terms) / len(terms)
+def _channel_dim(t: Tensor) -> int:
+    return 1 if t.dim() == 4 else -1
+
+
+def _loss(out: Any, target: Any, pooled: bool = False) -> Tensor:
+    """Reconstruction loss: squared error summed over channels, averaged over positions, then over the outputs
+    (each map weighs the same) or, ``pooled``, over the positions of all outputs (each position weighs the same)."""
+    sums = [(o - t).pow(2).sum(_channel_dim(o)) for o, t in zip(_tensors(out), _tensors(target))]
+    if pooled:
+        return sum(e.sum() for e in sums) / sum(e.numel() for e in sums)
+    return sum(e.mean() for e in sums) / len(sums)
+
+
+def _split(args_list: Sequence[tuple], targets: Sequence[Any], holdout: float
+           ) -> tuple[list[tuple], list[Any], list[tuple], list[Any]]:
+    """(learning args, targets, judging args, targets): every k-th image judges (k = 1 / holdout) when
+    ``holdout`` > 0 and both parts get an image; otherwise all images both learn and judge."""
+    k = round(1 / holdout) if holdout > 0 else 0
+    judge = [i for i in range(len(args_list)) if k and i % k == k - 1]
+    learn = [i for i in range(len(args_list)) if i not in judge]
+    if not judge or not learn:
+        return list(args_list), list(targets), list(args_list), list(targets)
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    return pick(args_list, learn), pick(targets, learn), pick(args_list, judge), pick(targets, judge)
+
+
+@torch.no_grad()
+def correct_biases(unit: ReconUnit, args_list: Sequence[tuple], targets: Sequence[Any]) -> int:
+    """Add to each output layer's bias the per-channel mean of (float target - quantized output) over the
+    images and positions (pooled over the outputs a layer drives); returns how many biases moved."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for args, target in zip(args_list, targets):
+        for name, o, t in zip(unit.out_layers, _tensors(unit.run(unit.module, *args)), _tensors(target)):
+            if name is None:
+                continue
+            dim = _channel_dim(o)
+            diff = (t - o).movedim(dim, -1).reshape(-1, o.shape[dim])
+            sums[name] = sums.get(name, 0) + diff.sum(0)
+            counts[name] = counts.get(name, 0) + diff.shape[0]
+    modules = dict(unit.module.named_modules())
+    moved = 0
+    for name, total in sums.items():
+        bias = modules[name].bias
+        if bias is not None and counts[name]:
+            bias.add_((total / counts[name]).to(bias.dtype))
+            moved += 1
+    return moved
 
 
 @torch.no_grad()
@@ -138,7 +182,8 @@ def reconstruct_unit(unit: ReconUnit, args_list: Sequence[tuple], targets: Seque
     """Learn ``unit``'s weight rounding and activation steps in place; returns (mse before, mse after, kept)."""
     runner = _Runner(unit)
     layers = _layers(unit.module)
-    before = _mse(runner, args_list, targets)
+    args_list, targets, judge_args, judge_targets = _split(args_list, targets, settings.holdout)
+    before = _mse(runner, judge_args, judge_targets)
     saved = {k: v.detach().clone() for k, v in unit.module.state_dict().items()}
     roundings = {name: SoftRounding(layer.weight, layer.weight_quantizer) for name, layer in layers}
     quantizers = _activation_quantizers(unit.module)
@@ -167,9 +212,10 @@ def reconstruct_unit(unit: ReconUnit, args_list: Sequence[tuple], targets: Seque
     try:
         with hooked((q, drop) for q in quantizers):
             for step in range(settings.iters):
-                index = int(torch.randint(len(args_list), (1,), generator=generator))
+                picks = torch.randint(len(args_list), (settings.images_per_step,), generator=generator).tolist()
                 weights = {f"unit.{name}.weight": r.soft_weight() for name, r in roundings.items()}
-                loss = _loss(functional_call(runner, weights, args_list[index]), targets[index])
+                loss = sum(_loss(functional_call(runner, weights, args_list[i]), targets[i], settings.pooled)
+                           for i in picks) / len(picks)
                 if step >= warm and roundings:
                     beta = _annealed_beta(settings, step, warm)
                     loss = loss + settings.round_weight * sum(r.regularizer(beta) for r in roundings.values())
@@ -188,8 +234,10 @@ def reconstruct_unit(unit: ReconUnit, args_list: Sequence[tuple], targets: Seque
     for q in quantizers:
         if id(q) in steps:
             steps[id(q)].write(q)
-    after = _mse(runner, args_list, targets)
-    if not after < before:  # never worse than RepQ-ViT's state on the calibration images
+    if settings.bias_correction:
+        correct_biases(unit, args_list, targets)
+    after = _mse(runner, judge_args, judge_targets)
+    if not after < before:  # never worse than RepQ-ViT's state on the judging images
         unit.module.load_state_dict(saved)
         return before, before, True
     return before, after, False
@@ -217,9 +265,11 @@ def unit_data(unit: ReconUnit, detector: nn.Module, reference: nn.Module, inputs
 
 
 def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], settings: ReconSettings,
-                progress: bool = True, log: Callable[[str], None] | None = None) -> list[UnitResult]:
+                progress: bool = True, log: Callable[[str], None] | None = None,
+                skip: Callable[[str], bool] = lambda name: False) -> list[UnitResult]:
     """Learn the weight rounding and activation steps of every unit of a quantized ``detector`` in place, on
-    ``inputs`` (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``."""
+    ``inputs`` (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``; units whose name
+    ``skip`` accepts keep their RepQ-ViT state (an ablation of the study tool)."""
     quant_settings = getattr(detector, "quant_settings", None)
     if quant_settings is None:
         raise ValueError("reconstruct: the detector has not been quantized")
@@ -230,7 +280,7 @@ def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], se
     reference = copy.deepcopy(detector)
     set_quant_enabled(reference, False)  # the float function (reparameterization preserves it)
     generator = torch.Generator().manual_seed(settings.seed)
-    units = recon_units(detector, settings.heads)
+    units = [u for u in recon_units(detector, settings.heads, settings.mask_probs) if not skip(u.name)]
     if log is not None:
         log(f"reconstructing {len(units)} blocks, {settings.iters} steps each, on {len(inputs)} image(s), "
             f"seed {settings.seed}")
