@@ -55,13 +55,14 @@ def with_float16_outputs(proto: onnx.ModelProto, op_types: tuple[str, ...] = ("L
         seen += 1
         if (seen - 1) % every:
             continue
+        # the producer writes a new name and the Cast pair writes the old one, so every reader of the
+        # tensor (consumers, and tier 1's probe, which taps tensors by name) sees the half-rounded value
         value = node.output[0]
-        rounded = f"{value}__fp16_rounded"
-        for consumer in out.graph.node:
-            consumer.input[:] = [rounded if i == value else i for i in consumer.input]
-        half = helper.make_node("Cast", [value], [f"{value}__fp16"], to=TensorProto.FLOAT16,
+        exact = f"{value}__fp32_exact"
+        node.output[0] = exact
+        half = helper.make_node("Cast", [exact], [f"{value}__fp16"], to=TensorProto.FLOAT16,
                                 name=f"{node.name}/fp16_cast")
-        back = helper.make_node("Cast", [f"{value}__fp16"], [rounded], to=TensorProto.FLOAT,
+        back = helper.make_node("Cast", [f"{value}__fp16"], [value], to=TensorProto.FLOAT,
                                 name=f"{node.name}/fp32_cast")
         nodes += [half, back]
     del out.graph.node[:]
