@@ -91,3 +91,11 @@ def test_our_openvino_rows_compile_as_their_deploy_config_says_and_the_float_row
     assert not specs["ov_w4_dynamic"]["static"] and specs["ov_w4_dynamic"]["path"] == "w4.onnx"
     assert specs["ov_float_bf16_static"]["static"] and not specs["ov_float_bf16"]["static"]
     assert "ov_w4_dynamic" not in bench_cpu.model_specs(files, experiments=False)
+
+
+def test_bench_openvino_graphs_reads_name_file_precision_and_shape_policy(tmp_path):
+    import bench_openvino_graphs as bog
+
+    assert bog.parse_graph("w4=a.onnx:static", tmp_path) == ("w4", str(tmp_path / "a.onnx"), "f32", True)
+    assert bog.parse_graph("f=b.onnx@bf16", tmp_path) == ("f", str(tmp_path / "b.onnx"), "bf16", False)
+    assert bog.parse_graph("g=c.onnx@bf16:static", tmp_path) == ("g", str(tmp_path / "c.onnx"), "bf16", True)
