@@ -82,3 +82,20 @@ def test_quick_and_bits_parse():
     assert (args.bits, args.threads_list, args.runs, args.no_full_size) == ("4", "2", 2, True)
     assert bench_cpu.parse_ints("2, 1,2") == [1, 2]
     assert bench_cpu.main(["--bits", "5"]) == 2
+
+
+def test_our_openvino_rows_compile_as_their_deploy_config_says_and_the_float_rows_both_ways():
+    files = {"float": "f.onnx", "ov_w4": "w4.onnx", "ov_w8": "w8.onnx", "ov_w4_table": "t.onnx"}
+    specs = bench_cpu.model_specs(files, experiments=True)
+    assert specs["ov_w4"]["static"] and specs["ov_w8"]["static"] and specs["ov_w4_table"]["static"]
+    assert not specs["ov_w4_dynamic"]["static"] and specs["ov_w4_dynamic"]["path"] == "w4.onnx"
+    assert specs["ov_float_bf16_static"]["static"] and not specs["ov_float_bf16"]["static"]
+    assert "ov_w4_dynamic" not in bench_cpu.model_specs(files, experiments=False)
+
+
+def test_bench_openvino_graphs_reads_name_file_precision_and_shape_policy(tmp_path):
+    import bench_openvino_graphs as bog
+
+    assert bog.parse_graph("w4=a.onnx:static", tmp_path) == ("w4", str(tmp_path / "a.onnx"), "f32", True)
+    assert bog.parse_graph("f=b.onnx@bf16", tmp_path) == ("f", str(tmp_path / "b.onnx"), "bf16", False)
+    assert bog.parse_graph("g=c.onnx@bf16:static", tmp_path) == ("g", str(tmp_path / "c.onnx"), "bf16", True)

@@ -185,6 +185,8 @@ def _set(path: str, value):
     return edit
 
 
+OV_BACKEND = {"type": "openvino", "device": "CPU", "graph_form": "tensorrt", "inference_precision": "f32",
+              "roi_nan_guard": True, "log_sqrt2_lowering": "bisect", "static_shapes": True}
 MANIFEST_EDITS = {
     "keep_top_k negative": (_set("post_processing.keep_top_k", -3), "post_processing.keep_top_k"),
     "score threshold a string": (_set("post_processing.score_threshold", "0.05"), "post_processing.score_threshold"),
@@ -199,6 +201,9 @@ MANIFEST_EDITS = {
     "opset 99": (_set("onnx.opset", 99), "onnx.opset"),
     "no providers": (_set("backend.providers", []), "backend.providers"),
     "unknown optimization level": (_set("backend.graph_optimization_level", "max"), "backend.graph_optimization_level"),
+    "openvino static_shapes a string": (_set("backend", {**OV_BACKEND, "static_shapes": "yes"}), "backend.static_shapes"),
+    "openvino unknown log-sqrt2 lowering": (_set("backend", {**OV_BACKEND, "log_sqrt2_lowering": "log"}),
+                                            "backend.log_sqrt2_lowering"),
     "classes of another length": (_set("classes", ["a"]), "classes"),
     "quantizer bits a string": (_set("quantizers.0.bits", "4"), "quantizers[0].bits"),
     "quantizer scale a string": (_set("quantizers.0.scale", "0.1"), "quantizers[0].scale"),

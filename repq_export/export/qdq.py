@@ -157,7 +157,6 @@ def log_sqrt2_lowered(x: Tensor, scale: Tensor, upper: Tensor, lut: Tensor, n_bi
     return TableLookup.apply(lut, guess + (x < TableLookup.apply(upper, guess)).int())
 
 
-
 def log_sqrt2_odd_half() -> Tensor:
     """2^-1 * (1 + (sqrt2 - 1)) in the float32 arithmetic of the fake quantizer's table (its entry 1 at scale 1)."""
     return log_sqrt2_lut(torch.ones(()), 1)[1]
@@ -174,7 +173,8 @@ def log_sqrt2_bisected(x: Tensor, scale: Tensor, upper: Tensor, odd_half: Tensor
     is x' < t_0 (an odd code). The output is the table's lut[c] = (2^-ceil(c/2) * odd) * d, in its
     own float32 order: 2^-(s/2) (a product of exact powers of two) times 1 or `odd_half` (= 2^-1 * odd),
     then times d; and 0 where x < t_(2^n - 1) (code 2^n). Every op is elementwise (Less, Where, Mul),
-    which OpenVINO fuses into one JIT kernel, where its Log and GatherElements run reference kernels.
+    which OpenVINO, compiling for static shapes, fuses into one JIT kernel; its Log and GatherElements
+    (the table lowering) run reference kernels.
     """
     zero = x < upper[-1]
     scaled, gain = x, None

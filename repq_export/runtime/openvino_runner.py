@@ -24,7 +24,7 @@ from ..errors import UserError
 PRECISIONS = ("f32", "bf16")
 DEVICE = "CPU"
 MISSING = "--backend openvino: the openvino package is not installed (pip install 'repq-export[openvino]')"
-STATIC_CACHE = 2  # compiled models kept per runner with static_shapes (a full-size one holds about 1 GiB)
+STATIC_CACHE = 2  # compiled models kept per runner with static_shapes (full-size W4A4: about 0.8 GiB each)
 
 
 def openvino_available() -> tuple[bool, str]:
