@@ -384,21 +384,28 @@ def test_triton_preprocessing_pads_to_a_static_graphs_size():
         run_preprocess(data, small)
 
 
+@pytest.mark.parametrize("config,bits", [("instance-seg_openvino_cpu.py", 4), ("instance-seg_openvino_cpu-8bit.py", 8)])
 @pytest.mark.parametrize("regime", ["none", "one"])
-def test_the_openvino_deploy_form_runs_every_edge_image_like_the_float_graph(regime, calibrated, float_shapes,
-                                                                             tmp_path):
-    """The OpenVINO deploy config's graph (TensorRT form with the RoiAlign NaN guard), run by OpenVINO:
-    0 or 1 detections on every edge image, the float graph's output shapes, no NaN."""
+def test_the_openvino_deploy_form_runs_every_edge_image_like_the_float_graph(regime, config, bits, calibrated,
+                                                                             float_shapes, tmp_path):
+    """Each OpenVINO deploy config's graph, exported and compiled as the config says (its form, the
+    RoiAlign NaN guard, the bisected log-sqrt2 quantizer, unshared weight codes, static shapes), run by
+    OpenVINO: 0 or 1 detections on every edge image, the float graph's output shapes, no NaN."""
+    from repq_export.export.forms import (form_for, log_sqrt2_lowering_for, roi_nan_guard_for,
+                                          unshared_weights_for)
     from repq_export.runtime.openvino_runner import OpenVINORunner, openvino_available
 
     ok, why = openvino_available()
     if not ok:
         pytest.skip(why)
-    qmodel = with_post_processing(calibrated("mask", 4), regime)
+    deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / config)
+    qmodel = with_post_processing(calibrated("mask", bits), regime)
     inputs = network_inputs("mask")
     img, img_hw = inputs["largest"]
-    export_onnx(qmodel, tmp_path / "model.onnx", img, img_hw, form=TENSORRT, roi_nan_guard=True)
-    runner = OpenVINORunner(tmp_path / "model.onnx", threads=1)
+    export_onnx(qmodel, tmp_path / "model.onnx", img, img_hw, form=form_for(deploy),
+                roi_nan_guard=roi_nan_guard_for(deploy), log_sqrt2=log_sqrt2_lowering_for(deploy),
+                unshared_weights=unshared_weights_for(deploy))
+    runner = OpenVINORunner(tmp_path / "model.onnx", threads=1, static_shapes=deploy.backend.static_shapes)
     want, detections = float_shapes("mask", regime, None), REGIMES[regime][1]
     for name, (img, img_hw) in inputs.items():
         out = runner(img, img_hw)
