@@ -7,7 +7,7 @@ A deploy config holds three literal dicts, in the vocabulary mmdeploy users know
     codebase_config = dict(type='mmdet', task='InstanceSegmentation', post_processing=dict(...))
 
 The file is never executed: it is read by the same safe, bounded evaluator as model configs
-(``models/config.py``: literals, ``dict(...)``, lists, tuples, names bound earlier, arithmetic such
+(``config_source.py``: literals, ``dict(...)``, lists, tuples, names bound earlier, arithmetic such
 as ``1 << 32``); only the three sections above may be assigned.
 Every problem is one ``UserError`` line naming the file and the key, e.g.
 ``deploy_configs/x.py: backend_config.common_config.fp16_mode: expected a bool, got 1``.
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Union
 
 from repq_export.boundary import INPUT_NAMES, OUTPUT_NAMES
+from repq_export.config_source import evaluate_source
 from repq_export.config_values import ValueReader, as_lists
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
 from repq_export.graph_targets import GraphForm, LogSqrt2Lowering, TargetCpu
-from repq_export.models import reference_settings as ref
-from repq_export.models.config import evaluate_source
+from repq_export.models import reference_settings as ref  # post-processing defaults = the detector's test_cfg
 from repq_export.resources import MAX_CONFIG_BYTES
 
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)

@@ -64,7 +64,7 @@ def one_error(result: Result, *names) -> str:
 def make_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random tiny Mask R-CNN checkpoint in the Swin-Det layout."""
     from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
-    from repq_export.models.config import load_config
+    from repq_export.config_source import load_config
 
     save_checkpoint(make_random_checkpoint(load_config(TINY_MASK), seed=seed), path)
     return path

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from repq_export.config_source import load_config
 from repq_export.errors import UserError
 from repq_export.models.arch import arch_from_config
 from repq_export.models.build import build_detector
@@ -22,7 +23,6 @@ from repq_export.models.checkpoint import load_checkpoint, read_checkpoint
 from repq_export.models.key_layout import concat_order, mmdet3_to_swin_det, swin_det_to_mmdet3
 from repq_export.models.random_checkpoint import (COCO_CLASSES, config_text, make_random_checkpoint,
                                                   save_checkpoint)
-from repq_export.models.config import load_config
 from repq_export.models.swin import PatchMerging
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import torch
 from cli_helpers import CLI, PARITY_PY, REPO, TEST_PY, TINY_MASK, call_main, run_cli, tiny_artifact
 from repq_export import cli
 from repq_export.commands import parity_tool, test_tool
+from repq_export.config_source import load_config
 from repq_export.models.build import build_detector
-from repq_export.models.config import load_config
 from repq_export.quant.assign import quantize_modules
 from repq_export.quant.state import read_quant_state
 

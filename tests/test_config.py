@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from repq_export.config_source import load_config
 from repq_export.errors import UserError
 from repq_export.models.arch import ARCHS, Arch, arch_from_config, arch_from_state_dict
 from repq_export.models.build import build_detector
 from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.test_pipeline import preprocess_settings
-from repq_export.models.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("[!_]*/*.py"))

@@ -27,6 +27,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from repq_export.config_source import load_config
 from repq_export.deploy_config import TARGET_ANY, TARGET_VNNI, PostProcessing, load_deploy_config
 from repq_export.data.transforms import PreprocessSettings, preprocess
 from repq_export.evaluation.parity import compare_codes, find_code_probes, with_probe_outputs
@@ -37,7 +38,6 @@ from repq_export.graph_targets import graph_target_cpu
 from repq_export.export.graph_index import index_graph
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.ort_check import check_onnxruntime_form, rule_empty_reshape
-from repq_export.models.config import load_config
 from repq_export.models.test_pipeline import preprocess_settings
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers

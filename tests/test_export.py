@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from repq_export.config_source import load_config
 from repq_export.evaluation.parity import (backend_output, compare_codes, compare_float_parts, find_code_probes,
                                           match_detections, with_probe_outputs)
 from repq_export.export.forms import TENSORRT
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.trt_check import check_tensorrt_compat
 from repq_export.models.build import build_detector
-from repq_export.models.config import load_config
 from repq_export.models.random_checkpoint import init_random_weights
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.integer_bias import bias_grid

@@ -297,7 +297,7 @@ def training_checkpoint(path: Path) -> Path:
     from mmengine.logging import MessageHub
     from mmengine.optim import MultiStepLR
 
-    from repq_export.models.config import load_config
+    from repq_export.config_source import load_config
     from repq_export.models.random_checkpoint import make_random_checkpoint
 
     ckpt = make_random_checkpoint(load_config(TINY_MASK), "mmdet3", seed=0)

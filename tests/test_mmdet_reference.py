@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from repq_export.config_source import load_config
 from repq_export.models.arch import ARCHS, Arch
 from repq_export.models.mmdet_config import config_from_arch
 from repq_export.models.checkpoint import load_checkpoint
 from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
-from repq_export.models.config import load_config
 
 try:
     import mmcv.ops  # noqa: F401  (compiled RoIAlign / nms)

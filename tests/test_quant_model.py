@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repq_export.config_source import load_config
 from repq_export.errors import UserError
 from repq_export.models.build import build_detector
-from repq_export.models.config import load_config
 from repq_export.quant.assign import quant_counts, quant_table, quantize_modules
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import QuantConv2d, QuantLinear, QuantMatMul, named_quantizers, quant_disabled

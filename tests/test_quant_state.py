@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from repq_export.config_source import load_config
 from repq_export.errors import UserError
 from repq_export.models.build import build_detector
-from repq_export.models.config import load_config
 from repq_export.quant.calibrate import quantize
 from repq_export.quant.layers import named_quantizers
 from repq_export.quant.state import load_quant_state, read_quant_state, save_quant_state

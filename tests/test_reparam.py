@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from repq_export.config_source import load_config
 from repq_export.models.build import build_detector
-from repq_export.models.config import load_config
 from repq_export.quant.assign import quantize_modules
 from repq_export.quant.calibrate import calibrate
 from repq_export.quant.layers import QuantLinear, quant_disabled

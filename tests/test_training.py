@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from repq_export.config_source import load_config
 from repq_export.data.synthetic import make_synthetic_coco
 from repq_export.errors import UserError
 from repq_export.models.build import build_detector
 from repq_export.models.checkpoint import load_checkpoint
 from repq_export.models.random_checkpoint import save_checkpoint
-from repq_export.models.config import load_config
 from repq_export.training.checkpoint_io import trained_checkpoint
 from repq_export.training.data import TrainSet
 from repq_export.training.detector_losses import detector_losses

@@ -34,7 +34,7 @@ def tiny_artifact(root: Path) -> tuple[Path, list[Path]]:
     """Export a tiny random-weight W4A4 artifact and a few synthetic test images under `root`."""
     from repq_export.data.synthetic import make_synthetic_coco
     from repq_export.export.artifact import ExportRequest, export_artifact
-    from repq_export.models.config import load_config
+    from repq_export.config_source import load_config
     from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint
 
     config = REPO / "configs/tiny/mask_rcnn_tiny.py"

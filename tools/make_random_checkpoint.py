@@ -16,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from repq_export.config_source import load_config  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.arch import ARCHS  # noqa: E402
 from repq_export.models.mmdet_config import config_from_arch  # noqa: E402
 from repq_export.models.key_layout import LAYOUTS  # noqa: E402
 from repq_export.models.random_checkpoint import make_random_checkpoint, save_checkpoint  # noqa: E402
-from repq_export.models.config import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from repq_export.config_source import load_config  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector  # noqa: E402
-from repq_export.models.config import load_config  # noqa: E402
 from repq_export.quant.assign import check_bits, quant_counts, quant_table, quantize_modules  # noqa: E402
 
 

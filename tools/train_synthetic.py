@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from repq_export.config_source import load_config  # noqa: E402
 from repq_export.data.synthetic import make_synthetic_coco  # noqa: E402
 from repq_export.errors import UserError  # noqa: E402
 from repq_export.models.build import build_detector  # noqa: E402
@@ -36,7 +37,6 @@ from repq_export.models.test_pipeline import preprocess_settings  # noqa: E402
 from repq_export.files import file_sha256, write_atomically  # noqa: E402
 from repq_export.models.random_checkpoint import config_text, save_checkpoint  # noqa: E402
 from repq_export.output_dir import check_not_an_input, check_output_file  # noqa: E402
-from repq_export.models.config import load_config  # noqa: E402
 from repq_export.training.checkpoint_io import trained_checkpoint  # noqa: E402
 from repq_export.training.data import TrainSet  # noqa: E402
 from repq_export.training.evaluate import evaluate_detector  # noqa: E402

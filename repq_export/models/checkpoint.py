@@ -12,13 +12,13 @@ from typing import Any, Mapping
 
 from torch import Tensor, nn
 
+from repq_export.config_source import load_config
 from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
 from repq_export.files import check_input_file, file_sha256
 from repq_export.models.arch import Arch, arch_from_config, arch_from_state_dict
 from repq_export.models.build import build_detector
 from repq_export.models.checkpoint_checks import ARCH_KEYS, check_finite, check_tensors
-from repq_export.models.config import load_config
 from repq_export.models.detector import Detector
 from repq_export.models.key_layout import detect_layout, mmdet3_to_swin_det
 from repq_export.models.mmdet_config import config_from_arch

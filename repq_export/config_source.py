@@ -5,6 +5,8 @@ so we parse it with ``ast`` and evaluate only a small, side-effect-free subset o
 literals, ``dict(...)`` calls (with ``**name``), lists, tuples, names bound earlier in the same
 file, ``name[index]`` and simple arithmetic. ``_base_`` inheritance and ``_delete_=True`` follow
 mmcv/mmengine. Everything else is a :class:`UserError` naming the file and line.
+It turns a file into a plain dict and knows nothing of detectors: model configs
+(``models/checkpoint.py``) and deploy configs (``deploy_config.py``) are both read through it.
 """
 
 from __future__ import annotations
