@@ -100,7 +100,7 @@ class TensorRTConfig:
 
 #: backend_config.graph_form of an OpenVINO deploy config: which exact lowering OpenVINO reads
 #: (export/forms.py). Either gets the RoiAlign NaN guard (export/nan_guard.py).
-OPENVINO_GRAPH_FORMS = (GraphForm.ONNXRUNTIME.value, GraphForm.TENSORRT.value)
+OPENVINO_GRAPH_FORMS = (GraphForm.ONNXRUNTIME.value, GraphForm.TENSORRT.value, GraphForm.OPENVINO.value)
 #: backend_config.inference_precision: set explicitly on every compile (OpenVINO's own default is
 #: bf16 on CPUs with BF16/AMX); 'bf16' only where the parity check judged it.
 OPENVINO_PRECISIONS = ("f32", "bf16")

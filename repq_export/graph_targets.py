@@ -10,10 +10,11 @@ from enum import StrEnum
 
 
 class GraphForm(StrEnum):
-    """The two exact lowerings of one quantization state (export/forms.py explains each)."""
+    """The exact lowerings of one quantization state (export/forms.py explains each)."""
 
     TENSORRT = "tensorrt"
     ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
 
 
 class LogSqrt2Lowering(StrEnum):

@@ -384,7 +384,7 @@ def test_triton_preprocessing_pads_to_a_static_graphs_size():
         run_preprocess(data, small)
 
 
-@pytest.mark.parametrize("config,bits", [("instance-seg_openvino_cpu.py", 4), ("instance-seg_openvino_cpu-8bit.py", 8)])
+@pytest.mark.parametrize("config,bits", [("instance-seg_openvino_cpu.py", 4), ("instance-seg_openvino_cpu.py", 8)])
 @pytest.mark.parametrize("regime", ["none", "one"])
 def test_the_openvino_deploy_form_runs_every_edge_image_like_the_float_graph(regime, config, bits, calibrated,
                                                                              float_shapes, tmp_path):

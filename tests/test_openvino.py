@@ -18,8 +18,8 @@ from repq_export.deploy_config import OpenVINOConfig, load_deploy_config
 from repq_export.errors import UserError
 from repq_export.evaluation.parity_check import TIER1_REPORTED, probe_codes
 from repq_export.evaluation.image_loop import ImageResult
-from repq_export.export.forms import (ONNXRUNTIME, TENSORRT, form_for, log_sqrt2_lowering_for, roi_nan_guard_for,
-                                     unshared_weights_for)
+from repq_export.export.forms import (ONNXRUNTIME, OPENVINO, TENSORRT, form_for, log_sqrt2_lowering_for,
+                                     roi_nan_guard_for, supported_bits, unshared_weights_for)
 from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans
 from repq_export.export.onnx_export import export_onnx
 from repq_export.graph_targets import LogSqrt2Lowering
@@ -113,20 +113,13 @@ def test_guard_makes_openvino_agree_on_a_zero_width_roi():
 # --------------------------------------------------------------------------------------- deploy config
 
 
-def test_deploy_config_picks_the_tensorrt_form_f32_the_guard_and_the_bisected_log_sqrt2():
+def test_deploy_config_picks_the_openvino_form_f32_the_guard_and_the_bisected_log_sqrt2():
+    """One OpenVINO config for every bit width: the OpenVINO form carries 2..8 bits."""
     deploy = load_deploy_config(OV_CONFIG)
-    assert deploy.backend == OpenVINOConfig(graph_form="tensorrt", inference_precision="f32", log_sqrt2_lowering=BISECT,
+    assert deploy.backend == OpenVINOConfig(graph_form="openvino", inference_precision="f32", log_sqrt2_lowering=BISECT,
                                             static_shapes=True)
-    assert form_for(deploy) == TENSORRT and roi_nan_guard_for(deploy) and log_sqrt2_lowering_for(deploy) == BISECT
-    assert unshared_weights_for(deploy)
-
-
-def test_8bit_deploy_config_picks_the_onnxruntime_form_f32_the_guard_and_the_bisected_log_sqrt2():
-    """8-bit codes do not fit the TensorRT form (int8, zero point 0), so the W8A8 config is the onnxruntime form."""
-    deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu-8bit.py")
-    assert deploy.backend == OpenVINOConfig(graph_form="onnxruntime", inference_precision="f32",
-                                            log_sqrt2_lowering=BISECT, static_shapes=True)
-    assert form_for(deploy) == ONNXRUNTIME and roi_nan_guard_for(deploy) and log_sqrt2_lowering_for(deploy) == BISECT
+    assert form_for(deploy) == OPENVINO and roi_nan_guard_for(deploy) and log_sqrt2_lowering_for(deploy) == BISECT
+    assert unshared_weights_for(deploy) and supported_bits(OPENVINO) == tuple(range(2, 9))
 
 
 def test_every_other_deploy_config_keeps_the_table_lowering_and_shared_weights(tmp_path):
@@ -139,14 +132,14 @@ def test_every_other_deploy_config_keeps_the_table_lowering_and_shared_weights(t
     assert log_sqrt2_lowering_for(load_deploy_config(bare)) == TABLE
 
 
-@pytest.mark.parametrize("key,value,message", [("graph_form", "'openvino'", "graph_form: must be one of"),
+@pytest.mark.parametrize("key,value,message", [("graph_form", "'ncnn'", "graph_form: must be one of"),
                                                ("inference_precision", "'f16'", "inference_precision: must be"),
                                                ("log_sqrt2_lowering", "'log'", "log_sqrt2_lowering: must be one of"),
                                                ("static_shapes", "1", "static_shapes: expected a bool"),
                                                ("device", "'GPU'", "device: must be one of \\['CPU'\\]")])
 def test_deploy_config_refuses_bad_openvino_settings(tmp_path, key, value, message):
     text = OV_CONFIG.read_text()
-    old = {"graph_form": "graph_form='tensorrt'", "inference_precision": "inference_precision='f32'",
+    old = {"graph_form": "graph_form='openvino'", "inference_precision": "inference_precision='f32'",
            "log_sqrt2_lowering": "log_sqrt2_lowering='bisect'", "static_shapes": "static_shapes=True",
            "device": "device='CPU'"}[key]
     path = tmp_path / "bad.py"
@@ -309,8 +302,8 @@ def ov_verdict(bundled, onnx_path, precision: str = "f32"):
 
 def test_openvino_artifact_records_form_precision_and_guard(bundled_ov):
     out, _, _, _, manifest = bundled_ov
-    assert manifest["form"] == TENSORRT
-    assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": TENSORRT,
+    assert manifest["form"] == OPENVINO
+    assert manifest["backend"] == {"type": "openvino", "device": "CPU", "graph_form": OPENVINO,
                                    "inference_precision": "f32", "roi_nan_guard": True, "log_sqrt2_lowering": BISECT,
                                    "static_shapes": True}
     proto = onnx.load(out / "model.onnx")

@@ -416,9 +416,12 @@ def test_demo_num_images_is_bounded(tmp_path, capsys):
 
 def test_ctrl_c_during_generation_leaves_no_partial_set(tmp_path):
     work = tmp_path / "d"
+    # SIGINT back to its default in the child: a run started in the background (nohup ... &) inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, *CLI, "demo", "--work-dir", str(work), "--num-images", "3000"],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     staged = []
     while proc.poll() is None and time.monotonic() < deadline:  # a few images written into the staged folder

@@ -74,7 +74,7 @@ VARIANTS = {
 }  # static shapes None: as the W-bit OpenVINO deploy config (OV_DEPLOY) says
 OURS = {4: ("ort_w4", "ov_w4"), 8: ("ort_w8", "ov_w8")}  # the deployed graphs the goal looks at
 GOALS = (("ov_float_bf16", 1.3), ("ov_float_bf16_static", 1.3), ("ort_float", 2.5))
-OV_DEPLOY = {4: "instance-seg_openvino_cpu.py", 6: "instance-seg_openvino_cpu.py", 8: "instance-seg_openvino_cpu-8bit.py"}
+OV_DEPLOY = {4: "instance-seg_openvino_cpu.py", 6: "instance-seg_openvino_cpu.py", 8: "instance-seg_openvino_cpu.py"}
 INT8_LAYERS = ("Convolution", "MatMul", "FullyConnected")
 INT8_PRECISIONS = ("i8", "u8")
 

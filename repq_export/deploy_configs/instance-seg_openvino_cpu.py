@@ -1,4 +1,4 @@
-"""Swin Mask R-CNN / Cascade Mask R-CNN (QDQ) on OpenVINO, CPU, any padded image size.
+"""Swin Mask R-CNN / Cascade Mask R-CNN (QDQ) on OpenVINO, CPU, any padded image size, W2A2..W8A8.
 
 Read as data by repq_export.deploy_config (never executed). OpenVINO reads the ONNX Q/DQ graph
 and lowers QuantizeLinear to its FakeQuantize; it runs no code-exact integer kernels (it computes
@@ -6,12 +6,13 @@ x * (1/d), not x / d), so its verdict is the float64 rule on tiers 2 and 3, with
 as near-tie flips. Every RoiAlign is followed by Where(IsNaN(y), 0, y): OpenVINO's RoiAlign
 returns NaN for a RoI of zero width or height, where onnxruntime and torchvision return 0.
 
-graph_form: which exact lowering OpenVINO reads ('onnxruntime' or 'tensorrt', export/forms.py).
-'tensorrt' (int8 codes, zero point 0): OpenVINO runs its convs, linears and q@k matmuls on int8
-kernels, and its float parts stay within about 1 ulp of torch's (bundled Mask R-CNN, W4A4, 30
-images: PASS, matched 90.8% against torch float32's 89.4%). The onnxruntime form also passes but
-runs no faster on OpenVINO, and its float parts differ by thousands of ulps; it is the one for
-8-bit (graph_form='onnxruntime'), since the TensorRT form carries 2..7 bits.
+graph_form: which exact lowering OpenVINO reads (export/forms.py). 'openvino' is the TensorRT
+form (int8 codes, zero point 0) wherever the codes fit int8, i.e. at 2..7 bits the same graph, on
+which OpenVINO runs its convs, linears and q@k matmuls on int8 kernels; at 8 bits it carries
+activations as uint8 with their own zero point and weights as int8 codes q - 128 plus a float
+zero-point correction beside each conv and linear, which OpenVINO also runs on int8 kernels.
+'tensorrt' (2..7 bits) and 'onnxruntime' (the onnxruntime runner's form; it passes the verdict on
+OpenVINO but runs its convs as f32 im2col matmuls there, about 3x slower at W8A8) are accepted too.
 inference_precision: 'f32', set explicitly on every compile, because OpenVINO's default on CPUs
 with BF16 or AMX is bf16, which the parity check FAILS at W4A4.
 log_sqrt2_lowering: 'bisect' writes the softmax quantizers as comparisons and power-of-two
@@ -47,7 +48,7 @@ codebase_config = dict(
 backend_config = dict(
     type='openvino',
     device='CPU',
-    graph_form='tensorrt',
+    graph_form='openvino',
     inference_precision='f32',
     log_sqrt2_lowering='bisect',
     static_shapes=True,

@@ -1,10 +1,15 @@
-"""The two exact lowerings of one quantization state, and which backend gets which.
+"""The exact lowerings of one quantization state, and which backend gets which.
 
 - ``tensorrt``: int8 codes with zero point 0 everywhere (TensorRT's rule); each activation's
   n-bit range is a float Clip before QuantizeLinear. No 8-bit asymmetric codes: they do not fit.
 - ``onnxruntime``: uint8 activations with the quantizer's own zero point, the n-bit range
   clipped in uint8 after QuantizeLinear, int32 biases through DequantizeLinear, so that
   onnxruntime fuses `DQ -> Conv/MatMul -> Q` into its integer kernels. 8-bit fits.
+- ``openvino``: the TensorRT form wherever the codes fit int8 (2..7 bits: the same graph), and
+  at 8 bits what OpenVINO's int8 kernels take: activations as uint8 with their own zero point,
+  weights as int8 codes q - 128 (zero point 0) plus a float correction (128 - zp) * s * sum(x)
+  beside the conv or linear (`lowering.py`). OpenVINO's verdict is the float64 rule, so the
+  correction's float rounding (not the codes) is what differs from fake quant.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from ..graph_targets import TARGET_CPU_KEY, GraphForm, LogSqrt2Lowering, TargetC
 
 TENSORRT = GraphForm.TENSORRT
 ONNXRUNTIME = GraphForm.ONNXRUNTIME
+OPENVINO = GraphForm.OPENVINO
 FORMS = tuple(f.value for f in GraphForm)
+FORM_TITLES = {TENSORRT: "TensorRT", ONNXRUNTIME: "onnxruntime", OPENVINO: "OpenVINO"}
 
 
 def form_for(deploy: DeployConfig) -> GraphForm:
@@ -49,7 +56,7 @@ def target_cpu_for(deploy: DeployConfig) -> TargetCpu:
 
 def supported_bits(form: GraphForm) -> tuple[int, ...]:
     """Bit widths (weights and activations alike) that `form` carries exactly: the TensorRT form
-    2..7 (8-bit asymmetric codes do not fit int8 with zero point 0), the onnxruntime form 2..8."""
+    2..7 (8-bit asymmetric codes do not fit int8 with zero point 0), the others 2..8."""
     if form not in FORMS:
         raise ValueError(f"supported_bits: unknown form {form!r} (one of {', '.join(FORMS)})")
     return tuple(range(2, 8)) if form == TENSORRT else tuple(range(2, 9))
@@ -61,9 +68,9 @@ def check_export_bits(w_bits: int, a_bits: int, form: GraphForm, w_option: str =
     allowed = supported_bits(form)
     for option, value in ((w_option, w_bits), (a_option, a_bits)):
         if value not in allowed:
-            hint = (": use an onnxruntime deploy config (for OpenVINO: graph_form='onnxruntime') for 8 bits"
+            hint = (": use an onnxruntime deploy config (for OpenVINO: graph_form='openvino') for 8 bits"
                     if form == TENSORRT and value == 8 else "")
-            raise UserError(f"{option} {value}: the {'TensorRT' if form == TENSORRT else 'onnxruntime'} form carries {allowed[0]}..{allowed[-1]}-bit codes only"
+            raise UserError(f"{option} {value}: the {FORM_TITLES[form]} form carries {allowed[0]}..{allowed[-1]}-bit codes only"
                             f"{' (8-bit asymmetric codes do not fit int8 with zero point 0)' if form == TENSORRT else ''}"
                             f"{hint}")
 

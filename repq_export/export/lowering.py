@@ -22,7 +22,7 @@ from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant.log_sqrt2 import LogSqrt2Quantizer
 from ..quant.uniform import UniformQuantizer
 from ..graph_targets import GraphForm, LogSqrt2Lowering
-from .forms import ONNXRUNTIME, TENSORRT
+from .forms import ONNXRUNTIME, OPENVINO, TENSORRT
 from .qdq import (DQBias, DQWeight, QDQActivation, QDQActivationU8, log_sqrt2_bisected, log_sqrt2_lowered,
                   log_sqrt2_odd_half)
 
@@ -149,6 +149,8 @@ def lower_activation(q: nn.Module, name: str, allow_shift: bool = False, *, form
         return ActivationQDQ(q, name)
     if allow_shift and q.bits == 8:
         return ShiftedActivationQDQ(q, name)
+    if form == OPENVINO and q.bits == 8:  # OpenVINO runs uint8 activations with a zero point on int8 kernels
+        return ActivationU8(q, name)
     raise UserError(f"{name}: {q.bits}-bit codes with zero point {int(q.zero_point)} do not fit int8; "
                     "this layer cannot be exported exactly")
 
@@ -160,7 +162,8 @@ def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
     TensorRT form: int8 q - zp, always. onnxruntime form: the same while every code lies in
     +-U8S8_SAFE_WEIGHT (the u8s8 kernels cannot saturate), else uint8 codes q with the
     quantizer's per-channel zero points (8-bit weights, whose q - zp reaches +-255; the rewrites
-    multiply them as two narrow int8 halves, `rules/split_uint8_weights.py`).
+    multiply them as two narrow int8 halves, `rules/split_uint8_weights.py`). OpenVINO form: int8
+    q - zp where that fits, else int8 q - 128 (`offset_weight_codes`).
     """
     q = layer.weight_quantizer
     if not q.per_channel or q.channel_axis != 0:
@@ -172,10 +175,34 @@ def weight_codes(layer: QuantConv2d | QuantLinear, name: str,
         if (q.zero_point != torch.round(q.zero_point)).any():
             raise UserError(f"{name}: weight zero points are not integers; export needs integer zero points")
         return codes.to(torch.uint8), q.scale.detach().clone(), q.zero_point.detach().to(torch.uint8)
+    if form == OPENVINO and not fits_int8(q) and q.bits == 8:
+        return offset_weight_codes(layer, name)[:2] + (None,)
     if not fits_int8(q):
         raise UserError(f"{name}: {q.bits}-bit asymmetric weight codes do not fit int8 "
                         "(the TensorRT form supports weights of 2..7 bits)")
     return (codes - zp).to(torch.int8), q.scale.detach().clone(), None
+
+
+def offset_weight_codes(layer: QuantConv2d | QuantLinear, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """8-bit weights for OpenVINO: int8 codes q - 128, their scale, and the per-output-channel
+    correction (128 - zp) * s, since s * (q - zp) = s * (q - 128) + (128 - zp) * s.
+
+    OpenVINO's int8 kernels take weights with zero point 0 only (uint8 codes with per-channel zero
+    points run as f32); the layer then adds correction * sum(x) over each output's receptive field.
+    """
+    q = layer.weight_quantizer
+    if (q.zero_point != torch.round(q.zero_point)).any():
+        raise UserError(f"{name}: weight zero points are not integers; export needs integer zero points")
+    half = 2 ** (q.bits - 1)
+    codes = q.codes(layer.weight.detach()) - half
+    correction = (half - q.zero_point.detach().reshape(-1)) * q.scale.detach().reshape(-1)
+    return codes.to(torch.int8), q.scale.detach().clone(), correction.clone()
+
+
+def needs_weight_offset(layer: QuantConv2d | QuantLinear, form: GraphForm) -> bool:
+    """Whether this layer's weights are exported as `offset_weight_codes` (OpenVINO form, 8-bit)."""
+    q = layer.weight_quantizer
+    return form == OPENVINO and q.bits == 8 and not fits_int8(q)
 
 
 def int32_bias(layer: QuantConv2d | QuantLinear, bias: Tensor | None) -> Tensor | None:
@@ -201,8 +228,10 @@ class ExportConv2d(nn.Module):
         super().__init__()
         codes, scale, zero_point = weight_codes(layer, name, form)
         bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.out_channels)
+        # an 8-bit input is shifted into int8 (the patch embedding); OpenVINO takes uint8 where the conv pads
+        shift = form != OPENVINO or not any(p != 0 for p in layer.padding)
         self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer",
-                                                allow_shift=True, form=form)
+                                                allow_shift=shift, form=form)
         if isinstance(self.input_quantizer, ShiftedActivationQDQ):
             if any(p != 0 for p in layer.padding):
                 raise UserError(f"{name}: an 8-bit input shift needs a conv without padding")
@@ -210,20 +239,37 @@ class ExportConv2d(nn.Module):
             # steps, so the adjusted bias stays on the int32 grid (see quant/integer_bias.py).
             step = layer.input_quantizer.scale * scale
             offset = layer.input_quantizer.zero_point - 2 ** (layer.input_quantizer.bits - 1)
-            bias = (torch.round(bias / step) - offset * codes.float().sum(dim=(1, 2, 3))) * step
+            wq = layer.weight_quantizer  # the true signed codes q - zp (not the offset ones of the OpenVINO form)
+            signed = wq.codes(layer.weight.detach()) - wq.zero_point.reshape(-1, 1, 1, 1)
+            bias = (torch.round(bias / step) - offset * signed.float().sum(dim=(1, 2, 3))) * step
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
+        correction, window = None, None
+        if needs_weight_offset(layer, form):
+            if layer.groups != 1:
+                raise UserError(f"{name}: 8-bit weights for OpenVINO need a conv with groups=1")
+            correction = offset_weight_codes(layer, name)[2].reshape(1, -1, 1, 1)
+            # sum(x) over one output's receptive field: channels summed first, then a 1-channel window
+            # conv (a conv over all input channels into one output ran as a slow f32 conv on OpenVINO)
+            window = torch.ones(1, 1, *layer.weight.shape[2:])
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias if k is None else None)
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
+        self.register_buffer("correction", correction)
+        self.register_buffer("window", window)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, x: Tensor) -> Tensor:
         w = DQWeight.apply(self.codes, self.scale, 0, self.zero_point)
         bias = self.bias if self.bias_k is None else DQBias.apply(self.bias_k, self.bias_step)
-        return F.conv2d(self.input_quantizer(x), w, bias, self.stride, self.padding, self.dilation, self.groups)
+        x = self.input_quantizer(x)
+        y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.correction is None:
+            return y
+        summed = F.conv2d(x.sum(dim=1, keepdim=True), self.window, None, self.stride, self.padding, self.dilation)
+        return y + self.correction * summed
 
 
 class ExportLinear(nn.Module):
@@ -235,15 +281,20 @@ class ExportLinear(nn.Module):
         self.input_quantizer = lower_activation(layer.input_quantizer, f"{name}.input_quantizer", form=form)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
+        correction = offset_weight_codes(layer, name)[2] if needs_weight_offset(layer, form) else None
         self.register_buffer("codes_t", codes.t().contiguous())
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("bias", bias if k is None else None)
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
+        self.register_buffer("correction", correction)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.input_quantizer(x) @ DQWeight.apply(self.codes_t, self.scale, 1, self.zero_point)
+        x = self.input_quantizer(x)
+        y = x @ DQWeight.apply(self.codes_t, self.scale, 1, self.zero_point)
+        if self.correction is not None:  # the 8-bit OpenVINO weights' zero-point term (offset_weight_codes)
+            y = y + x.sum(dim=-1, keepdim=True) * self.correction
         if self.bias_k is not None:
             return y + DQBias.apply(self.bias_k, self.bias_step)
         return y if self.bias is None else y + self.bias
@@ -269,7 +320,7 @@ def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
 def lower_for_export(qmodel: nn.Module, form: GraphForm, log_sqrt2: LogSqrt2Lowering = TABLE) -> nn.Module:
     """A copy of a calibrated fake-quant model with every quantized layer in its export form
     (`log_sqrt2`: how the softmax quantizers are written)."""
-    if form not in (TENSORRT, ONNXRUNTIME):
+    if form not in (TENSORRT, ONNXRUNTIME, OPENVINO):
         raise ValueError(f"unknown export form {form!r}")
     model = copy.deepcopy(qmodel).eval().cpu()
     for name, module in list(model.named_modules()):
