@@ -25,7 +25,7 @@ from repq_export.config_values import ValueReader, as_lists
 from repq_export.errors import UserError
 from repq_export.files import read_input_bytes
 from repq_export.graph_targets import GraphForm, LogSqrt2Lowering, TargetCpu
-from repq_export.models import reference_settings as ref  # post-processing defaults = the detector's test_cfg
+from repq_export import reference_settings as ref  # post-processing defaults = the detector's test_cfg
 from repq_export.resources import MAX_CONFIG_BYTES
 
 MIN_OPSET = 17  # LayerNormalization is one op from opset 17 (FP16 overflow otherwise)

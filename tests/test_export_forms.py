@@ -19,7 +19,7 @@ from repq_export.export.graph_index import index_graph
 from repq_export.deploy_config import TARGET_ANY, TARGET_VNNI
 from repq_export.export.forms import ONNXRUNTIME, TENSORRT, graph_form
 from repq_export.graph_targets import graph_target_cpu
-from repq_export.export.locations import read_calls
+from repq_export.quantizer_calls import read_calls
 from repq_export.export.onnx_export import count_qdq, export_onnx
 from repq_export.export.ort_check import check_onnxruntime_form
 from repq_export.quant.layers import named_quantizers

@@ -20,7 +20,7 @@ from repq_export.evaluation.parity_check import TIER1_REPORTED, probe_codes
 from repq_export.evaluation.image_loop import ImageResult
 from repq_export.export.forms import (ONNXRUNTIME, OPENVINO, TENSORRT, form_for, log_sqrt2_lowering_for,
                                      roi_nan_guard_for, supported_bits, unshared_weights_for)
-from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans
+from repq_export.export.nan_guard import UNGUARDED_SUFFIX, count_guarded, guard_roi_align_nans, without_roi_nan_guard
 from repq_export.export.onnx_export import export_onnx
 from repq_export.graph_targets import LogSqrt2Lowering
 from repq_export.resources import DEPLOY_CONFIGS_DIR
@@ -332,9 +332,7 @@ def test_openvino_verdict_passes_honest_and_fails_a_roi_align_breakage(bundled_o
 
 
 def test_breakage_takes_the_guard_out():
-    from repq_export.evaluation import graph_breakages as gb
-
-    bare = gb.without_roi_nan_guard(guarded(roi_align_graph()))
+    bare = without_roi_nan_guard(guarded(roi_align_graph()))
     onnx.checker.check_model(bare, full_check=True)
     assert [n.op_type for n in bare.graph.node] == ["RoiAlign"] and bare.graph.node[0].output[0] == "y"
     assert count_guarded(bare) == (1, 0)
@@ -342,9 +340,7 @@ def test_breakage_takes_the_guard_out():
 
 @needs_openvino
 def test_guard_removed_gives_nan_again_on_openvino():
-    from repq_export.evaluation import graph_breakages as gb
-
-    got = run_openvino(gb.without_roi_nan_guard(guarded(roi_align_graph())), roi_feeds())
+    got = run_openvino(without_roi_nan_guard(guarded(roi_align_graph())), roi_feeds())
     assert np.isnan(got[[0, 2]]).all()
 
 
@@ -373,11 +369,9 @@ def test_cli_parity_check_and_predict_take_openvino(tmp_path_factory, capsys):
 def test_openvino_verdict_fails_with_the_guard_removed(bundled_ov):
     """The same graph without the RoiAlign NaN guard: zero-width RoIs poison the box head on OpenVINO, and the
     float64 rule FAILS tier 2 (30 images of another set: 25.6% matched against torch float32's 87.8%)."""
-    from repq_export.evaluation import graph_breakages as gb
-
     out = bundled_ov[0]
     bad = out.parent / "noguard.onnx"
-    onnx.save(gb.without_roi_nan_guard(onnx.load(out / "model.onnx")), bad)
+    onnx.save(without_roi_nan_guard(onnx.load(out / "model.onnx")), bad)
     report = ov_verdict(bundled_ov, bad)
     matched = report.envelope.figure("matched")
     assert matched.low > matched.margin and report.tier2_ok is False and not report.ok, report.table()

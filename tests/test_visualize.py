@@ -19,7 +19,7 @@ from repq_export.errors import UserError
 from repq_export.evaluation.layer_errors import (LayerError, attach_code_mismatches,
                                                  measure_layer_errors)
 from repq_export.evaluation.parity import CodeReport
-from repq_export.export.locations import scope_to_name
+from repq_export.quantizer_calls import scope_to_name
 from repq_export.evaluation.visualize import (ROLE_COLORS, _nice_ceiling, class_color, detector_part,
                                               draw_detections, plot_layer_errors, render_layer_errors,
                                               side_by_side, write_image)

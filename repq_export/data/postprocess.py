@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from repq_export.data.rle import mask_to_rle
 from repq_export.data.transforms import Preprocessed
-from repq_export.models.reference_settings import MASK_THR_BINARY
+from repq_export.reference_settings import MASK_THR_BINARY
 
 Array = torch.Tensor | np.ndarray
 

@@ -83,19 +83,3 @@ def with_quantizer_scale(proto: onnx.ModelProto, index: int = 0, factor: float =
     node.input[1] = scale
     out.graph.node.insert(position, mul)
     return out
-
-
-def without_roi_nan_guard(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The RoiAlign NaN guard (`export/nan_guard.py`) taken out: each RoiAlign writes its value again, as an
-    OpenVINO graph exported without the guard would (NaN for a RoI of zero width or height)."""
-    from ..export.nan_guard import UNGUARDED_SUFFIX
-
-    out = _copy(proto)
-    guard_nodes = {n.name for n in out.graph.node if n.name.endswith(("/nan_guard_isnan", "/nan_guard_where"))}
-    kept = [n for n in out.graph.node if n.name not in guard_nodes]
-    for node in kept:
-        if node.op_type == "RoiAlign" and node.output[0].endswith(UNGUARDED_SUFFIX):
-            node.output[0] = node.output[0][: -len(UNGUARDED_SUFFIX)]
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    return out

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..hooks import hooked
 from ..quant.kinds import role_of
 from ..quant.layers import named_quantizers
-from ..export.locations import scope_to_name
+from ..quantizer_calls import scope_to_name
 from .parity import CodeReport
 
 

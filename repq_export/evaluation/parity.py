@@ -3,7 +3,7 @@
 Tier 1 feeds each quantizer's ONNX input (as onnxruntime computed it) to the fake quantizer and
 compares integer codes, so it tests the lowering itself; float drift between backends is what
 tiers 2 and 3 measure. Where each call's input and codes are is read from the table the
-exporter stored in the graph (`export/locations.py`), for either form.
+exporter stored in the graph (`quantizer_calls.py`), for either form.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from ..errors import UserError
-from ..export.forms import ONNXRUNTIME
-from ..export.locations import QuantizerCall, read_calls
 from ..hooks import hooked
 from ..quant.kinds import SHIFTED
 from ..quant.layers import named_quantizers
 from ..quant.log_sqrt2 import LogSqrt2Quantizer, log_sqrt2_codes
 from ..boundary import NetOutput
+from ..graph_targets import GraphForm
+from ..quantizer_calls import QuantizerCall, read_calls
 
 MATCH_IOU = 0.5
 
@@ -51,7 +51,7 @@ class CodeReport:
 def code_offset(q: nn.Module, probe: QuantizerCall) -> float:
     """What the graph subtracts from fake quant's code q at this call: zp (tensorrt), 2^(n-1)
     (shifted 8-bit input), nothing (onnxruntime: uint8 carries q itself)."""
-    if probe.form == ONNXRUNTIME:
+    if probe.form == GraphForm.ONNXRUNTIME:
         return 0.0
     return float(2 ** (q.bits - 1)) if probe.kind == SHIFTED else q.zero_point.item()
 

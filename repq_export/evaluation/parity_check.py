@@ -10,8 +10,8 @@ from torch import nn
 
 from ..data.coco import CocoDataset
 from ..data.transforms import PreprocessSettings
-from ..export.locations import scope_to_name
 from ..quant.layers import named_quantizers
+from ..quantizer_calls import scope_to_name
 from ..runtime.base import GraphRunner, Runner
 from .envelope import AP_MARGIN, MATCH_MARGIN, MIN_IMAGES, SAMPLES, Envelope, judge_envelope
 from .evaluate import score_run

@@ -15,8 +15,9 @@ from ..deploy_config import OnnxConfig
 from ..files import write_atomically
 from ..graph_targets import GraphForm, LogSqrt2Lowering, TargetCpu
 from ..quant.layers import named_quantizers
+from ..quantizer_calls import store_calls
 from .forms import ONNXRUNTIME, set_target_cpu
-from .locations import locate_calls, store_calls
+from .locations import locate_calls
 from .nan_guard import guard_roi_align_nans
 from .lowering import lower_for_export
 from .rewrites import optimize_for_onnxruntime, refresh_calls
@@ -72,7 +73,7 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
                 roi_nan_guard: bool = False, log_sqrt2: LogSqrt2Lowering = LogSqrt2Lowering.TABLE,
                 unshared_weights: bool = False) -> onnx.ModelProto:
     """Lower `model` (fake-quant or float) in `form` and write it to `path`: checked, then renamed
-    into place. A quantized graph carries its quantizer-call table (`locations.py`); the
+    into place. A quantized graph carries its quantizer-call table (`quantizer_calls.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
     (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
     where 8-bit weights were widened). `roi_nan_guard` adds `Where(IsNaN(y), 0, y)` after every

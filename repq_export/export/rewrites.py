@@ -29,7 +29,7 @@ import onnx
 
 from ..deploy_config import TARGET_ANY, TARGET_CPUS, TARGET_VNNI
 from ..quant.kinds import LOG_SQRT2
-from .locations import QuantizerCall
+from ..quantizer_calls import QuantizerCall
 from .rules.integer_conv import INTEGER_CONV
 from .rules.integer_matmul import INTEGER_MATMUL
 from .rules.rule import Rule, apply_rule, apply_rules

@@ -10,7 +10,7 @@ from repq_export.data.transforms import PreprocessSettings
 from repq_export.errors import UserError
 from repq_export.models.arch import KINDS, Arch
 from repq_export.models.config_fields import expect_value
-from repq_export.models import reference_settings as ref
+from repq_export import reference_settings as ref
 
 
 def config_from_arch(arch: Arch, preprocess: PreprocessSettings | None = None) -> dict:

@@ -18,9 +18,9 @@ from repq_export.errors import UserError
 from repq_export.models.bbox_head import ConvFCBBoxHead, multiclass_nms
 from repq_export.models.box_coder import DeltaXYWHBoxCoder
 from repq_export.models.mask_head import FCNMaskHead
-from repq_export.models.reference_settings import (BOX_STDS, CASCADE_STDS, RCNN_MAX_PER_IMG, RCNN_NMS_IOU,
-                                                   RCNN_SCORE_THR)
 from repq_export.models.roi_extractor import MultiLevelRoIAlign
+from repq_export.reference_settings import (BOX_STDS, CASCADE_STDS, RCNN_MAX_PER_IMG, RCNN_NMS_IOU,
+                                            RCNN_SCORE_THR)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from repq_export.errors import UserError
 from repq_export.models.anchors import AnchorGenerator
 from repq_export.models.bbox_head import batched_nms
 from repq_export.models.box_coder import DeltaXYWHBoxCoder
-from repq_export.models.reference_settings import RPN_MAX_PER_IMG, RPN_NMS_IOU, RPN_NMS_PRE
+from repq_export.reference_settings import RPN_MAX_PER_IMG, RPN_NMS_IOU, RPN_NMS_PRE
 
 
 def topk_count(n_items: Tensor, k: int) -> Tensor | int:

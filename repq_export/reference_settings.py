@@ -1,7 +1,8 @@
 """The reference's test-time settings (test_cfg of the Swin Mask R-CNN configs): one home for the
 defaults of the RPN, the RoI heads, the deploy configs' post-processing and the synthesized config.
 
-Plain numbers, no torch, so that the deploy-config reader can use them too.
+Plain numbers, no torch, at the package top: models/, data/postprocess.py and the deploy-config
+reader all import them downward.
 """
 
 RPN_NMS_PRE = 1000  # test_cfg.rpn.nms_pre: top scores kept per level before NMS
