@@ -312,6 +312,24 @@ def test_openvino_artifact_records_form_precision_and_guard(bundled_ov):
     assert "Less" in quantizer_ops(proto) and not {"Log", "GatherElements"} & quantizer_ops(proto)
 
 
+def test_check_names_the_openvino_form_and_fails_a_float_graph_in_its_folder(bundled_ov, tmp_path, capsys):
+    """`repq-export check` on an OpenVINO artifact: the form from repq.json, no TensorRT or onnxruntime rules
+    (OpenVINO reads any Q/DQ graph); a folder whose graph has no Q/DQ node fails."""
+    import shutil
+
+    from repq_export.commands.check import run_check
+
+    out = bundled_ov[0]
+    assert run_check([str(out)]) == 0
+    assert capsys.readouterr().out.startswith("graph form: openvino (from repq.json")
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    onnx.save(roi_align_graph(), broken / "model.onnx")  # a valid graph without any Q/DQ node
+    capsys.readouterr()
+    assert run_check([str(broken)]) == 1
+    assert "[not-quantized]" in capsys.readouterr().out
+
+
 def test_openvino_verdict_passes_honest_and_fails_a_roi_align_breakage(bundled_ov):
     """Tier 1 reported (near-tie flips, not judged); tiers 2 and 3 by the float64 rule: the honest graph
     passes, one with RoiAlign's coordinate mode changed (codes intact) FAILS tier 2."""

@@ -7,10 +7,9 @@ Per detector, side by side in one run (one process per thread count, every model
   W4A4 / W6A6 / W8A8 (target CPU 'vnni' where the CPU has VNNI or AMX);
 - OpenVINO (CPU plugin): the float graph at inference precision f32 and bf16 (compiled for dynamic
   shapes, as `compile_model('model.onnx')` gives it, and bf16 also compiled for the input's shape),
-  quantize_static's graph (f32), and our OpenVINO form at W4A4 / W6A6 (deploy config
-  instance-seg_openvino_cpu.py: TensorRT form, RoiAlign NaN guard, bisected log-sqrt2, unshared
-  weight codes) and W8A8 (instance-seg_openvino_cpu-8bit.py: onnxruntime form, the same edits), all
-  at f32 and compiled as their deploy config says (static_shapes: for the input's shape);
+  quantize_static's graph (f32), and our OpenVINO form at W4A4 / W6A6 / W8A8 (deploy config
+  instance-seg_openvino_cpu.py: OpenVINO form, RoiAlign NaN guard, bisected log-sqrt2, unshared
+  weight codes), at f32 and compiled as the deploy config says (static_shapes: for the input's shape);
 - with --experiments also: OpenVINO W4A4 without the NaN guard (the guard's cost), with the table
   log-sqrt2 lowering (Log + GatherElements), compiled for dynamic shapes; OpenVINO bf16 on our W4A4
   and W8A8 graphs (faster, but not what the verdict passes).
@@ -62,7 +61,7 @@ VARIANTS = {
     "ov_qstatic": ("OpenVINO quantize_static INT8, f32", OV, "qstatic", "f32", DYN, False),
     "ov_w4": ("OpenVINO, our W4A4 (openvino deploy config)", OV, "ov_w4", "f32", None, False),
     "ov_w6": ("OpenVINO, our W6A6 (openvino deploy config)", OV, "ov_w6", "f32", None, False),
-    "ov_w8": ("OpenVINO, our W8A8 (openvino 8-bit deploy config)", OV, "ov_w8", "f32", None, False),
+    "ov_w8": ("OpenVINO, our W8A8 (openvino deploy config)", OV, "ov_w8", "f32", None, False),
     "ov_w4_noguard": ("OpenVINO, our W4A4 without the NaN guard (experiment)", OV, "ov_w4_noguard", "f32", None,
                       True),
     "ov_w4_table": ("OpenVINO, our W4A4 with the table log-sqrt2 lowering (experiment)", OV, "ov_w4_table", "f32",
@@ -71,10 +70,11 @@ VARIANTS = {
                       True),
     "ov_w4_bf16": ("OpenVINO bf16, our W4A4 graph (experiment; fails the verdict)", OV, "ov_w4", "bf16", None, True),
     "ov_w8_bf16": ("OpenVINO bf16, our W8A8 graph (experiment)", OV, "ov_w8", "bf16", None, True),
-}  # static shapes None: as the W-bit OpenVINO deploy config (OV_DEPLOY) says
+}  # static shapes None: as the OpenVINO deploy config (OV_DEPLOY) says
 OURS = {4: ("ort_w4", "ov_w4"), 8: ("ort_w8", "ov_w8")}  # the deployed graphs the goal looks at
 GOALS = (("ov_float_bf16", 1.3), ("ov_float_bf16_static", 1.3), ("ort_float", 2.5))
-OV_DEPLOY = {4: "instance-seg_openvino_cpu.py", 6: "instance-seg_openvino_cpu.py", 8: "instance-seg_openvino_cpu.py"}
+OV_DEPLOY = "instance-seg_openvino_cpu.py"  # one OpenVINO deploy config for every bit width
+BITS = (4, 6, 8)
 INT8_LAYERS = ("Convolution", "MatMul", "FullyConnected")
 INT8_PRECISIONS = ("i8", "u8")
 
@@ -124,7 +124,7 @@ def quant_export_worker(task: dict) -> dict:
     bits = task["bits"]
     out: dict = {}
     out["calib_s"], model = bc.time_call(lambda: quantize(model, [(img, img_hw)], bits, bits, progress=False))
-    ov_deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY[bits])
+    ov_deploy = load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY)
     ov = dict(form=form_for(ov_deploy), roi_nan_guard=roi_nan_guard_for(ov_deploy),
               log_sqrt2=log_sqrt2_lowering_for(ov_deploy), unshared_weights=unshared_weights_for(ov_deploy))
     jobs = {"ort": dict(form="onnxruntime", target_cpu=task["ort_target_cpu"]), "ov": ov}
@@ -299,11 +299,11 @@ def produce(name: str, size, args, work: Path) -> tuple[dict, dict]:
 
 
 def deploy_static_shapes(variant: str) -> bool:
-    """Whether the OpenVINO deploy config of our `variant` ('ov_w4...') compiles for each input shape."""
+    """Whether the OpenVINO deploy config our `variant` ('ov_w4...') is exported with compiles for each input shape."""
     from repq_export.deploy_config import load_deploy_config
     from repq_export.resources import DEPLOY_CONFIGS_DIR
 
-    return load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY[int(variant[4])]).backend.static_shapes
+    return load_deploy_config(DEPLOY_CONFIGS_DIR / OV_DEPLOY).backend.static_shapes
 
 
 def model_specs(files: dict, experiments: bool) -> dict[str, dict]:
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         bc.emit_result(fn(task))
         return 0
     threads = parse_ints(args.threads_list)
-    if args.runs < 1 or args.warmup < 0 or min(threads) < 1 or not set(parse_ints(args.bits)) <= set(OV_DEPLOY):
+    if args.runs < 1 or args.warmup < 0 or min(threads) < 1 or not set(parse_ints(args.bits)) <= set(BITS):
         print("error: --runs and --threads-list values must be >= 1, --warmup >= 0, --bits from 4,6,8",
               file=sys.stderr)
         return 2

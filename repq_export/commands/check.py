@@ -19,8 +19,9 @@ def run_check(argv: list[str]) -> int:
                       "Needs no TensorRT.")
     p.add_argument("model", type=Path, help="ONNX file (or an artifact directory)")
     args = p.parse_args(argv)
-    from ..artifact.artifact_file import onnx_file_of
-    from ..export.forms import ONNXRUNTIME, graph_form
+    from ..artifact.artifact_file import onnx_file_of, read_manifest
+    from ..artifact.folder import MANIFEST
+    from ..export.forms import ONNXRUNTIME, OPENVINO, graph_form
     from ..export.ort_check import check_onnxruntime_form, format_ort_report
     from ..export.trt_check import check_tensorrt_compat, format_report
     from ..graph_targets import TargetCpu, graph_target_cpu
@@ -29,6 +30,14 @@ def run_check(argv: list[str]) -> int:
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
     proto = read_onnx(path)
+    if args.model.is_dir() and (args.model / MANIFEST).exists() and read_manifest(args.model).get("form") == OPENVINO:
+        print("graph form: openvino (from repq.json; int8 codes where they fit, uint8 activations at 8 bits): "
+              "OpenVINO reads any Q/DQ graph, so there are no backend rules to check; its verdict is "
+              "tools/parity_check.py --backend openvino (the float64 rule)")
+        issues = not_quantized(proto)
+        for issue in issues:
+            print(f"  error   [{issue.rule}] {issue.message}")
+        return 1 if issues else 0
     form = graph_form(proto)
     print(f"graph form: {form}" + {"tensorrt": " (int8 Q/DQ, zero point 0): checked against TensorRT's rules",
                                    "onnxruntime": " (uint8 activations): checked against the onnxruntime-form "

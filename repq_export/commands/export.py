@@ -26,8 +26,8 @@ def export_parser(prog: str = "repq-export") -> argparse.ArgumentParser:
                    "Detection (mmdet 2.x keys) or mmdetection 3.x")
     p.add_argument("--config", type=Path, help="mmdet-style config; default: the architecture is read off the "
                    "checkpoint and the reference's test settings are used")
-    p.add_argument("--bits", type=bits, help="weight and activation bits (2..8 with an onnxruntime deploy config; "
-                   "2..7 with a TensorRT one)")
+    p.add_argument("--bits", type=bits, help="weight and activation bits (2..8 with an onnxruntime or OpenVINO deploy "
+                   "config; 2..7 with a TensorRT one)")
     p.add_argument("--w-bits", "--w_bits", dest="w_bits", type=bits, help="weight bits (overrides --bits)")
     p.add_argument("--a-bits", "--a_bits", dest="a_bits", type=bits, help="activation bits (overrides --bits)")
     p.add_argument("--calib", type=Path, help="folder of calibration images (taken sorted by name)")

@@ -243,13 +243,14 @@ class ExportConv2d(nn.Module):
             signed = wq.codes(layer.weight.detach()) - wq.zero_point.reshape(-1, 1, 1, 1)
             bias = (torch.round(bias / step) - offset * signed.float().sum(dim=(1, 2, 3))) * step
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
-        correction, window = None, None
+        correction, ones, window = None, None, None
         if needs_weight_offset(layer, form):
             if layer.groups != 1:
                 raise UserError(f"{name}: 8-bit weights for OpenVINO need a conv with groups=1")
             correction = offset_weight_codes(layer, name)[2].reshape(1, -1, 1, 1)
-            # sum(x) over one output's receptive field: channels summed first, then a 1-channel window
-            # conv (a conv over all input channels into one output ran as a slow f32 conv on OpenVINO)
+            # sum(x) over one output's receptive field: channels summed first (a 1x1 conv into one channel),
+            # then a 1-channel window conv; a kxk conv over all channels into one ran slowly on OpenVINO
+            ones = torch.ones(1, layer.in_channels, 1, 1)
             window = torch.ones(1, 1, *layer.weight.shape[2:])
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -258,6 +259,7 @@ class ExportConv2d(nn.Module):
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
         self.register_buffer("correction", correction)
+        self.register_buffer("ones", ones)
         self.register_buffer("window", window)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
@@ -268,7 +270,7 @@ class ExportConv2d(nn.Module):
         y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.correction is None:
             return y
-        summed = F.conv2d(x.sum(dim=1, keepdim=True), self.window, None, self.stride, self.padding, self.dilation)
+        summed = F.conv2d(F.conv2d(x, self.ones), self.window, None, self.stride, self.padding, self.dilation)
         return y + self.correction * summed
 
 
@@ -282,6 +284,7 @@ class ExportLinear(nn.Module):
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
         correction = offset_weight_codes(layer, name)[2] if needs_weight_offset(layer, form) else None
+        ones = torch.ones(layer.in_features, 1) if correction is not None else None
         self.register_buffer("codes_t", codes.t().contiguous())
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
@@ -289,12 +292,16 @@ class ExportLinear(nn.Module):
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
         self.register_buffer("correction", correction)
+        self.register_buffer("ones", ones)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         y = x @ DQWeight.apply(self.codes_t, self.scale, 1, self.zero_point)
         if self.correction is not None:  # the 8-bit OpenVINO weights' zero-point term (offset_weight_codes)
-            y = y + x.sum(dim=-1, keepdim=True) * self.correction
+            # sum(x) as x @ ones, not ReduceSum: OpenVINO moves the dequantization through a ReduceSum and
+            # sums the uint8 codes in 8 bits inside the fused graph (the bundled Mask R-CNN matched 6% of
+            # its detections); a MatMul with float weights keeps the sum in f32
+            y = y + (x @ self.ones) * self.correction
         if self.bias_k is not None:
             return y + DQBias.apply(self.bias_k, self.bias_step)
         return y if self.bias is None else y + self.bias
