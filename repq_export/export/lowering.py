@@ -199,6 +199,19 @@ def offset_weight_codes(layer: QuantConv2d | QuantLinear, name: str) -> tuple[Te
     return codes.to(torch.int8), q.scale.detach().clone(), correction.clone()
 
 
+def sum_weights(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """int8 codes all 1 at scale 1 in `shape` (one output channel): a conv or linear with them computes sum(x)
+    over each output's receptive field, the zero-point correction's sum, on the same int8 kernels as the layer.
+
+    Written so because OpenVINO gets a sum of the dequantized input wrong or slow: `ReduceSum(x)` inside
+    the fused graph sums the uint8 codes in 8 bits (the bundled Mask R-CNN at W8A8 matched 6% of its
+    detections), `x @ ones` with float ones runs in f32 on the dequantized input, and one more output
+    channel on the layer itself costs a reference-kernel split (full-size W8A8: 1093, 1015 and 796 ms for
+    float ones, the extra channel and these int8 sums, side by side).
+    """
+    return torch.ones(shape, dtype=torch.int8), torch.ones(1)
+
+
 def needs_weight_offset(layer: QuantConv2d | QuantLinear, form: GraphForm) -> bool:
     """Whether this layer's weights are exported as `offset_weight_codes` (OpenVINO form, 8-bit)."""
     q = layer.weight_quantizer
@@ -243,15 +256,12 @@ class ExportConv2d(nn.Module):
             signed = wq.codes(layer.weight.detach()) - wq.zero_point.reshape(-1, 1, 1, 1)
             bias = (torch.round(bias / step) - offset * signed.float().sum(dim=(1, 2, 3))) * step
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
-        correction, ones, window = None, None, None
+        correction, sum_codes, sum_scale = None, None, None
         if needs_weight_offset(layer, form):
             if layer.groups != 1:
                 raise UserError(f"{name}: 8-bit weights for OpenVINO need a conv with groups=1")
             correction = offset_weight_codes(layer, name)[2].reshape(1, -1, 1, 1)
-            # sum(x) over one output's receptive field: channels summed first (a 1x1 conv into one channel),
-            # then a 1-channel window conv; a kxk conv over all channels into one ran slowly on OpenVINO
-            ones = torch.ones(1, layer.in_channels, 1, 1)
-            window = torch.ones(1, 1, *layer.weight.shape[2:])
+            sum_codes, sum_scale = sum_weights((1, *codes.shape[1:]))
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
@@ -259,8 +269,8 @@ class ExportConv2d(nn.Module):
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
         self.register_buffer("correction", correction)
-        self.register_buffer("ones", ones)
-        self.register_buffer("window", window)
+        self.register_buffer("sum_codes", sum_codes)
+        self.register_buffer("sum_scale", sum_scale)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, x: Tensor) -> Tensor:
@@ -270,8 +280,8 @@ class ExportConv2d(nn.Module):
         y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.correction is None:
             return y
-        summed = F.conv2d(F.conv2d(x, self.ones), self.window, None, self.stride, self.padding, self.dilation)
-        return y + self.correction * summed
+        ones = DQWeight.apply(self.sum_codes, self.sum_scale, 0, None)  # the zero-point term's sum (`sum_weights`)
+        return y + F.conv2d(x, ones, None, self.stride, self.padding, self.dilation) * self.correction
 
 
 class ExportLinear(nn.Module):
@@ -284,7 +294,9 @@ class ExportLinear(nn.Module):
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         k = int32_bias(layer, bias) if form == ONNXRUNTIME else None
         correction = offset_weight_codes(layer, name)[2] if needs_weight_offset(layer, form) else None
-        ones = torch.ones(layer.in_features, 1) if correction is not None else None
+        sum_codes, sum_scale = sum_weights((layer.in_features, 1)) if correction is not None else (None, None)
+        self.register_buffer("sum_codes", sum_codes)
+        self.register_buffer("sum_scale", sum_scale)
         self.register_buffer("codes_t", codes.t().contiguous())
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
@@ -292,16 +304,12 @@ class ExportLinear(nn.Module):
         self.register_buffer("bias_k", k)
         self.register_buffer("bias_step", None if k is None else bias_grid(layer).detach().clone())
         self.register_buffer("correction", correction)
-        self.register_buffer("ones", ones)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         y = x @ DQWeight.apply(self.codes_t, self.scale, 1, self.zero_point)
         if self.correction is not None:  # the 8-bit OpenVINO weights' zero-point term (offset_weight_codes)
-            # sum(x) as x @ ones, not ReduceSum: OpenVINO moves the dequantization through a ReduceSum and
-            # sums the uint8 codes in 8 bits inside the fused graph (the bundled Mask R-CNN matched 6% of
-            # its detections); a MatMul with float weights keeps the sum in f32
-            y = y + (x @ self.ones) * self.correction
+            y = y + (x @ DQWeight.apply(self.sum_codes, self.sum_scale, 1, None)) * self.correction  # `sum_weights`
         if self.bias_k is not None:
             return y + DQBias.apply(self.bias_k, self.bias_step)
         return y if self.bias is None else y + self.bias
