@@ -264,9 +264,9 @@ def test_bf16_only_when_asked(tiny_graph):
 # ---------------------------------------------------------------------------- the verdict on OpenVINO
 
 
-@pytest.fixture(scope="module")
-def bundled_ov(tmp_path_factory):
-    """The bundled Mask R-CNN exported at W4A4 with the OpenVINO deploy config, and 6 synthetic images."""
+def export_bundled(tmp_path_factory, bits: int, seed: int):
+    """The bundled Mask R-CNN exported at W`bits`A`bits` with the OpenVINO deploy config, and 6 synthetic
+    images of `seed`: (artifact folder, dataset, fake-quant model, preprocess settings, manifest)."""
     from repq_export.commands.demo import BUNDLED
     from repq_export.data.coco import CocoDataset
     from repq_export.data.synthetic import make_synthetic_coco
@@ -277,14 +277,20 @@ def bundled_ov(tmp_path_factory):
     if not OV_OK:
         pytest.skip(OV_WHY)
     _, ckpt, config = BUNDLED[0]
-    root = tmp_path_factory.mktemp("ov-verdict")
-    ann = make_synthetic_coco(root / "data", "val", 6, 23)
+    root = tmp_path_factory.mktemp(f"ov-w{bits}")
+    ann = make_synthetic_coco(root / "data", "val", 6, seed)
     dataset = CocoDataset(ann, root / "data" / "val")
-    out = root / "w4a4"
-    export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=4, a_bits=4, config=config, deploy_config=OV_CONFIG,
+    out = root / f"w{bits}a{bits}"
+    export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=bits, a_bits=bits, config=config, deploy_config=OV_CONFIG,
                                   calib_paths=[dataset[0][1]]), progress=False, log=lambda *_: None)
     artifact = Artifact.open(out)
     return out, dataset, fake_quant_model(artifact), artifact.preprocess, artifact.manifest
+
+
+@pytest.fixture(scope="module")
+def bundled_ov(tmp_path_factory):
+    """The bundled Mask R-CNN exported at W4A4 with the OpenVINO deploy config, and 6 synthetic images."""
+    return export_bundled(tmp_path_factory, 4, 23)
 
 
 def ov_verdict(bundled, onnx_path, precision: str = "f32"):

@@ -164,26 +164,9 @@ def test_openvino_runs_the_8bit_form_on_int8_kernels_and_the_onnxruntime_form_no
 @pytest.fixture(scope="module")
 def bundled_w8(tmp_path_factory):
     """The bundled Mask R-CNN exported at W8A8 with the OpenVINO deploy config, and 6 synthetic images."""
-    from repq_export.artifact.artifact_file import Artifact
-    from repq_export.artifact.detector import fake_quant_model
-    from repq_export.commands.demo import BUNDLED
-    from repq_export.data.coco import CocoDataset
-    from repq_export.data.synthetic import make_synthetic_coco
-    from repq_export.export.artifact import ExportRequest, export_artifact
-    from repq_export.resources import DEPLOY_CONFIGS_DIR
+    from test_openvino import export_bundled
 
-    if not OV_OK:
-        pytest.skip(OV_WHY)
-    _, ckpt, config = BUNDLED[0]
-    root = tmp_path_factory.mktemp("ov-w8")
-    ann = make_synthetic_coco(root / "data", "val", 6, 31)
-    dataset = CocoDataset(ann, root / "data" / "val")
-    out = root / "w8a8"
-    export_artifact(ExportRequest(ckpt=ckpt, out=out, w_bits=8, a_bits=8, config=config,
-                                  deploy_config=DEPLOY_CONFIGS_DIR / "instance-seg_openvino_cpu.py",
-                                  calib_paths=[dataset[0][1]]), progress=False, log=lambda *_: None)
-    artifact = Artifact.open(out)
-    return out, dataset, fake_quant_model(artifact), artifact.preprocess, artifact.manifest
+    return export_bundled(tmp_path_factory, 8, 31)
 
 
 def without_corrections(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
