@@ -95,10 +95,9 @@ def test_calibration_file_needs_images_only(art, tmp_path, capsys):
         for ann in data["annotations"]:
             ann.pop("area")
     ann = edited_coco(art, tmp_path, strip)
-    from repq_export.export.artifact import ExportRequest, calibration_paths
+    from repq_export.data.calibration_choice import CalibrationSource, calibration_paths
 
-    paths = calibration_paths(ExportRequest(ckpt=art.ckpt, out=tmp_path / "o", w_bits=4, a_bits=4, calib_ann=ann,
-                                            calib_img_dir=art.img_dir))
+    paths = calibration_paths(CalibrationSource(ann=ann, img_dir=art.img_dir), 1)
     assert paths == [art.img_dir / json.loads(art.ann.read_text())["images"][0]["file_name"]]
     ann = edited_coco(art, tmp_path, _nul_name)
     one_error(call_main(cli.main, ["--ckpt", art.ckpt, "--config", TINY_MASK, "--bits", 4, "--calib-ann", ann,

@@ -19,7 +19,8 @@ from repq_export.data.coco import CocoDataset
 from repq_export.data.synthetic import make_synthetic_coco
 from repq_export.evaluation.calibration_check import (ImagePair, bound_for, check_calibration,
                                                       format_check)
-from repq_export.export.artifact import ExportRequest, calibration_paths, holdout_paths
+from repq_export.data.calibration_choice import CalibrationSource, calibration_paths, choose_calibration, holdout_paths
+from repq_export.export.artifact import ExportRequest
 from repq_export.boundary import NetOutput
 
 # ----------------------------------------------------------------------------- which images calibrate
@@ -47,13 +48,11 @@ def test_calibration_and_holdout_paths_of_a_folder(tmp_path):
     folder.mkdir()
     for i in range(10):
         (folder / f"{i:02d}.png").write_bytes(b"")  # only names are read here
-    req = ExportRequest(ckpt=tmp_path / "m.pth", out=tmp_path / "out", w_bits=8, a_bits=8, calib_dir=folder,
-                        calib_images=4, holdout=3)
-    assert [p.name for p in calibration_paths(req)] == ["00.png", "02.png", "05.png", "07.png"]
-    held = [p.name for p in holdout_paths(req)]
+    source = CalibrationSource(folder=folder)
+    assert [p.name for p in calibration_paths(source, 4)] == ["00.png", "02.png", "05.png", "07.png"]
+    held = [p.name for p in holdout_paths(source, 4, 3)]
     assert held == ["01.png", "04.png", "08.png"]
-    req.calib_images, req.holdout = 1, 0
-    assert [p.name for p in calibration_paths(req)] == ["00.png"] and holdout_paths(req) == []
+    assert [p.name for p in calibration_paths(source, 1)] == ["00.png"] and holdout_paths(source, 1, 0) == []
 
 
 def test_calibration_paths_of_an_annotation_file_follow_annotation_order(tmp_path):
@@ -61,10 +60,10 @@ def test_calibration_paths_of_an_annotation_file_follow_annotation_order(tmp_pat
     req = ExportRequest(ckpt=tmp_path / "m.pth", out=tmp_path / "out", w_bits=8, a_bits=8, calib_ann=ann,
                         calib_img_dir=tmp_path / "set" / "val", calib_images=1, holdout=2)
     dataset = CocoDataset(ann, tmp_path / "set" / "val")
-    assert calibration_paths(req) == [dataset[0][1]]
-    assert holdout_paths(req) == [dataset[1][1], dataset[3][1]]
-    req.calib_images = 3
-    assert calibration_paths(req) == [dataset[0][1], dataset[2][1], dataset[4][1]]
+    choice = choose_calibration(req.calibration_source(), req.calib_images, req.holdout)
+    assert choice.images == [dataset[0][1]] and choice.held == [dataset[1][1], dataset[3][1]]
+    assert choice.dataset is not None and choice.unscorable is None
+    assert calibration_paths(req.calibration_source(), 3) == [dataset[0][1], dataset[2][1], dataset[4][1]]
 
 
 # ----------------------------------------------------------------------------- the judgement
@@ -153,7 +152,7 @@ def test_a_good_calibration_of_the_bundled_detector_passes(tmp_path):
     """Bundled Mask R-CNN, W8A8 on 2 images spread over a synthetic set, checked on 3 held-out ones: PASS,
     every figure within the bound (a random tiny model is no accurate model: it cannot show a pass)."""
     from repq_export.commands.demo import BUNDLED
-    from repq_export.export.artifact import calibrate_and_check, calibration_dataset
+    from repq_export.export.artifact import calibrate_and_check
     from repq_export.models.checkpoint import load_checkpoint
 
     _, ckpt, config = BUNDLED[0]
@@ -161,8 +160,9 @@ def test_a_good_calibration_of_the_bundled_detector_passes(tmp_path):
     req = ExportRequest(ckpt=ckpt, out=tmp_path / "out", w_bits=8, a_bits=8, config=config, calib_ann=ann,
                         calib_img_dir=tmp_path / "set" / "val", calib_images=2, holdout=3)
     detector, info = load_checkpoint(ckpt, config)
-    paths, held = calibration_paths(req), holdout_paths(req)
-    _, check, _ = calibrate_and_check(detector, paths, held, info.preprocess, calibration_dataset(req), req, False)
+    choice = choose_calibration(req.calibration_source(), req.calib_images, req.holdout)
+    _, check, _ = calibrate_and_check(detector, choice.images, choice.held, info.preprocess, choice.dataset, req,
+                                      False)
     block = check.as_dict()
     assert block["images"] == {"calibration": ["000000000001.png", "000000000003.png"],
                                "held-out": ["000000000002.png", "000000000004.png", "000000000005.png"]}

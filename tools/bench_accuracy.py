@@ -20,8 +20,8 @@ rerun with the same options reuses them; --fresh starts over):
   - ours: `repq-export` with the default onnxruntime deploy config (ExportRequest as the command
     builds it: --calib-ann on the calibration set, --calib-images, --holdout, --accept-accuracy-loss,
     --recon); the OpenVINO graph is the same quantization state (its quant.pth) exported as
-    deploy_configs/instance-seg_openvino_cpu.py does: the TensorRT form with the NaN guard, and for
-    8 bits, which that form cannot carry, the onnxruntime form with the guard (the config's note);
+    deploy_configs/instance-seg_openvino_cpu.py does: the OpenVINO form (below 8 bits the TensorRT
+    form's nodes; at 8 bits uint8 activations and offset int8 weights), with the RoiAlign NaN guard;
   - scoring: tools/test.py's evaluation (evaluation/image_loop.py: run_dataset; evaluate.py: score_run) on the
     first --num-images images of the held-out set; latency is the runner call alone (preprocessing
     and mask pasting excluded), median over those images after one warm-up call, at --threads, and

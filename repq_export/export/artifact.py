@@ -15,9 +15,9 @@ import torch
 
 import repq_export
 
-from ..data.calibration_choice import holdout_indices, spread_indices
-from ..data.coco import CocoDataset, unscorable
-from ..data.images import blame_calibration_images, check_calibration_image, preprocess_file
+from ..data.calibration_choice import CalibrationSource, choose_calibration
+from ..data.coco import CocoDataset
+from ..data.images import blame_calibration_images, preprocess_file
 from ..data.transforms import Preprocessed, PreprocessSettings
 from ..deploy_config import TARGET_ANY, DeployConfig, load_deploy_config
 from ..artifact.detector import apply_post_processing
@@ -45,9 +45,6 @@ from .onnx_export import count_qdq, export_onnx
 from .ort_check import check_onnxruntime_form, format_ort_report
 from .trt_check import check_tensorrt_compat, format_report
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
 @dataclass
 class ExportRequest:
     """Everything `repq-export` needs to write one artifact directory."""
@@ -73,6 +70,11 @@ class ExportRequest:
     recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
     engine: bool = False  # a TensorRT engine follows (--engine): TensorRT must be here before any work
     bits_options: tuple[str, str] = ("--w-bits", "--a-bits")  # the options a bits error names
+
+    def calibration_source(self) -> CalibrationSource:
+        """Where this request's calibration images come from (data/calibration_choice.py)."""
+        return CalibrationSource(self.calib_dir, self.calib_ann, self.calib_img_dir, tuple(self.calib_paths),
+                                 tuple(self.holdout_paths))
 
 
 @dataclass(frozen=True)
@@ -111,63 +113,6 @@ def check_export_out(req: ExportRequest) -> None:
     """The output folder's checks (replaceable, writable, none of the inputs), before any work."""
     check_not_an_input({"--out": req.out}, request_inputs(req), replaced=frozenset({"--out"}))
     check_out_dir(req.out, req.force, req.make_parent, kind=ARTIFACT)
-
-
-def check_calibration_options(req: ExportRequest) -> None:
-    """Refuse calibration options that would be ignored: one source only (--calib or --calib-ann), and
-    --calib-img-dir only with --calib-ann."""
-    if req.calib_dir is not None and req.calib_ann is not None:
-        raise UserError(f"--calib {req.calib_dir} and --calib-ann {req.calib_ann}: give one calibration source, "
-                        "not both")
-    if req.calib_img_dir is not None and req.calib_ann is None:
-        raise UserError(f"--calib-img-dir {req.calib_img_dir}: only goes with --calib-ann (the folder of its images)")
-
-
-def calibration_paths(req: ExportRequest) -> list[Path]:
-    """The calibration images: ``req.calib_images`` of them spread evenly over a folder (sorted by name)
-    or a COCO file (annotation order), starting at the first (data/calibration_choice.py)."""
-    check_calibration_options(req)
-    if req.calib_paths:
-        return list(req.calib_paths[: req.calib_images])
-    candidates = candidate_paths(req)
-    return [candidates[i] for i in spread_indices(len(candidates), req.calib_images)]
-
-
-def holdout_paths(req: ExportRequest) -> list[Path]:
-    """``req.holdout`` images of the calibration source, spread over it and disjoint from the calibration images."""
-    if req.holdout_paths or req.calib_paths:
-        return list(req.holdout_paths[: req.holdout])
-    if req.holdout == 0:
-        return []
-    candidates = candidate_paths(req)
-    taken = spread_indices(len(candidates), req.calib_images)
-    return [candidates[i] for i in holdout_indices(len(candidates), taken, req.holdout)]
-
-
-def candidate_paths(req: ExportRequest) -> list[Path]:
-    """Every image calibration may take: a folder sorted by name, or a COCO file in annotation order."""
-    if req.calib_dir is not None:
-        if req.calib_dir.is_file():
-            raise UserError(f"--calib {req.calib_dir}: is a file; give the folder of calibration images")
-        if not req.calib_dir.is_dir():
-            raise UserError(f"{req.calib_dir}: calibration folder not found")
-        paths = sorted(p for p in req.calib_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise UserError(f"{req.calib_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the calibration folder")
-        return paths
-    if req.calib_ann is not None:
-        dataset = calibration_dataset(req)
-        return [dataset[i][1] for i in range(len(dataset))]
-    raise UserError("calibration: give --calib DIR or --calib-ann FILE --calib-img-dir DIR")
-
-
-def calibration_dataset(req: ExportRequest) -> CocoDataset | None:
-    """The COCO file calibration draws from (its annotations score the calibration check), if any."""
-    if req.calib_ann is None or req.calib_dir is not None:
-        return None
-    if req.calib_img_dir is not None and not req.calib_img_dir.is_dir():
-        raise UserError(f"--calib-img-dir {req.calib_img_dir}: folder not found")
-    return CocoDataset(req.calib_ann, req.calib_img_dir or req.calib_ann.parent, metrics=())
 
 
 def quantizer_table(qmodel: torch.nn.Module) -> list[dict]:
@@ -247,14 +192,10 @@ def export_artifact(req: ExportRequest, progress: bool = True, log=print) -> Pat
 def write_artifact(job: CheckedExport, progress: bool = True, log=print) -> Path:
     """Write the artifact directory of a checked request; the directory appears only once complete."""
     req, deploy, form = job.req, job.deploy, job.form
-    paths = calibration_paths(req)
-    held = holdout_paths(req)
-    for path in paths + held:  # cheap checks first: a bad image costs nothing
-        check_calibration_image(path, req.max_pixels)
-    dataset = calibration_dataset(req)
-    if dataset is not None and (why := unscorable(dataset)):
-        log(f"note: {why}; the calibration check judges matched detections only, not AP")
-        dataset = None
+    choice = choose_calibration(req.calibration_source(), req.calib_images, req.holdout, req.max_pixels)
+    paths, held, dataset = choice.images, choice.held, choice.dataset
+    if choice.unscorable:
+        log(f"note: {choice.unscorable}; the calibration check judges matched detections only, not AP")
     detector, info = load_checkpoint(req.ckpt, req.config)
     apply_post_processing(detector, deploy.codebase.post_processing)
     pre = static_preprocess(info.preprocess, deploy)
