@@ -14,6 +14,9 @@ validation images (repq_export/evaluation/bootstrap.py: the same resampled image
 
 A variant is ``NAME:key=value,key=value`` over ReconSettings' fields (e.g. ``lsq:step_lr=0.004``,
 ``weights:step_lr=0,heads=false``); without --variant the defaults run.
+
+``--ablate PREFIX[:w|:a]`` (repeatable) scores RepQ-ViT with the quantizers under PREFIX switched off
+(``:w`` weights only, ``:a`` activations only): how much of the gap to float each part of the model holds.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from repq_export.evaluation.evaluate import coco_results  # noqa: E402
 from repq_export.evaluation.image_loop import DatasetRun, run_dataset  # noqa: E402
 from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
 from repq_export.quant.calibrate import quantize  # noqa: E402
+from repq_export.quant.layers import named_quantizers  # noqa: E402
 from repq_export.quant.recon_settings import DEFAULT_IMAGES, ReconSettings  # noqa: E402
 from repq_export.quant.reconstruct import reconstruct  # noqa: E402
 
@@ -71,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, help="keep the float and RepQ-ViT runs here and reuse them (they do not "
                    "depend on the reconstruction: a later run with other variants scores only those)")
     p.add_argument("--baselines-only", action="store_true", help="score float and RepQ-ViT only (fill --cache)")
+    p.add_argument("--ablate", action="append", default=[], metavar="PREFIX[:w|:a]",
+                   help="also score RepQ-ViT with the quantizers under PREFIX off (weights or activations only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -91,6 +97,22 @@ def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
         default = getattr(ReconSettings(), key)
         values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
     return name, ReconSettings(**values), skip
+
+
+def without_quantizers(model: torch.nn.Module, spec: str) -> tuple[torch.nn.Module, int]:
+    """A copy of ``model`` with the quantizers named by ``PREFIX[:w|:a]`` switched off, and how many."""
+    prefix, _, role = spec.partition(":")
+    if role not in ("", "w", "a"):
+        raise SystemExit(f"--ablate {spec}: the role after ':' is w or a")
+    model = copy.deepcopy(model)
+    count = 0
+    for name, q in named_quantizers(model):
+        is_weight = name.endswith("weight_quantizer")
+        if name.startswith(prefix) and (role == "" or (role == "w") == is_weight):
+            q.enabled, count = False, count + 1
+    if count == 0:
+        raise SystemExit(f"--ablate {spec}: no quantizer name starts with {prefix!r}")
+    return model, count
 
 
 def synthetic(work: Path, seed: int, n: int) -> CocoDataset:
@@ -177,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT | {gap['bbox'][0]:.1f} | {gap['segm'][0]:.1f} "
                          f"| | | | |")
             print("\n".join(lines[-2:]), flush=True)
+            for spec in args.ablate:
+                model, count = without_quantizers(repq, spec)
+                got = paired(repq_run, run(model, "quant", val, prep, n, progress), val, weights)
+                delta = [f"{got[m][2]:+.1f} [{got[m][3]:+.1f}, {got[m][4]:+.1f}]" for m in METRICS]
+                lines.append(f"| {name} | W{bits}A{bits} | RepQ-ViT, {count} quantizers of `{spec}` off "
+                             f"| {got['bbox'][1]:.1f} | {got['segm'][1]:.1f} | {delta[0]} | {delta[1]} | | |")
+                print(lines[-1], flush=True)
             for label, model, results, seconds, load in learned:
                 kept = sum(r.kept_nearest for r in results)
                 got = paired(repq_run, run(model, "quant", val, prep, n, progress), val, weights)
