@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {closed[0]} / {closed[1]} | {seconds:.0f} ({load:.1f}) |")
                 print(lines[-1], flush=True)
     lines.append("")
-    lines += [f"variant {label}: {dataclasses.asdict(s)}{f' skipping {list(skip)}' if skip else ''}" for label, s, skip in variants]
+    if not args.baselines_only:
+        lines += [f"variant {label}: {dataclasses.asdict(s)}{f' skipping {list(skip)}' if skip else ''}"
+                  for label, s, skip in variants]
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
