@@ -63,6 +63,8 @@ def test_calibration_paths_of_an_annotation_file_follow_annotation_order(tmp_pat
     choice = choose_calibration(req.calibration_source(), req.calib_images, req.holdout)
     assert choice.images == [dataset[0][1]] and choice.held == [dataset[1][1], dataset[3][1]]
     assert choice.dataset is not None and choice.unscorable is None
+    source = req.calibration_source()
+    assert source.dataset() is source.dataset()  # the annotation file is read once per source
     assert calibration_paths(req.calibration_source(), 3) == [dataset[0][1], dataset[2][1], dataset[4][1]]
 
 

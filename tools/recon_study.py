@@ -29,6 +29,7 @@ import pickle
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def usage_error(message: str) -> NoReturn:
+    """One line on stderr and exit 2, as argparse does for a bad option."""
+    print(f"recon_study.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
     """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields, unit name prefixes to skip); the key
     ``skip=a|b`` leaves the units whose names start with ``a`` or ``b`` in their RepQ-ViT state."""
@@ -93,7 +100,7 @@ def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
             skip = tuple(filter(None, raw.split("|")))
             continue
         if key not in fields:
-            raise SystemExit(f"--variant {text}: no field {key!r}")
+            usage_error(f"--variant {text}: no field {key!r}")
         default = getattr(ReconSettings(), key)
         values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
     return name, ReconSettings(**values), skip
@@ -103,7 +110,7 @@ def without_quantizers(model: torch.nn.Module, spec: str) -> tuple[torch.nn.Modu
     """A copy of ``model`` with the quantizers named by ``PREFIX[:w|:a]`` switched off, and how many."""
     prefix, _, role = spec.partition(":")
     if role not in ("", "w", "a"):
-        raise SystemExit(f"--ablate {spec}: the role after ':' is w or a")
+        usage_error(f"--ablate {spec}: the role after ':' is w or a")
     model = copy.deepcopy(model)
     count = 0
     for name, q in named_quantizers(model):
@@ -111,7 +118,7 @@ def without_quantizers(model: torch.nn.Module, spec: str) -> tuple[torch.nn.Modu
         if name.startswith(prefix) and (role == "" or (role == "w") == is_weight):
             q.enabled, count = False, count + 1
     if count == 0:
-        raise SystemExit(f"--ablate {spec}: no quantizer name starts with {prefix!r}")
+        usage_error(f"--ablate {spec}: no quantizer name starts with {prefix!r}")
     return model, count
 
 

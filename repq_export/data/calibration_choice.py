@@ -11,6 +11,7 @@ for the calibration check are spread the same way over the images left.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from repq_export.data.coco import CocoDataset, unscorable
@@ -71,6 +72,11 @@ class CalibrationSource:
 
     def dataset(self) -> CocoDataset | None:
         """The COCO file calibration draws from (its annotations score the calibration check), if any."""
+        return self._coco
+
+    @cached_property
+    def _coco(self) -> CocoDataset | None:
+        """`dataset`, read once: choosing the images and scoring the check ask for it several times."""
         if self.ann is None or self.folder is not None:
             return None
         if self.img_dir is not None and not self.img_dir.is_dir():
