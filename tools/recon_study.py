@@ -79,7 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablate", action="append", default=[], metavar="PREFIX[:w|:a]",
                    help="also score RepQ-ViT with the quantizers under PREFIX off (weights or activations only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for spec in args.ablate:  # before any model work; the prefix is checked against the model later
+        if spec.partition(":")[2] not in ("", "w", "a"):
+            p.error(f"--ablate {spec}: the role after ':' is w or a")
+    return args
 
 
 def usage_error(message: str) -> NoReturn:
