@@ -3,8 +3,9 @@
 Read as data by repq_export.deploy_config (never executed). OpenVINO reads the ONNX Q/DQ graph
 and lowers QuantizeLinear to its FakeQuantize; it runs no code-exact integer kernels (it computes
 x * (1/d), not x / d), so its verdict is the float64 rule on tiers 2 and 3, with tier 1 reported
-as near-tie flips. Every RoiAlign is followed by Where(IsNaN(y), 0, y): OpenVINO's RoiAlign
-returns NaN for a RoI of zero width or height, where onnxruntime and torchvision return 0.
+as near-tie flips. Every RoiAlign reads guarded RoIs: OpenVINO's RoiAlign returns NaN for a RoI
+of zero width or height, where onnxruntime and torchvision return 0, so the graph moves such RoIs
+far outside the image, where every RoiAlign pools exactly 0 (export/nan_guard.py).
 
 graph_form: which exact lowering OpenVINO reads (export/forms.py). 'openvino' is the TensorRT
 form (int8 codes, zero point 0) wherever the codes fit int8, i.e. at 2..7 bits the same graph, on

@@ -76,8 +76,8 @@ def export_onnx(model: nn.Module, path: str | Path, img: torch.Tensor, img_hw: t
     into place. A quantized graph carries its quantizer-call table (`quantizer_calls.py`); the
     onnxruntime form also gets the integer-conv rewrites (`rewrites.py`) for `target_cpu`
     (`deploy_config.TARGET_CPUS`); the graph's metadata records the target it needs ('vnni' only
-    where 8-bit weights were widened). `roi_nan_guard` adds `Where(IsNaN(y), 0, y)` after every
-    RoiAlign (`nan_guard.py`; OpenVINO deploy configs); `log_sqrt2` picks how the softmax
+    where 8-bit weights were widened). `roi_nan_guard` moves the RoIs of zero width or height
+    before every RoiAlign out of the image (`nan_guard.py`; OpenVINO deploy configs); `log_sqrt2` picks how the softmax
     quantizers are written (`graph_targets.LogSqrt2Lowering`; 'bisect' for OpenVINO deploy configs);
     `unshared_weights` gives each weight DequantizeLinear its own codes (`unshared_weights.py`; OpenVINO).
 
