@@ -63,3 +63,14 @@ def test_ablating_every_quantizer_gives_the_float_output():
         want, got, quantized = float_model(IMG, IMG_HW), ablated(IMG, IMG_HW), quant(IMG, IMG_HW)
     assert want[0].shape[0] > 0 and torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
     assert not (quantized[1].shape == want[1].shape and torch.equal(quantized[1], want[1]))
+
+
+def test_a_gptq_variant_takes_gptq_settings_and_refuses_other_fields(capsys):
+    from repq_export.quant.recon_settings import GptqSettings, ReconSettings
+
+    assert recon_study.parse_variant("gptq") == ("gptq", GptqSettings(), ())
+    assert recon_study.parse_variant("gptq2:damp=0.05,group=4") == ("gptq2", GptqSettings(damp=0.05, group=4), ())
+    assert recon_study.parse_variant("lsq:step_lr=0.01")[1] == ReconSettings(step_lr=0.01)
+    with pytest.raises(SystemExit) as exc:
+        recon_study.parse_variant("gptq:iters=3")
+    assert exc.value.code == 2 and "no field 'iters'" in capsys.readouterr().err

@@ -13,7 +13,8 @@ validation images (repq_export/evaluation/bootstrap.py: the same resampled image
 95% interval; "gap closed" is the change over the float - RepQ-ViT gap.
 
 A variant is ``NAME:key=value,key=value`` over ReconSettings' fields (e.g. ``lsq:step_lr=0.004``,
-``weights:step_lr=0,heads=false``); without --variant the defaults run.
+``weights:step_lr=0,heads=false``), or, for a NAME starting with ``gptq``, over GptqSettings' (``gptq``,
+``gptq2:damp=0.02``: ``--recon gptq``); without --variant the defaults run.
 
 ``--ablate PREFIX[:w|:a]`` (repeatable) scores RepQ-ViT with the quantizers under PREFIX switched off
 (``:w`` weights only, ``:a`` activations only): how much of the gap to float each part of the model holds.
@@ -50,7 +51,7 @@ from repq_export.evaluation.image_loop import DatasetRun, run_dataset  # noqa: E
 from repq_export.models.checkpoint import load_checkpoint  # noqa: E402
 from repq_export.quant.calibrate import quantize  # noqa: E402
 from repq_export.quant.layers import named_quantizers  # noqa: E402
-from repq_export.quant.recon_settings import DEFAULT_IMAGES, ReconSettings  # noqa: E402
+from repq_export.quant.recon_settings import DEFAULT_IMAGES, GptqSettings, ReconSettings  # noqa: E402
 from repq_export.quant.reconstruct import reconstruct  # noqa: E402
 
 MODELS = {"mask": BUNDLED[0], "cascade": BUNDLED[1]}
@@ -92,22 +93,24 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def parse_variant(text: str) -> tuple[str, ReconSettings, tuple[str, ...]]:
+def parse_variant(text: str) -> tuple[str, ReconSettings | GptqSettings, tuple[str, ...]]:
     """``NAME:key=value,...`` -> (NAME, ReconSettings with those fields, unit name prefixes to skip); the key
-    ``skip=a|b`` leaves the units whose names start with ``a`` or ``b`` in their RepQ-ViT state."""
+    ``skip=a|b`` leaves the units whose names start with ``a`` or ``b`` in their RepQ-ViT state. A NAME
+    starting with ``gptq`` takes GptqSettings' fields instead (``--recon gptq``; no skip)."""
     name, _, rest = text.partition(":")
-    fields = {f.name: f.type for f in dataclasses.fields(ReconSettings)}
+    kind = GptqSettings if name.startswith("gptq") else ReconSettings
+    fields = {f.name: f.type for f in dataclasses.fields(kind)}
     values, skip = {}, ()
     for item in filter(None, rest.split(",")):
         key, _, raw = item.partition("=")
         if key == "skip":
             skip = tuple(filter(None, raw.split("|")))
             continue
-        if key not in fields:
+        if key not in fields or key == "method":
             usage_error(f"--variant {text}: no field {key!r}")
-        default = getattr(ReconSettings(), key)
+        default = getattr(kind(), key)
         values[key] = raw.lower() == "true" if isinstance(default, bool) else type(default)(raw)
-    return name, ReconSettings(**values), skip
+    return name, kind(**values), skip
 
 
 def without_quantizers(model: torch.nn.Module, spec: str) -> tuple[torch.nn.Module, int]:
@@ -218,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {got['bbox'][1]:.1f} | {got['segm'][1]:.1f} | {delta[0]} | {delta[1]} | | |")
                 print(lines[-1], flush=True)
             for label, model, results, seconds, load in learned:
-                kept = sum(r.kept_nearest for r in results)
+                kept = f" ({sum(r.kept_nearest for r in results)}/{len(results)} kept)" if results else ""
                 got = paired(repq_run, run(model, "quant", val, prep, n, progress), val, weights)
                 delta = [f"{got[m][2]:+.1f} [{got[m][3]:+.1f}, {got[m][4]:+.1f}]" for m in METRICS]
                 closed = [f"{100 * got[m][2] / gap[m][2]:.0f}%" if gap[m][2] > 0 else "-" for m in METRICS]
-                lines.append(f"| {name} | W{bits}A{bits} | + recon {label} ({kept}/{len(results)} kept) "
+                lines.append(f"| {name} | W{bits}A{bits} | + recon {label}{kept} "
                              f"| {got['bbox'][1]:.1f} | {got['segm'][1]:.1f} | {delta[0]} | {delta[1]} "
                              f"| {closed[0]} / {closed[1]} | {seconds:.0f} ({load:.1f}) |")
                 print(lines[-1], flush=True)

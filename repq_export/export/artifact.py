@@ -30,7 +30,7 @@ from ..evaluation.calibration_check import (CalibrationCheck, check_calibration,
 from ..files import file_sha256
 from ..models.checkpoint import LoadedCheckpoint, load_checkpoint
 from ..quant.calibrate import quantize
-from ..quant.recon_settings import ReconSettings
+from ..quant.recon_settings import GptqSettings, ReconSettings
 from ..quant.reconstruct import reconstruct
 from ..quant.kinds import LOG_SQRT2, PER_CHANNEL, PER_TENSOR, kind_of
 from ..quant.layers import named_quantizers
@@ -67,7 +67,7 @@ class ExportRequest:
     force: bool = False
     make_parent: bool = False  # create a missing parent folder of `out` (the default --out)
     max_pixels: int = MAX_PIXELS  # pixel budget of each calibration image (--max-pixels)
-    recon: ReconSettings | None = None  # block reconstruction after calibration (--recon)
+    recon: ReconSettings | GptqSettings | None = None  # weight rounding after calibration (--recon)
     engine: bool = False  # a TensorRT engine follows (--engine): TensorRT must be here before any work
     bits_options: tuple[str, str] = ("--w-bits", "--a-bits")  # the options a bits error names
 

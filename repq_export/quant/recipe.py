@@ -17,7 +17,7 @@ from torch import nn
 from repq_export.quant.assign import check_bits, quantize_modules
 from repq_export.quant.bn_fold import fold_batchnorms, prepare_folded_structure
 from repq_export.quant.integer_bias import snap_biases
-from repq_export.quant.recon_settings import ReconSettings
+from repq_export.quant.recon_settings import GptqSettings, ReconSettings, settings_from_dict
 from repq_export.quant.reparam import prepare_reparam_structure, reparameterize
 
 
@@ -33,7 +33,7 @@ class QuantSettings:
     calibration_tensor_sha256: tuple[str, ...] = field(default=())
     integer_bias: bool = True  # biases on the int32 grid of input step x weight step
     bn_folded: bool = True  # BatchNorm after a quantized conv folded into it
-    reconstruction: ReconSettings | None = None  # learned weight rounding after RepQ-ViT (--recon)
+    reconstruction: ReconSettings | GptqSettings | None = None  # weight rounding after RepQ-ViT (--recon)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form both manifests (quant.pth's and repq.json's) carry."""
@@ -58,7 +58,7 @@ class QuantSettings:
         recon = raw.get("reconstruction")
         return cls(w_bits=check_bits("w_bits", raw["w_bits"]), a_bits=check_bits("a_bits", raw["a_bits"]),
                    calibration_tensor_sha256=tuple(sha), **flags,
-                   reconstruction=None if recon is None else ReconSettings.from_dict(recon))
+                   reconstruction=None if recon is None else settings_from_dict(recon))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The settings of block reconstruction (``--recon``), recorded in quant.pth's and repq.json's manifests."""
+"""The settings of what runs after RepQ-ViT's calibration (``--recon``: block reconstruction, or GPTQ
+rounding with ``--recon gptq``), recorded in quant.pth's and repq.json's manifests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 METHOD = "adaround-qdrop-lsq-v2"  # the same by default; records the options below (held-out judging, loss, bias)
 LSQ_METHOD = "adaround-qdrop-lsq"  # learned rounding, QDrop, learned steps, heads; judged on its own images (reads)
 WEIGHTS_ONLY_METHOD = "adaround-qdrop"  # the first method: rounding only, backbone and FPN (still reads)
+GPTQ_METHOD = "gptq"  # closed-form weight rounding on the RepQ-ViT grid (quant/gptq.py)
 DEFAULT_ITERS = 100
 DEFAULT_IMAGES = 32  # reconstruction images the study takes by default (the commands reconstruct on --calib-images)
 _NEW_KEYS = ("images_per_step", "holdout", "mask_probs", "pooled", "bias_correction")  # recorded from METHOD on
@@ -75,3 +77,42 @@ class ReconSettings:
         if method == WEIGHTS_ONLY_METHOD:
             floats["step_lr"], bools["heads"] = 0.0, False
         return cls(**ints, **{k: float(v) for k, v in floats.items()}, **bools, **old, method=method)
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """How the weights' codes were chosen by GPTQ after RepQ-ViT (quant/gptq.py); steps stay RepQ-ViT's."""
+
+    damp: float = 0.01  # added to H's diagonal, as a share of its mean: keeps H^-1 finite on few images
+    group: int = 8  # layers whose inputs one pass over the images gathers (later groups see earlier ones rounded)
+    block: int = 128  # columns rounded before their errors reach the rest at once (speed only)
+    images: int = 0  # images the inputs came from (the calibration images)
+    method: str = GPTQ_METHOD
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the manifests' ``reconstruction`` entry."""
+        return {"method": self.method, "damp": self.damp, "group": self.group, "block": self.block,
+                "images": self.images}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> GptqSettings:
+        """The inverse of ``as_dict``; ValueError naming the first bad field."""
+        if raw.get("method") != GPTQ_METHOD:
+            raise ValueError(f"reconstruction: unknown method {raw.get('method')!r}")
+        damp = raw.get("damp")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+            raise ValueError(f"reconstruction.damp must be a number >= 0, got {damp!r}")
+        ints = {}
+        for key in ("group", "block", "images"):
+            value = raw.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "images" else 1):
+                raise ValueError(f"reconstruction.{key} must be a positive integer, got {value!r}")
+            ints[key] = value
+        return cls(damp=float(damp), **ints)
+
+
+def settings_from_dict(raw: Mapping[str, Any]) -> ReconSettings | GptqSettings:
+    """The manifests' ``reconstruction`` entry as the settings of its method; ValueError naming a bad field."""
+    if isinstance(raw, Mapping) and raw.get("method") == GPTQ_METHOD:
+        return GptqSettings.from_dict(raw)
+    return ReconSettings.from_dict(raw)

@@ -33,7 +33,7 @@ from repq_export.quant.adaround import SoftRounding, write_hard_weight
 from repq_export.quant.integer_bias import snap_biases
 from repq_export.quant.layers import QuantConv2d, QuantLinear, named_quantizers, set_quant_enabled
 from repq_export.quant.learned_step import LearnedStep, learnable
-from repq_export.quant.recon_settings import ReconSettings
+from repq_export.quant.recon_settings import GptqSettings, ReconSettings
 from repq_export.quant.recon_units import ReconUnit, recon_units
 
 
@@ -264,12 +264,18 @@ def unit_data(unit: ReconUnit, detector: nn.Module, reference: nn.Module, inputs
     return _non_empty(records, [_detach(t) for t in targets])
 
 
-def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], settings: ReconSettings,
+def reconstruct(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], settings: ReconSettings | GptqSettings,
                 progress: bool = True, log: Callable[[str], None] | None = None,
                 skip: Callable[[str], bool] = lambda name: False) -> list[UnitResult]:
     """Learn the weight rounding and activation steps of every unit of a quantized ``detector`` in place, on
     ``inputs`` (``(img, img_hw)`` pairs), and record ``settings`` in its ``quant_settings``; units whose name
-    ``skip`` accepts keep their RepQ-ViT state (an ablation of the study tool)."""
+    ``skip`` accepts keep their RepQ-ViT state (an ablation of the study tool). GptqSettings round the
+    weights by GPTQ instead (quant/gptq.py; no per-unit results)."""
+    if isinstance(settings, GptqSettings):  # closed-form rounding instead of learning (quant/gptq.py)
+        from repq_export.quant.gptq import round_weights
+
+        round_weights(detector, inputs, settings, progress, log)
+        return []
     quant_settings = getattr(detector, "quant_settings", None)
     if quant_settings is None:
         raise ValueError("reconstruct: the detector has not been quantized")
