@@ -4,12 +4,14 @@
 On the same held-out synthetic images, calibrated on the same calibration images (another seed):
   - float: the float graph on onnxruntime, and on OpenVINO at f32;
   - onnxruntime's quantize_static INT8 of the float graph, MinMax and Percentile;
-  - repq-export W8A8, W6A6, W4A4 (RepQ-ViT), and with --recon (block reconstruction);
+  - repq-export W8A8, W6A6, W4A4 (RepQ-ViT), and with --recon (block reconstruction; --recon-method gptq:
+    GPTQ rounding instead);
 each on onnxruntime and on OpenVINO (f32 inference precision).
 
     python tools/bench_accuracy.py                  # both bundled detectors, 200 images (long)
     python tools/bench_accuracy.py --quick          # 20 images, Mask R-CNN only
     python tools/bench_accuracy.py --num-images 100 --recon-bits 4
+    python tools/bench_accuracy.py --num-images 100 --recon-method gptq   # the --recon gptq rows instead
 
 How each row is made (each step in its own process; files and scores are kept in --workdir, so a
 rerun with the same options reuses them; --fresh starts over):
@@ -67,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recon-bits", type=int, nargs="*", default=[6, 4], help="precisions also run with --recon "
                    "(default 6 4)")
     p.add_argument("--recon-iters", type=int, help="--recon-iters of repq-export (default: its own)")
+    p.add_argument("--recon-method", choices=("adaround", "gptq"), default="adaround", help="the --recon method of "
+                   "the --recon-bits rows (default adaround, what a bare --recon runs; gptq: --recon gptq)")
     p.add_argument("--qstatic", nargs="*", choices=QSTATIC_METHODS, default=list(QSTATIC_METHODS),
                    help="quantize_static calibration methods (default both)")
     p.add_argument("--backends", nargs="+", choices=(ORT, OPENVINO), default=[ORT, OPENVINO])
@@ -225,13 +229,15 @@ def ours_worker(task: dict) -> dict:
     from repq_export.export.forms import (ONNXRUNTIME, form_for, log_sqrt2_lowering_for, supported_bits,
                                          unshared_weights_for)
     from repq_export.export.onnx_export import export_onnx
-    from repq_export.quant.recon_settings import ReconSettings
+    from repq_export.quant.recon_settings import GptqSettings, ReconSettings
     from repq_export.resources import DEPLOY_CONFIGS_DIR
 
     bc.set_threads(task["threads"])
     bits, out, sets = task["bits"], Path(task["artifact"]), task["sets"]
     recon = None
-    if task["recon"]:
+    if task["recon"] == "gptq":
+        recon = GptqSettings()
+    elif task["recon"]:
         recon = ReconSettings() if task["recon_iters"] is None else ReconSettings(iters=task["recon_iters"])
     req = ExportRequest(ckpt=Path(task["ckpt"]), out=out, w_bits=bits, a_bits=bits,
                         config=Path(task["config"]) if task["config"] else None, calib_ann=Path(sets["cal_ann"]),
@@ -317,7 +323,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for bits in args.bits:
         rows.append({"key": f"w{bits}a{bits}", "variant": "repq-export", "make": "ours", "bits": bits, "recon": False,
                      "precision": f"W{bits}A{bits}"})
-    for bits in args.recon_bits:
+    for bits in args.recon_bits if args.recon_method == "gptq" else ():
+        rows.append({"key": f"w{bits}a{bits}_gptq", "variant": "repq-export --recon gptq", "make": "ours",
+                     "bits": bits, "recon": "gptq", "precision": f"W{bits}A{bits}"})
+    for bits in args.recon_bits if args.recon_method == "adaround" else ():
         iters = "" if args.recon_iters is None else f"_{args.recon_iters}it"
         rows.append({"key": f"w{bits}a{bits}_recon{iters}", "variant": "repq-export --recon", "make": "ours", "bits": bits,
                      "recon": True, "precision": f"W{bits}A{bits}"})
@@ -467,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         body += [f"### {name}, {images} held-out images", "", detector_table(rows, args.threads), ""]
         for r in rows:
             if r["key"].startswith("w") and r["backend"] == (args.backends[0]) and "calibration_check" in r:
-                body.append(f"- {r['precision']}{' --recon' if r['recon'] else ''}: calibration check "
+                method = " --recon gptq" if r["recon"] == "gptq" else " --recon" if r["recon"] else ""
+                body.append(f"- {r['precision']}{method}: calibration check "
                             f"{r['calibration_check']}, made in {r['make_s']:.0f} s")
         body.append("")
     load = os.getloadavg()
