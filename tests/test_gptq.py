@@ -12,16 +12,14 @@ import torch
 from repq_export.commands import test_tool
 from repq_export.commands.recon_options import recon_settings
 from repq_export.export.forms import ONNXRUNTIME, TENSORRT
-from repq_export.export.onnx_export import export_onnx
 from repq_export.quant.gptq import gptq_weights, output_error, round_weights, weight_layers
 from repq_export.quant.recipe import QuantSettings
 from repq_export.quant.recon_settings import GptqSettings, ReconSettings, settings_from_dict
-from repq_export.quant.state import load_quant_state, read_quant_state, save_quant_state
+from repq_export.quant.state import read_quant_state
 from repq_export.quant.uniform import fake_quant
 
-from test_export import IMG_HW, tiny_float_model, tiny_quant_model
-from test_export_forms import tier1
-from test_reconstruct import recon_inputs
+from test_export import tiny_quant_model
+from test_reconstruct import assert_exports_exactly, recon_inputs, saved_and_reloaded
 
 
 def grid(rows: int = 6, cols: int = 40, bits: int = 4, seed: int = 0):
@@ -94,24 +92,13 @@ def test_gptq_is_deterministic_and_recorded(gptq_pair):
 @pytest.mark.parametrize("form", [ONNXRUNTIME, TENSORRT])
 def test_gptq_graph_has_zero_differing_codes(gptq_pair, tmp_path, form):
     _, rounded, _, inputs = gptq_pair
-    img = inputs[0][0]
-    proto = export_onnx(rounded, tmp_path / "model.onnx", img, IMG_HW, form=form)
-    elements, mismatches = tier1(rounded, img, proto)
-    assert elements > 0 and mismatches == 0
+    assert_exports_exactly(rounded, inputs[0][0], tmp_path, form)
 
 
 def test_quant_pth_records_gptq_and_reloads_bit_identical(gptq_pair, tmp_path):
     _, rounded, _, inputs = gptq_pair
-    path = tmp_path / "quant.pth"
-    save_quant_state(rounded, path)
-    manifest, _ = read_quant_state(path)
+    manifest = saved_and_reloaded(rounded, tmp_path, inputs)
     assert manifest["reconstruction"] == {"method": "gptq", "damp": 0.01, "group": 3, "block": 128, "images": 3}
-    loaded = load_quant_state(tiny_float_model("mask"), path)
-    assert loaded.quant_settings == rounded.quant_settings
-    assert all(torch.equal(a, b) for a, b in zip(rounded.state_dict().values(), loaded.state_dict().values()))
-    with torch.no_grad():
-        for got, want in zip(loaded(*inputs[1]), rounded(*inputs[1])):
-            assert torch.equal(got, want)
 
 
 def test_settings_and_options():

@@ -130,28 +130,39 @@ def test_reconstruction_is_deterministic_for_a_seed(recon_pair):
     assert not all(torch.equal(a, b) for a, b in zip(recon.state_dict().values(), other.state_dict().values()))
 
 
+def assert_exports_exactly(model, img: torch.Tensor, folder, form) -> None:
+    """``model`` exported in ``form``: tier 1 finds codes, and none of them differs from fake quant's."""
+    proto = export_onnx(model, folder / "model.onnx", img, IMG_HW, form=form)
+    elements, mismatches = tier1(model, img, proto)
+    assert elements > 0 and mismatches == 0
+
+
+def saved_and_reloaded(model, folder, inputs) -> dict:
+    """Save ``model``'s quant.pth, reload it onto a float tiny model, check settings, state and outputs are
+    bit-identical, and return the saved manifest."""
+    path = folder / "quant.pth"
+    save_quant_state(model, path)
+    manifest, _ = read_quant_state(path)
+    loaded = load_quant_state(tiny_float_model("mask"), path)
+    assert loaded.quant_settings == model.quant_settings
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with torch.no_grad():
+        for got, want in zip(loaded(*inputs[1]), model(*inputs[1])):
+            assert torch.equal(got, want)
+    return manifest
+
+
 @pytest.mark.parametrize("form", [ONNXRUNTIME, TENSORRT])
 def test_reconstructed_graph_has_zero_differing_codes(recon_pair, tmp_path, form):
     _, recon, _, inputs = recon_pair
-    img = inputs[0][0]
-    proto = export_onnx(recon, tmp_path / "model.onnx", img, IMG_HW, form=form)
-    elements, mismatches = tier1(recon, img, proto)
-    assert elements > 0 and mismatches == 0
+    assert_exports_exactly(recon, inputs[0][0], tmp_path, form)
 
 
 def test_quant_pth_records_the_method_and_reloads_bit_identical(recon_pair, tmp_path):
     _, recon, _, inputs = recon_pair
-    path = tmp_path / "quant.pth"
-    save_quant_state(recon, path)
-    manifest, _ = read_quant_state(path)
+    manifest = saved_and_reloaded(recon, tmp_path, inputs)
     assert manifest["reconstruction"] == {**SETTINGS.as_dict(), "images": 3}
     assert manifest["reconstruction"]["method"] == "adaround-qdrop-lsq-v2"
-    loaded = load_quant_state(tiny_float_model("mask"), path)
-    assert loaded.quant_settings == recon.quant_settings
-    assert all(torch.equal(a, b) for a, b in zip(recon.state_dict().values(), loaded.state_dict().values()))
-    with torch.no_grad():
-        for got, want in zip(loaded(*inputs[1]), recon(*inputs[1])):
-            assert torch.equal(got, want)
 
 
 def test_repq_vit_alone_records_no_reconstruction():
