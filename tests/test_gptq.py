@@ -130,3 +130,23 @@ def test_repq_export_recon_gptq_writes_an_artifact_that_records_it(tmp_path):
     manifest = json.loads((out / "repq.json").read_text())
     assert manifest["reconstruction"] == {**GptqSettings().as_dict(), "images": 2}
     assert read_quant_state(out / "quant.pth")[0]["reconstruction"] == manifest["reconstruction"]
+
+
+def test_convs_with_batchnorm_folded_in_are_rounded_from_their_float_weight():
+    """The Cascade heads' convs carry BN folded into codes and step; GPTQ rounds conv + BN's float weight on
+    that folded grid, so those layers improve too instead of keeping their nearest codes."""
+    from repq_export.quant.bn_fold import FOLDED_FLOAT_WEIGHT
+
+    torch.set_num_threads(1)
+    repq, img = tiny_quant_model("cascade", 4)
+    folded = [n for n, m in weight_layers(repq) if hasattr(m, FOLDED_FLOAT_WEIGHT)]
+    assert folded and FOLDED_FLOAT_WEIGHT not in "".join(repq.state_dict())  # kept in memory, not saved
+    rounded = copy.deepcopy(repq)
+    results = {r.name: r for r in round_weights(rounded, recon_inputs(img), GptqSettings(), progress=False)}
+    layers, before = dict(weight_layers(rounded)), dict(weight_layers(repq))
+    seen = [n for n in folded if results[n].rows]
+    assert seen and all(results[n].gptq <= results[n].nearest * (1 + 1e-9) and results[n].nearest > 1e-9 for n in seen)
+    for n in seen:
+        q = layers[n].weight_quantizer
+        assert torch.equal(q(layers[n].weight), layers[n].weight)
+    assert any(not torch.equal(layers[n].weight, before[n].weight) for n in seen)

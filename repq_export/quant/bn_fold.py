@@ -15,6 +15,8 @@ from repq_export.models.layers import ConvModule
 from repq_export.quant.layers import QuantConv2d
 from repq_export.quant.uniform import MIN_SCALE
 
+FOLDED_FLOAT_WEIGHT = "folded_float_weight"  # buffer name: the conv's float weight times BN's factor
+
 
 def foldable(module: nn.Module) -> bool:
     """A ConvModule whose conv is quantized and is followed by BatchNorm."""
@@ -33,6 +35,8 @@ def fold_into(conv: QuantConv2d, bn: nn.BatchNorm2d) -> None:
     scale = torch.clamp_min(q.scale * factor.abs(), MIN_SCALE)
     zero_point = torch.where(factor < 0, (2**q.bits - 1) - q.zero_point, q.zero_point)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    # the float weight of conv + BN, for GPTQ (quant/gptq.py), which rounds it on the folded grid; not saved
+    conv.register_buffer(FOLDED_FLOAT_WEIGHT, (conv.weight * factor.reshape(shape)).detach().clone(), persistent=False)
     conv.weight.copy_(signed_codes * scale.reshape(shape))
     q.set_params(scale, zero_point)
     conv.bias = nn.Parameter((bias - bn.running_mean) * factor + bn.bias)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from repq_export.hooks import hooked
+from repq_export.quant.bn_fold import FOLDED_FLOAT_WEIGHT
 from repq_export.quant.layers import QuantConv2d, QuantLinear
 from repq_export.quant.recon_settings import GptqSettings
 from repq_export.quant.uniform import fake_quant
@@ -108,6 +109,13 @@ def output_error(weight: Tensor, rounded: Tensor, hessian: Tensor) -> float:
     return float(torch.einsum("oi,ij,oj->", d, hessian, d))
 
 
+def float_weight(layer: QuantWeightLayer) -> Tensor:
+    """The float weight GPTQ rounds: the layer's own, or for a conv with BatchNorm folded into it (whose
+    weight already holds its codes times the folded step) the float conv's weight times BN's factor,
+    which the fold kept (quant/bn_fold.py); a folded state reloaded from quant.pth has only its codes."""
+    return getattr(layer, FOLDED_FLOAT_WEIGHT, layer.weight).detach()
+
+
 def weight_layers(model: nn.Module) -> list[tuple[str, QuantWeightLayer]]:
     """The quantized convs and linears whose weight quantizer is on, in module order."""
     return [(n, m) for n, m in model.named_modules()
@@ -137,7 +145,7 @@ def round_weights(detector: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], 
                 results.append(LayerResult(name, 0, float("nan"), float("nan")))
                 continue
             q = layer.weight_quantizer
-            weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+            weight = float_weight(layer).reshape(layer.weight.shape[0], -1)
             nearest = fake_quant(weight.double(), q.scale.double().reshape(-1, 1),
                                  q.zero_point.double().reshape(-1, 1), q.bits)
             rounded = gptq_weights(weight, q.scale, q.zero_point, q.bits, hessian, settings)
