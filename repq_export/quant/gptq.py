@@ -85,7 +85,7 @@ def gptq_weights(weight: Tensor, scale: Tensor, zero_point: Tensor, bits: int, h
     dead = torch.diag(h) == 0  # inputs that never vary: their weights do not matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += settings.damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += settings.damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     # upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
